@@ -1,0 +1,189 @@
+"""ONNX Runtime backend: TensorRT EP, CUDA EP or CPU, whichever is asked for and present."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from engines.backends.base import BackendConfigBase
+from engines.bundle import Bundle
+from engines.contract import (
+    DECODER_INPUT_NAMES,
+    DECODER_OUTPUT_NAMES,
+    FUSED_OUTPUT_NAMES,
+    INPUT_NAME,
+    TensorSpec,
+)
+from engines.engine import EngineOutputs
+from engines.errors import BackendUnavailableError, BundleError, DefectsamError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+KEY = "onnxruntime"
+
+# Short names accepted in config, and the provider each stands for.
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+# The hot path asks only for what postprocessing reads; the embedding is fetched on request.
+_FRAME_OUTPUTS = [name for name in FUSED_OUTPUT_NAMES if name != "image_embedding"]
+
+
+class Config(BackendConfigBase):
+    type: Literal["onnxruntime"] = "onnxruntime"
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] | Literal["auto"] = Field(
+        default="auto",
+        title="Execution providers",
+        description="in order of preference; 'auto' takes TensorRT, then CUDA, then CPU, as installed",
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, title="Threads inside an operator", description="0 lets ONNX Runtime choose (one per core)"
+    )
+    inter_op_threads: int = Field(default=1, ge=1, title="Threads across operators")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        default="all", title="ONNX Runtime graph optimisation level"
+    )
+
+    @field_validator("providers")
+    @classmethod
+    def _not_empty(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one provider, or 'auto'")
+        return value
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a base dependency
+        raise BackendUnavailableError(
+            f"backend 'onnxruntime' needs the onnxruntime package ({exc}); reinstall defectsam"
+        ) from None
+    return onnxruntime
+
+
+def resolve_providers(config: Config, available: list[str]) -> list[str]:
+    """The providers to hand ONNX Runtime, in order; CPU always last as the fallback."""
+    if config.providers == "auto":
+        wanted = [PROVIDERS[name] for name in ("tensorrt", "cuda", "cpu")]
+        chosen = [p for p in wanted if p in available]
+    else:
+        chosen = []
+        for name in config.providers:
+            provider = PROVIDERS[name]
+            if provider not in available:
+                raise BackendUnavailableError(
+                    f"backend.providers: {name!r} ({provider}) is not in this onnxruntime build "
+                    f"(available: {', '.join(available)}); install onnxruntime-gpu for CUDA/TensorRT"
+                )
+            chosen.append(provider)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def _check_io(path: Any, got: list[Any], want: tuple[TensorSpec, ...], what: str) -> None:
+    """Compare a session's inputs or outputs with the contract; a mismatch is a BundleError."""
+    got_by_name = {arg.name: arg for arg in got}
+    for spec in want:
+        arg = got_by_name.get(spec.name)
+        if arg is None:
+            raise BundleError(path, f"graph has no {what} named {spec.name!r} (has {sorted(got_by_name)})")
+        shape = tuple(d if isinstance(d, int) else "?" for d in arg.shape)
+        expected = tuple(d if isinstance(d, int) else "?" for d in spec.shape)
+        if shape != expected:
+            raise BundleError(
+                path,
+                f"{what} {spec.name!r} has shape {list(arg.shape)} but the manifest implies {list(spec.shape)}",
+            )
+
+
+class OnnxRuntimeEngine:
+    """A bundle's graphs as ONNX Runtime sessions."""
+
+    def __init__(self, bundle: Bundle, config: Config) -> None:
+        ort = _import_ort()
+        self.bundle = bundle
+        self.config = config
+        self._providers = resolve_providers(config, ort.get_available_providers())
+        self._session: Any = self._open(ort, bundle.fused_graph)
+        shape = bundle.manifest.graph_shape
+        _check_io(bundle.fused_graph, self._session.get_inputs(), (shape.input_spec(),), "input")
+        _check_io(bundle.fused_graph, self._session.get_outputs(), shape.fused_outputs(), "output")
+        self._decoder: Any = None
+        decoder_path = bundle.decoder_graph
+        if decoder_path is not None:
+            self._decoder = self._open(ort, decoder_path)
+            _check_io(decoder_path, self._decoder.get_inputs(), shape.decoder_inputs(), "input")
+
+    def _open(self, runtime: Any, path: Any) -> ort.InferenceSession:
+        options = runtime.SessionOptions()
+        options.intra_op_num_threads = self.config.intra_op_threads
+        options.inter_op_num_threads = self.config.inter_op_threads
+        options.graph_optimization_level = {
+            "disable": runtime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": runtime.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": runtime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": runtime.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[self.config.graph_optimization]
+        options.log_severity_level = 3
+        try:
+            return runtime.InferenceSession(str(path), sess_options=options, providers=self._providers)
+        except Exception as exc:  # ORT raises its own exception types for bad graphs
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise BundleError(path, f"ONNX Runtime cannot load the graph: {first_line}") from None
+
+    @property
+    def backend_name(self) -> str:
+        return f"{KEY}:{self._session.get_providers()[0]}"
+
+    def infer(self, image: np.ndarray, *, with_embedding: bool = False) -> EngineOutputs:
+        expected = self.bundle.manifest.graph_shape.input_spec().shape
+        if image.shape != expected or image.dtype != np.float32:
+            raise DefectsamError(
+                f"engine input must be float32 {list(expected)}, got {image.dtype} {list(image.shape)}"
+            )
+        names = [*_FRAME_OUTPUTS, "image_embedding"] if with_embedding else _FRAME_OUTPUTS
+        values = dict(zip(names, self._session.run(names, {INPUT_NAME: image}), strict=True))
+        return EngineOutputs(
+            heatmap=values["heatmap"][0],  # 1xCxhxw -> Cxhxw
+            points=values["points"],
+            point_scores=values["point_scores"],
+            point_classes=values["point_classes"],
+            mask_logits=values["mask_logits"],
+            iou=values["iou"],
+            image_embedding=values.get("image_embedding"),
+        )
+
+    def prompt(
+        self, image_embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self._decoder is None:
+            raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
+        feeds = dict(
+            zip(
+                DECODER_INPUT_NAMES,
+                (
+                    np.ascontiguousarray(image_embedding, dtype=np.float32),
+                    np.ascontiguousarray(point_coords, dtype=np.float32),
+                    np.ascontiguousarray(point_labels, dtype=np.float32),
+                ),
+                strict=True,
+            )
+        )
+        mask_logits, iou = self._decoder.run(list(DECODER_OUTPUT_NAMES), feeds)
+        return mask_logits, iou
+
+    def close(self) -> None:
+        self._session = None
+        self._decoder = None
+
+
+def open_engine(bundle: Bundle, config: Config) -> OnnxRuntimeEngine:
+    return OnnxRuntimeEngine(bundle, config)

@@ -1,0 +1,555 @@
+"""TensorRT backend: builds a TensorRT 10 engine (a "plan") from a bundle's ONNX graphs on the
+device that runs it, caches the plan beside the bundle, and runs it with pycuda.
+
+Plans are not portable across TensorRT versions or GPUs, so the cache file name carries both, with
+the precision and a prefix of the ONNX file's SHA-256 (a plan built from other weights is never
+reused)::
+
+    <graph stem>.<sha256[:12]>.<precision>.trt<TensorRT version>.<gpu slug>-sm<major><minor>.plan
+    e.g. model.3f2a9c01d4e7.fp16.trt10.3.0.30.orin-sm87.plan
+
+A plan is written to a temporary name and renamed, so a crash mid-build leaves no half plan; a
+cached plan that fails to deserialize (a different TensorRT build, a truncated file) is rebuilt.
+Before any build the graphs go through engines.backends.onnx_checks, and every problem is reported
+at once.
+
+Precision: ``fp32``; ``fp16`` (FP16 kernels where faster, FP32 elsewhere); ``int8`` is *explicit*
+quantization: the graph must carry QuantizeLinear/DequantizeLinear pairs (the bundle's INT8 QDQ
+graph, see ``source_graph``); TensorRT keeps the graph's scales, no calibrator runs here, and
+layers outside the Q/DQ pairs run in FP16.
+
+``tensorrt`` and ``pycuda`` are imported inside ``open_engine``; they come with JetPack on a
+Jetson, or ``pip install 'defectsam[tensorrt]'`` on an x86 box with an NVIDIA GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from engines.backends.base import BackendConfigBase
+from engines.backends.onnx_checks import OnnxCheckReport, check_onnx_for_tensorrt
+from engines.bundle import Bundle
+from engines.contract import (
+    DECODER_INPUT_NAMES,
+    DECODER_OUTPUT_NAMES,
+    FUSED_OUTPUT_NAMES,
+    INPUT_NAME,
+    TensorSpec,
+)
+from engines.engine import EngineOutputs
+from engines.errors import BackendUnavailableError, BundleError, DefectsamError
+
+KEY = "tensorrt"
+
+Precision = Literal["fp16", "int8", "fp32"]
+PRECISIONS: tuple[str, ...] = ("fp16", "int8", "fp32")
+BuildState = Literal["opening", "building", "ready", "failed", "closed"]
+
+_INSTALL_HINT = (
+    "backend 'tensorrt' needs the tensorrt and pycuda packages: pip install 'defectsam[tensorrt]' "
+    "on a machine with an NVIDIA GPU (JetPack ships them on a Jetson)"
+)
+_FRAME_OUTPUTS = tuple(name for name in FUSED_OUTPUT_NAMES if name != "image_embedding")
+
+log = logging.getLogger(__name__)
+
+
+class Config(BackendConfigBase):
+    type: Literal["tensorrt"] = "tensorrt"
+    precision: Precision = Field(
+        default="fp16",
+        title="Engine precision",
+        description=(
+            "fp16 (default), fp32, or int8: explicit quantization from the bundle's QDQ graph "
+            "(model.int8.onnx); no calibration runs on the device"
+        ),
+    )
+    workspace_mib: int = Field(
+        default=1024, ge=16, title="Builder workspace (MiB)", description="scratch memory TensorRT may use per layer"
+    )
+    device: int = Field(default=0, ge=0, title="CUDA device index")
+    plan_dir: Path | None = Field(
+        default=None,
+        title="Plan cache directory",
+        description="where built plans are cached; empty keeps them beside the bundle",
+    )
+    build_on_open: bool = Field(
+        default=True,
+        title="Build at start",
+        description="build a missing plan when the engine opens (minutes on a Jetson); false fails instead",
+    )
+    max_points: int = Field(
+        default=16, ge=1, le=256, title="Most prompt points", description="upper bound of the decoder's num_points"
+    )
+
+
+# --- plan cache naming (pure) ------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug or "unknown"
+
+
+def gpu_slug(gpu_name: str, compute_capability: tuple[int, int]) -> str:
+    """``"NVIDIA Jetson Orin Nano", (8, 7)`` -> ``"nvidia-jetson-orin-nano-sm87"``."""
+    major, minor = compute_capability
+    return f"{_slug(gpu_name)}-sm{int(major)}{int(minor)}"
+
+
+def plan_cache_key(
+    trt_version: str, gpu_name: str, compute_capability: tuple[int, int], precision: str
+) -> str:
+    """The part of a plan's file name that says what it was built for, e.g.
+    ``fp16.trt10.3.0.30.orin-sm87``. Only ``[a-z0-9.-]``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    version = re.sub(r"[^0-9a-z.]+", "-", trt_version.lower()).strip(".-") or "unknown"
+    return f"{precision}.trt{version}.{gpu_slug(gpu_name, compute_capability)}"
+
+
+def source_graph(bundle: Bundle, precision: str, graph: Literal["fused", "decoder"] = "fused") -> Path | None:
+    """The ONNX file a plan of ``precision`` is built from; None for a decoder the bundle lacks.
+
+    INT8 wants a QDQ graph: the fused graph itself when the manifest says ``precision: int8``,
+    else ``<stem>.int8.onnx`` when the bundle lists it. The decoder is built from its FP32 graph
+    at every precision (the decoder is small; int8 builds it in FP16).
+    """
+    if graph == "decoder":
+        return bundle.decoder_graph
+    fused = bundle.fused_graph
+    if precision != "int8" or bundle.manifest.precision == "int8":
+        return fused
+    int8_name = f"{fused.stem}.int8{fused.suffix}"
+    if int8_name in bundle.manifest.files:
+        return bundle.path / int8_name
+    raise DefectsamError(
+        f"{bundle.path}: backend.precision 'int8' needs the bundle's INT8 QDQ graph ({int8_name}), "
+        f"which this bundle does not list; quantize the bundle first, or use fp16"
+    )
+
+
+def plan_path(
+    bundle: Bundle,
+    config: Config,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    graph: Literal["fused", "decoder"] = "fused",
+) -> Path:
+    """Where the plan for ``graph`` of ``bundle`` lives for this TensorRT, GPU and precision."""
+    source = source_graph(bundle, config.precision, graph)
+    if source is None:
+        raise DefectsamError(f"{bundle.path}: bundle has no decoder-only graph")
+    digest = bundle.manifest.files.get(source.name, "")[:12] or "nosha"
+    key = plan_cache_key(trt_version, gpu_name, compute_capability, config.precision)
+    directory = config.plan_dir if config.plan_dir is not None else bundle.path
+    return Path(directory) / f"{source.stem}.{digest}.{key}.plan"
+
+
+def profile_shapes(
+    report: OnnxCheckReport, input_shapes: Mapping[str, Sequence[int | str]], max_points: int
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """(min, opt, max) shapes of every input with an allowed dynamic axis, for one optimisation
+    profile. The only dynamic axis of the contract is ``num_points``: 1 / min(2, max) / max."""
+    ranges = {"num_points": (1, min(2, max_points), max_points)}
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
+    for name, axes in report.dynamic_axes.items():
+        dims = list(input_shapes[name])
+        picked: list[list[int]] = [[], [], []]
+        for axis, dim in enumerate(dims):
+            if axis in axes:
+                if axes[axis] not in ranges:
+                    raise DefectsamError(
+                        f"{report.file}: input '{name}' axis {axis} '{axes[axis]}' has no optimisation profile range"
+                    )
+                for i in range(3):
+                    picked[i].append(ranges[axes[axis]][i])
+            else:
+                for i in range(3):
+                    picked[i].append(int(dim))
+        shapes[name] = (tuple(picked[0]), tuple(picked[1]), tuple(picked[2]))
+    return shapes
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- runtime (needs tensorrt + pycuda) -----------------------------------------------------------
+
+
+def _import_runtime() -> tuple[Any, Any]:
+    try:
+        import pycuda.driver as cuda
+        import tensorrt as trt
+    except ImportError:  # also raised by pycuda when libcuda is missing
+        raise BackendUnavailableError(_INSTALL_HINT) from None
+    return trt, cuda
+
+
+def _open_device(cuda: Any, index: int) -> tuple[Any, str, tuple[int, int]]:
+    """Init CUDA and retain the primary context of device ``index``: (context, name, cc)."""
+    try:
+        cuda.init()
+        count = cuda.Device.count()
+    except Exception as exc:  # pycuda.driver.Error: no driver, no device
+        raise BackendUnavailableError(
+            f"backend 'tensorrt' found no usable NVIDIA GPU (CUDA: {exc}); use backend.type: onnxruntime"
+        ) from None
+    if count == 0:
+        raise BackendUnavailableError("backend 'tensorrt' found no NVIDIA GPU; use backend.type: onnxruntime")
+    if index >= count:
+        raise BackendUnavailableError(
+            f"backend.device: {index} does not exist; this machine has {count} CUDA device(s) (0..{count - 1})"
+        )
+    device = cuda.Device(index)
+    major, minor = device.compute_capability()
+    return device.retain_primary_context(), str(device.name()), (int(major), int(minor))
+
+
+class _Plan:
+    """One deserialized TensorRT engine, its execution context, stream and I/O buffers.
+
+    Buffers are allocated once at the largest shape the engine accepts (the profile's max for a
+    dynamic input); host buffers are page-locked so the copies run asynchronously on the stream.
+    """
+
+    def __init__(self, trt: Any, cuda: Any, engine: Any, path: Path) -> None:
+        self.trt = trt
+        self.cuda = cuda
+        self.engine = engine
+        self.path = path
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise DefectsamError(f"{path}: TensorRT could not create an execution context (out of GPU memory?)")
+        self.stream = cuda.Stream()
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in self.names if n not in self.inputs]
+        self.dynamic: set[str] = set()
+        self.static_shapes: dict[str, tuple[int, ...]] = {}
+        for name in self.inputs:
+            shape = tuple(engine.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                self.dynamic.add(name)
+                shape = tuple(engine.get_tensor_profile_shape(name, 0)[2])  # (min, opt, max)
+            else:
+                self.static_shapes[name] = shape
+            if not self.context.set_input_shape(name, shape):
+                raise DefectsamError(f"{path}: TensorRT rejected shape {list(shape)} for input '{name}'")
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, Any] = {}
+        for name in self.names:
+            shape = tuple(self.context.get_tensor_shape(name))  # max shapes are set: outputs resolve
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            size = max(int(np.prod(shape)), 1)
+            self.host[name] = cuda.pagelocked_empty(size, dtype)
+            self.device[name] = cuda.mem_alloc(self.host[name].nbytes)
+            self.context.set_tensor_address(name, int(self.device[name]))
+
+    def run(self, feeds: Mapping[str, np.ndarray], wanted: Sequence[str]) -> dict[str, np.ndarray]:
+        cuda = self.cuda
+        for name, array in feeds.items():
+            host = self.host[name]
+            array = np.ascontiguousarray(array, dtype=host.dtype)
+            want = self.static_shapes.get(name)
+            if want is not None and array.shape != want:
+                raise DefectsamError(f"input '{name}' must be {list(want)}, got {list(array.shape)}")
+            if name in self.dynamic and (
+                array.size > host.size or not self.context.set_input_shape(name, array.shape)
+            ):
+                raise DefectsamError(f"input '{name}' shape {list(array.shape)} is outside the engine's profile")
+            view = host[: array.size]
+            np.copyto(view, array.reshape(-1))
+            cuda.memcpy_htod_async(self.device[name], view, self.stream)
+        if not self.context.execute_async_v3(stream_handle=self.stream.handle):
+            raise DefectsamError(f"{self.path}: TensorRT execution failed (see the TensorRT log above)")
+        results: dict[str, tuple[np.ndarray, tuple[int, ...]]] = {}
+        for name in wanted:
+            shape = tuple(self.context.get_tensor_shape(name))
+            view = self.host[name][: int(np.prod(shape))]
+            cuda.memcpy_dtoh_async(view, self.device[name], self.stream)
+            results[name] = (view, shape)
+        self.stream.synchronize()
+        return {name: view.reshape(shape).copy() for name, (view, shape) in results.items()}
+
+    def release(self) -> None:
+        for allocation in self.device.values():
+            allocation.free()
+        self.device.clear()
+        self.host.clear()
+        self.context = None
+        self.engine = None
+
+
+class _TrtLogger:
+    """TensorRT's log lines go to Python logging (created lazily: needs trt.ILogger)."""
+
+    @staticmethod
+    def create(trt: Any) -> Any:
+        class Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+
+            def log(self, severity: Any, msg: str) -> None:
+                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                    log.error("TensorRT: %s", msg)
+                elif severity == trt.ILogger.Severity.WARNING:
+                    log.warning("TensorRT: %s", msg)
+                else:
+                    log.debug("TensorRT: %s", msg)
+
+        return Logger()
+
+
+class TensorRTEngine:
+    """A bundle's graphs as TensorRT engines on one GPU.
+
+    ``state`` is "opening" while cached plans are looked up, "building" while a plan is being built
+    (minutes on a Jetson: the service reports it in /readyz), then "ready"; ``on_state`` is called
+    with each new state, from the thread that opens the engine.
+    """
+
+    def __init__(
+        self, bundle: Bundle, config: Config, *, on_state: Callable[[BuildState], None] | None = None
+    ) -> None:
+        self.bundle = bundle
+        self.config = config
+        self._on_state = on_state
+        self.state: BuildState = "opening"
+        self._lock = threading.Lock()
+        trt, cuda = _import_runtime()
+        self._trt, self._cuda = trt, cuda
+        self._ctx, self.gpu_name, self.compute_capability = _open_device(cuda, config.device)
+        self._logger = _TrtLogger.create(trt)
+        self._fused: _Plan | None = None
+        self._decoder: _Plan | None = None
+        self._ctx.push()
+        try:
+            trt.init_libnvinfer_plugins(self._logger, "")
+            self._runtime = trt.Runtime(self._logger)
+            self._fused = self._load("fused")
+            if bundle.decoder_graph is not None:
+                self._decoder = self._load("decoder")
+            self._check_io()
+        except BaseException:
+            self._release()
+            self._cuda.Context.pop()
+            self._ctx.detach()
+            self._set_state("failed")
+            raise
+        self._cuda.Context.pop()
+        self._set_state("ready")
+
+    # -- plans --
+
+    def _set_state(self, state: BuildState) -> None:
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(state)
+
+    def plan_path(self, graph: Literal["fused", "decoder"] = "fused") -> Path:
+        return plan_path(
+            self.bundle, self.config, self._trt.__version__, self.gpu_name, self.compute_capability, graph
+        )
+
+    def _load(self, graph: Literal["fused", "decoder"]) -> _Plan:
+        path = self.plan_path(graph)
+        if path.is_file():
+            engine = self._deserialize(path.read_bytes())
+            if engine is not None:
+                log.info("TensorRT plan %s loaded from cache", path)
+                return _Plan(self._trt, self._cuda, engine, path)
+            log.warning("cached TensorRT plan %s does not deserialize; rebuilding it", path)
+        if not self.config.build_on_open:
+            raise DefectsamError(
+                f"{path}: no usable TensorRT plan and backend.build_on_open is false; "
+                f"build it with build_on_open: true once on this device"
+            )
+        source = source_graph(self.bundle, self.config.precision, graph)
+        if source is None:  # pragma: no cover - callers only ask for graphs the bundle has
+            raise DefectsamError(f"{self.bundle.path}: bundle has no {graph} graph")
+        self._set_state("building")
+        data = self._build(source, graph)
+        write_atomic(path, data)
+        log.info("TensorRT plan %s built and cached", path)
+        engine = self._deserialize(data)
+        if engine is None:
+            raise DefectsamError(f"{path}: TensorRT built a plan it cannot deserialize")
+        return _Plan(self._trt, self._cuda, engine, path)
+
+    def _deserialize(self, data: bytes) -> Any:
+        try:
+            return self._runtime.deserialize_cuda_engine(data)
+        except Exception as exc:  # some TensorRT builds raise instead of returning None
+            log.warning("TensorRT cannot deserialize a plan: %s", exc)
+            return None
+
+    def _build(self, source: Path, graph: Literal["fused", "decoder"]) -> bytes:
+        trt = self._trt
+        shape = self.bundle.manifest.graph_shape
+        inputs: tuple[TensorSpec, ...]
+        if graph == "fused":
+            inputs, outputs = (shape.input_spec(),), shape.fused_outputs()
+        else:
+            inputs, outputs = shape.decoder_inputs(), shape.decoder_outputs()
+        report = check_onnx_for_tensorrt(source, inputs, outputs)
+        report.raise_if_problems()
+        precision = self.config.precision
+        if precision == "int8" and graph == "fused" and not report.quantized:
+            raise DefectsamError(
+                f"{source}: backend.precision 'int8' is explicit quantization and needs a QDQ graph, "
+                f"but this graph has no QuantizeLinear/DequantizeLinear nodes"
+            )
+        profiles = profile_shapes(report, {s.name: s.shape for s in inputs}, self.config.max_points)
+
+        builder = trt.Builder(self._logger)
+        network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+        parser = trt.OnnxParser(network, self._logger)
+        if not parser.parse_from_file(str(source)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BundleError(source, f"TensorRT's ONNX parser rejected the graph: {errors}")
+        build_config = builder.create_builder_config()
+        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.config.workspace_mib << 20)
+        if precision in ("fp16", "int8"):
+            build_config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8" and report.quantized:
+            build_config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: scales come from Q/DQ
+        if profiles:
+            profile = builder.create_optimization_profile()
+            for name, (low, opt, high) in profiles.items():
+                profile.set_shape(name, low, opt, high)
+            build_config.add_optimization_profile(profile)
+        log.info("building TensorRT %s plan from %s (this takes minutes on a Jetson)", precision, source)
+        serialized = builder.build_serialized_network(network, build_config)
+        if serialized is None:
+            raise DefectsamError(f"{source}: TensorRT failed to build a {precision} engine (see the TensorRT log)")
+        return bytes(serialized)
+
+    def _check_io(self) -> None:
+        for plan, inputs, outputs in (
+            (self._fused, (INPUT_NAME,), FUSED_OUTPUT_NAMES),
+            (self._decoder, DECODER_INPUT_NAMES, DECODER_OUTPUT_NAMES),
+        ):
+            if plan is None:
+                continue
+            if sorted(plan.inputs) != sorted(inputs) or sorted(plan.outputs) != sorted(outputs):
+                raise BundleError(
+                    plan.path,
+                    f"engine I/O {sorted(plan.inputs)} -> {sorted(plan.outputs)} does not match the contract "
+                    f"{sorted(inputs)} -> {sorted(outputs)}; delete the plan to rebuild it",
+                )
+
+    # -- Engine protocol --
+
+    @property
+    def backend_name(self) -> str:
+        return f"{KEY}:{self.config.precision}:{self.gpu_name}"
+
+    def infer(self, image: np.ndarray, *, with_embedding: bool = False) -> EngineOutputs:
+        expected = self.bundle.manifest.graph_shape.input_spec().shape
+        if image.shape != expected or image.dtype != np.float32:
+            raise DefectsamError(
+                f"engine input must be float32 {list(expected)}, got {image.dtype} {list(image.shape)}"
+            )
+        wanted = [*_FRAME_OUTPUTS, "image_embedding"] if with_embedding else list(_FRAME_OUTPUTS)
+        with self._lock:
+            plan = self._require(self._fused, "engine is closed")
+            self._ctx.push()
+            try:
+                values = plan.run({INPUT_NAME: image}, wanted)
+            finally:
+                self._cuda.Context.pop()
+        return EngineOutputs(
+            heatmap=values["heatmap"][0],  # 1xCxhxw -> Cxhxw
+            points=values["points"],
+            point_scores=values["point_scores"],
+            point_classes=values["point_classes"].astype(np.int64, copy=False),
+            mask_logits=values["mask_logits"],
+            iou=values["iou"],
+            image_embedding=values.get("image_embedding"),
+        )
+
+    def prompt(
+        self, image_embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.bundle.decoder_graph is None:
+            raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
+        points = point_coords.shape[1] if point_coords.ndim == 3 else -1
+        if point_coords.shape != (1, points, 2) or point_labels.shape != (1, points):
+            raise DefectsamError(
+                f"point prompts must be coords 1xPx2 and labels 1xP, got {list(point_coords.shape)} "
+                f"and {list(point_labels.shape)}"
+            )
+        if not 1 <= points <= self.config.max_points:
+            raise DefectsamError(
+                f"{points} prompt points; the TensorRT decoder takes 1..{self.config.max_points} "
+                f"(backend.max_points)"
+            )
+        with self._lock:
+            plan = self._require(self._decoder, "engine is closed")
+            self._ctx.push()
+            try:
+                values = plan.run(
+                    {
+                        "image_embedding": image_embedding,
+                        "point_coords": point_coords,
+                        "point_labels": point_labels,
+                    },
+                    DECODER_OUTPUT_NAMES,
+                )
+            finally:
+                self._cuda.Context.pop()
+        return values["mask_logits"], values["iou"]
+
+    @staticmethod
+    def _require(plan: _Plan | None, message: str) -> _Plan:
+        if plan is None:
+            raise DefectsamError(message)
+        return plan
+
+    def close(self) -> None:
+        with self._lock:
+            if self.state == "closed":
+                return
+            self._ctx.push()
+            try:
+                self._release()
+            finally:
+                self._cuda.Context.pop()
+            self._ctx.detach()
+            self._set_state("closed")
+
+    def _release(self) -> None:
+        for plan in (self._fused, self._decoder):
+            if plan is not None:
+                plan.release()
+        self._fused = self._decoder = None
+
+
+def open_engine(
+    bundle: Bundle, config: Config, *, on_state: Callable[[BuildState], None] | None = None
+) -> TensorRTEngine:
+    """Open ``bundle`` on TensorRT, building and caching missing plans (see the module docstring)."""
+    return TensorRTEngine(bundle, config, on_state=on_state)

@@ -1,0 +1,158 @@
+"""The ``defectsam`` command end to end, as a user runs it: a real process, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+
+from .conftest import REPO
+
+
+def defectsam(*args: str | Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [*(prefix or []), sys.executable, "-m", "service.cli", *map(str, args)],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("defectsam: error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_infer_writes_overlays_and_json_for_real_defect_images(
+    tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in dataset_images[:2]:
+        shutil.copy(image, folder / image.name)
+    out = tmp_path / "out"
+    proc = defectsam("infer", folder, "--bundle", tiny_bundle, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "untrained stand-in weights" in proc.stderr
+    for image in dataset_images[:2]:
+        record = json.loads((out / f"{image.stem}.json").read_text())
+        frame = cv2.imread(str(image))
+        assert record["frame"] == {"width": frame.shape[1], "height": frame.shape[0]}
+        assert record["verdict"] in {"OK", "NG", "UNCERTAIN"}
+        assert record["defect_count"] == len(record["defects"])
+        assert record["bundle"] == "tiny-student"
+        overlay = cv2.imread(str(out / f"{image.stem}.overlay.png"))
+        assert overlay.shape == frame.shape
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["images"]) == 2 and summary["failed"] == 0
+
+
+def test_infer_reads_the_dataset_in_place_with_a_glob(tiny_bundle: Path, tmp_path: Path) -> None:
+    from .conftest import DATASETS
+
+    folder = DATASETS / "magnetic_tile" / "MT_Crack" / "Imgs"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    proc = defectsam("infer", folder, "--glob", "*.jpg", "--limit", "2", "--bundle", tiny_bundle,
+                     "--out", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((tmp_path / "o").glob("*.overlay.png"))) == 2
+    assert len(list((tmp_path / "o").glob("*.json"))) == 3  # two images and the summary
+
+
+def test_infer_on_a_file_that_is_not_an_image(tiny_bundle: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not a PNG")
+    out = tmp_path / "out"
+    proc = defectsam("infer", fake, "--bundle", tiny_bundle, "--out", out)
+    assert_one_line_error(proc, str(fake), "is not an image OpenCV can decode")
+    assert not out.exists() or not any(out.rglob("*"))  # nothing half-written
+
+
+def test_infer_on_a_missing_path_and_an_empty_directory(tiny_bundle: Path, tmp_path: Path) -> None:
+    missing = defectsam("infer", tmp_path / "nope.jpg", "--bundle", tiny_bundle)
+    assert_one_line_error(missing, "nope.jpg", "does not exist")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(defectsam("infer", tmp_path / "empty", "--bundle", tiny_bundle), "no images matching")
+
+
+def test_infer_with_a_tampered_bundle(tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path) -> None:
+    with (tiny_bundle / "model.onnx").open("ab") as handle:
+        handle.write(b"tamper")
+    proc = defectsam("infer", dataset_images[0], "--bundle", tiny_bundle, "--out", tmp_path / "out")
+    assert_one_line_error(proc, "model.onnx", "checksum mismatch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_infer_on_an_unreadable_directory(tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    shutil.copy(dataset_images[0], locked / "a.jpg")
+    locked.chmod(0o000)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        # root reads anything: drop the capabilities that let it ignore file permissions.
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            locked.chmod(0o755)
+            pytest.skip("running as root and util-linux's setpriv is missing: cannot make a directory unreadable")
+        caps = "-dac_override,-dac_read_search"
+        prefix = [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+    try:
+        proc = defectsam("infer", locked, "--bundle", tiny_bundle, "--out", tmp_path / "out", prefix=prefix)
+    finally:
+        locked.chmod(0o755)
+    assert_one_line_error(proc, "locked", "cannot be read (permission denied)")
+
+
+def test_a_bad_image_among_good_ones_is_reported_and_the_rest_are_inspected(
+    tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(dataset_images[0], folder / "good.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    out = tmp_path / "out"
+    proc = defectsam("infer", folder, "--bundle", tiny_bundle, "--out", out)
+    assert_one_line_error(proc, "broken.jpg", "is not an image")
+    assert (out / "good.json").is_file() and not (out / "broken.json").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_bundle_inspect(tiny_bundle: Path) -> None:
+    proc = defectsam("bundle", "inspect", tiny_bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny-student" in proc.stdout and "sha256 verified" in proc.stdout
+    assert "untrained" in proc.stdout
+    as_json = json.loads(defectsam("bundle", "inspect", tiny_bundle, "--json").stdout)
+    assert as_json["K"] == 4
+    (tiny_bundle / "manifest.json").write_text("{")
+    assert_one_line_error(defectsam("bundle", "inspect", tiny_bundle), "manifest.json", "malformed JSON")
+
+
+def test_bench_engine_compares_bundles_in_one_run(tiny_bundle: Path, tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    proc = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tiny_bundle,
+                     "--iterations", "3", "--warmup", "1", "--json", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "FPS (median)" in proc.stdout and "tiny-student / tiny-student" in proc.stdout
+    results = json.loads(report.read_text())["results"]
+    assert len(results) == 2
+    assert all(r["fps_median"] > 0 and r["latency_ms_p99"] >= r["latency_ms_p50"] for r in results)
+    missing = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tmp_path / "mobilesam")
+    assert_one_line_error(missing, "reference bundle does not exist", "defectsam-train export --arch mobilesam")
+
+
+def test_usage_errors_exit_2_in_one_line() -> None:
+    proc = defectsam("infer")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the following arguments are required: input" in proc.stderr

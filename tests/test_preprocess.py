@@ -1,0 +1,61 @@
+"""Letterboxing and normalisation of camera frames (engines.preprocess)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engines.bundle import InputSpec
+from engines.errors import DefectsamError
+from engines.preprocess import Letterbox, Preprocessor
+
+SPEC = InputSpec(height=576, width=1024, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
+
+
+def test_letterbox_of_a_4mp_frame_fills_the_height() -> None:
+    box = Letterbox.fit(2688, 1520, 1024, 576)
+    assert box.scale == pytest.approx(576 / 1520)
+    assert box.content_height == 576
+    assert box.content_width == round(2688 * 576 / 1520)  # 1019: 5 columns of padding on the right
+
+
+def test_coordinates_round_trip() -> None:
+    box = Letterbox.fit(2688, 1520, 1024, 576)
+    points = np.array([[0.0, 0.0], [1000.5, 777.25], [2687.0, 1519.0]])
+    np.testing.assert_allclose(box.to_frame(box.to_engine(points)), points, atol=1e-9)
+
+
+def test_bgr_frame_is_normalised_as_rgb_and_padded() -> None:
+    frame = np.empty((1520, 2688, 3), np.uint8)
+    frame[:] = (10, 20, 30)  # B, G, R
+    tensor, box = Preprocessor(SPEC)(frame)
+    assert tensor.shape == (1, 3, 576, 1024) and tensor.dtype == np.float32
+    rgb = np.array([30, 20, 10], np.float32)
+    expected = (rgb - np.array(SPEC.mean, np.float32)) / np.array(SPEC.std, np.float32)
+    content = tensor[0, :, :, : box.content_width]
+    np.testing.assert_allclose(content.reshape(3, -1).min(axis=1), expected, atol=1e-5)
+    np.testing.assert_allclose(content.reshape(3, -1).max(axis=1), expected, atol=1e-5)
+    assert np.all(tensor[0, :, :, box.content_width :] == SPEC.pad_value)
+
+
+def test_mono_frame_feeds_all_three_channels() -> None:
+    frame = np.full((300, 200), 128, np.uint8)
+    tensor, box = Preprocessor(SPEC)(frame)
+    assert box.content_height == 576 and box.content_width == round(200 * 576 / 300)
+    values = tensor[0, :, 0, 0]
+    expected = (128 - np.array(SPEC.mean)) / np.array(SPEC.std)
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        (np.zeros((10, 10), np.float32), "uint8"),
+        (np.zeros((10, 10, 4), np.uint8), "1 or 3 channels"),
+        (np.zeros((0, 10), np.uint8), "H, W >= 1"),
+        ([[1, 2]], "NumPy array"),
+    ],
+)
+def test_bad_frames_are_refused_with_the_cause(frame: object, message: str) -> None:
+    with pytest.raises(DefectsamError, match=message):
+        Preprocessor(SPEC)(frame)  # type: ignore[arg-type]

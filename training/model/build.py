@@ -1,0 +1,129 @@
+"""The model registry: every variant is a few numbers passed to one private builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+
+from training.model.mask_decoder import MaskDecoder
+from training.model.mobile_cnn import MobileCNN
+from training.model.neck import ConvNeck, SamNeck
+from training.model.prompt_encoder import PointPromptEncoder
+from training.model.saliency import SaliencyHead
+from training.model.segmenter import EMBED_STRIDE, DefectSegmenter
+from training.model.tiny_vit import TinyViT
+from training.model.transformer import TwoWayTransformer
+
+EMBED_DIM = 256
+PARTS: tuple[str, ...] = ("encoder", "neck", "saliency_head", "prompt_encoder", "mask_decoder")
+
+
+def _build(
+    *,
+    encoder: Literal["cnn", "tiny_vit"],
+    neck: Literal["conv", "sam"],
+    decoder: Literal["slim", "sam"],
+    skip: bool,
+    height: int,
+    width: int,
+    num_classes: int,
+    k: int,
+) -> DefectSegmenter:
+    if height <= 0 or width <= 0 or height % EMBED_STRIDE or width % EMBED_STRIDE:
+        raise ValueError(f"input size must be positive multiples of {EMBED_STRIDE}, got {height}x{width}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    grid = (height // EMBED_STRIDE, width // EMBED_STRIDE)
+    if not 1 <= k <= grid[0] * grid[1]:
+        raise ValueError(f"k must be between 1 and {grid[0] * grid[1]} (cells of the heatmap), got {k}")
+
+    image_encoder: MobileCNN | TinyViT = MobileCNN() if encoder == "cnn" else TinyViT()
+    neck_module = (ConvNeck if neck == "conv" else SamNeck)(image_encoder.out_channels, EMBED_DIM)
+    if decoder == "sam":
+        transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048)
+        mask_decoder = MaskDecoder(
+            transformer=transformer,
+            embed_dim=EMBED_DIM,
+            num_mask_tokens=4,
+            upscale_factor=4,
+            upscale_dim=32,
+            iou_head_hidden_dim=256,
+        )
+    else:
+        transformer = TwoWayTransformer(depth=2, embedding_dim=128, num_heads=4, mlp_dim=512)
+        mask_decoder = MaskDecoder(
+            transformer=transformer,
+            embed_dim=EMBED_DIM,
+            num_mask_tokens=1,
+            upscale_factor=2,
+            upscale_dim=32,
+            iou_head_hidden_dim=128,
+            skip_channels=image_encoder.skip_channels if skip else 0,
+        )
+    return DefectSegmenter(
+        encoder=image_encoder,
+        neck=neck_module,
+        saliency_head=SaliencyHead(EMBED_DIM, num_classes),
+        prompt_encoder=PointPromptEncoder(transformer.embedding_dim, (height, width), grid),
+        mask_decoder=mask_decoder,
+        input_size=(height, width),
+        k=k,
+    )
+
+
+_REGISTRY: dict[str, Callable[..., DefectSegmenter]] = {
+    # Default: mobile CNN + cheap BN neck + slim decoder (masks at stride 8). TensorRT/INT8 friendly.
+    "student_cnn": partial(_build, encoder="cnn", neck="conv", decoder="slim", skip=False),
+    # The same, with the encoder's stride-8 feature fused into the upscaled embedding. Its bundle has
+    # no decoder-only graph: the contract's decoder graph has no input for the stride-8 feature.
+    "student_cnn_s8": partial(_build, encoder="cnn", neck="conv", decoder="slim", skip=True),
+    # The field report's choice: TinyViT-5M encoder + cheap neck + slim decoder.
+    "student_vit": partial(_build, encoder="tiny_vit", neck="conv", decoder="slim", skip=False),
+    # MobileSAM (TinyViT-5M, SAM neck, full SAM mask decoder, masks at stride 4) + the saliency head.
+    "mobilesam": partial(_build, encoder="tiny_vit", neck="sam", decoder="sam", skip=False),
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``build_model``."""
+    return list(_REGISTRY)
+
+
+def build_model(
+    name: str, *, height: int = 576, width: int = 1024, num_classes: int = 3, k: int = 8
+) -> DefectSegmenter:
+    """Build a registered model, randomly initialised, in eval mode.
+
+    Raises KeyError for an unknown name and ValueError for a bad size, class count or K.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(_REGISTRY)}")
+    model = _REGISTRY[name](height=height, width=width, num_classes=num_classes, k=k)
+    return model.eval()
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def parameter_counts(model: DefectSegmenter) -> dict[str, int]:
+    """Trainable parameters per part (``PARTS``) and ``total``."""
+    counts = {part: count_parameters(getattr(model, part)) for part in PARTS}
+    counts["total"] = count_parameters(model)
+    return counts
+
+
+def count_macs(model: DefectSegmenter) -> int:
+    """Multiply-accumulates of one fused forward pass at the model's input size (all matmuls and convs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    height, width = model.input_size
+    image = torch.zeros(1, 3, height, width)
+    counter = FlopCounterMode(display=False)
+    with counter:  # not under no_grad: the module tracker needs autograd
+        model.forward_fused(image)
+    return counter.get_total_flops() // 2

@@ -1,0 +1,89 @@
+"""Checkpoints: ``{"arch": name, "config": {...}, "model": state_dict}``, written atomically."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.errors import DefectsamError
+from training.model.segmenter import DefectSegmenter
+
+
+class CheckpointError(DefectsamError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+    def __init__(self, path: Path | str, cause: str) -> None:
+        self.path = Path(path)
+        self.cause = cause
+        super().__init__(f"{self.path}: {cause}")
+
+
+def model_config(model: DefectSegmenter) -> dict[str, int]:
+    """The numbers ``build_model`` needs besides the name."""
+    height, width = model.input_size
+    return {"height": height, "width": width, "num_classes": model.num_classes, "k": model.k}
+
+
+def save_checkpoint(path: Path | str, arch: str, model: DefectSegmenter, **extra: Any) -> Path:
+    """Write the checkpoint to a temporary sibling and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"arch": arch, "config": model_config(model), "model": model.state_dict(), **extra}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Load and check the checkpoint's layout. Raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "checkpoint does not exist" if not path.exists() else "is not a file")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise CheckpointError(path, f"not a readable torch checkpoint: {first_line}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        raise CheckpointError(path, "not a defectsam checkpoint (expected a dict with 'arch', 'config', 'model')")
+    if not isinstance(payload.get("arch"), str):
+        raise CheckpointError(path, "checkpoint has no 'arch' name")
+    if not isinstance(payload.get("config", {}), dict):
+        raise CheckpointError(path, "checkpoint 'config' is not a dict")
+    return payload
+
+
+def load_weights(model: DefectSegmenter, path: Path | str, arch: str) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (built as ``arch``); returns the checkpoint.
+
+    Raises CheckpointError, one line naming the file, when it is for another architecture or
+    its tensors do not fit.
+    """
+    payload = read_checkpoint(path)
+    if payload["arch"] != arch:
+        raise CheckpointError(path, f"checkpoint is for architecture {payload['arch']!r}, not {arch!r}")
+    state = payload["model"]
+    own = model.state_dict()
+    missing = [name for name in own if name not in state]
+    unexpected = [name for name in state if name not in own]
+    mismatched = [
+        name
+        for name in own
+        if name in state and isinstance(state[name], torch.Tensor) and state[name].shape != own[name].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if names:
+                parts.append(f"{len(names)} {label} (first: {names[0]})")
+        raise CheckpointError(path, f"weights do not fit {arch!r}: {', '.join(parts)}")
+    model.load_state_dict(state)
+    return payload

@@ -1,0 +1,91 @@
+"""A MobileNetV2-style CNN encoder at stride 16: inverted residuals, BatchNorm, ReLU6.
+
+No LayerNorm and no attention, so TensorRT fuses every block and INT8 calibration is easy.
+The default student's encoder: it returns the stride-16 feature for the neck and the
+stride-8 feature for the mask decoder's optional skip fusion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from training.model.common import ConvBNAct
+
+# (expand ratio t, output channels c, repeats n, stride of the first block s), MobileNetV2's table
+# cut at stride 16 and slimmed for 576x1024 inputs on a CPU.
+DEFAULT_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),  # stride 2
+    (4, 24, 2, 2),  # stride 4
+    (4, 40, 3, 2),  # stride 8: the skip feature
+    (4, 80, 3, 2),  # stride 16
+    (6, 112, 2, 1),
+    (6, 160, 1, 1),
+)
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expand, 3x3 depthwise (stride s), 1x1 linear project; residual when shapes allow.
+
+    BxCinxHxW -> BxCoutxH/sxW/s.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, expand_ratio: int) -> None:
+        super().__init__()
+        hidden = in_channels * expand_ratio
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvBNAct(in_channels, hidden, 1, act=nn.ReLU6))
+        layers += [
+            ConvBNAct(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
+            ConvBNAct(hidden, out_channels, 1, act=None),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: BxCinxHxW -> BxCoutxH/sxW/s."""
+        y = self.block(x)
+        return x + y if self.use_residual else y
+
+
+class MobileCNN(nn.Module):
+    """Stem + inverted-residual stages: Bx3xHxW -> (BxC16xH/16xW/16, BxC8xH/8xW/8)."""
+
+    def __init__(
+        self,
+        stages: Sequence[tuple[int, int, int, int]] = DEFAULT_STAGES,
+        stem_channels: int = 16,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        self.stem = ConvBNAct(in_chans, stem_channels, 3, 2, act=nn.ReLU6)
+        blocks: list[nn.Module] = []
+        channels = stem_channels
+        stride = 2
+        self.skip_index = -1
+        for t, c, n, s in stages:
+            for i in range(n):
+                block_stride = s if i == 0 else 1
+                blocks.append(InvertedResidual(channels, c, block_stride, t))
+                channels = c
+                stride *= block_stride
+            if stride == 8:
+                self.skip_index = len(blocks) - 1
+                self.skip_channels = channels
+        if stride != 16 or self.skip_index < 0:
+            raise ValueError(f"stages must reach stride 8 and end at stride 16, they end at stride {stride}")
+        self.blocks = nn.ModuleList(blocks)
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: Bx3xHxW -> (BxC16xH/16xW/16, BxC8xH/8xW/8)."""
+        x = self.stem(x)
+        skip = x
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == self.skip_index:
+                skip = x
+        return x, skip
