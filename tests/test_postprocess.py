@@ -128,3 +128,21 @@ def test_polygon_outlines_the_mask_in_frame_pixels() -> None:
 def test_config_rejects_inverted_thresholds() -> None:
     with pytest.raises(ValueError, match="uncertain_threshold"):
         PostprocessConfig(score_threshold=0.3, uncertain_threshold=0.6)
+
+
+def test_overlay_tints_each_defect_with_its_class_colour() -> None:
+    from engines.overlay import class_colour, render_overlay
+
+    out = outputs([0.9], [2], [(120.0, 56.0)], [rect_logits(10, 5, 20, 9)])
+    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
+    frame = np.full((1520, 2688), 128, np.uint8)
+    overlay = render_overlay(frame, result)
+    assert overlay.shape == (1520, 2688, 3)
+    x, y, w, h = result.defects[0].bbox
+    inside = overlay[y + h // 2, x + w // 2].astype(int)
+    blue, green, red = class_colour(2)
+    assert (inside[0] > 128) == (blue > 128) and (inside[2] > 128) == (red > 128)  # pinhole's magenta tint
+    far = overlay[1400, 2500]
+    assert np.array_equal(far, [128, 128, 128])  # untouched outside defects and banner
+    small = render_overlay(frame, result, scale=0.25)
+    assert small.shape == (380, 672, 3)
