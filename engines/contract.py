@@ -31,6 +31,11 @@ from dataclasses import dataclass
 EMBED_DIM = 256
 EMBED_STRIDE = 16
 
+# Normalisation every model of the family is trained and exported with (SAM's ImageNet statistics,
+# RGB on the 0..255 scale). A bundle's manifest carries its own; these are what training writes there.
+PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
 INPUT_NAME = "image"
 FUSED_OUTPUT_NAMES: tuple[str, ...] = (
     "heatmap",

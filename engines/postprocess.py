@@ -22,6 +22,36 @@ from engines.results import Defect, InspectionResult, Verdict
 _OUTSIDE_LOGIT = -30.0  # logit given to cells outside a component so neighbours do not bleed in
 
 
+def upsample_cells(
+    logits: np.ndarray, origin: tuple[int, int], box: Letterbox, stride: int, threshold: float
+) -> tuple[int, int, np.ndarray] | None:
+    """Mask logits over a block of cells -> the pixels above ``threshold`` in frame coordinates.
+
+    logits: float32 h x w, the cells from ``origin`` (cell x, cell y) on, at ``stride`` engine
+    pixels per cell. Cell edges map to frame pixels through the letterbox and the block is resized
+    edge to edge (bilinear); the result is trimmed to its set pixels: (frame x, frame y, bool mask),
+    or None when no pixel is set.
+    """
+    cx0, cy0 = origin
+    cx1, cy1 = cx0 + logits.shape[1], cy0 + logits.shape[0]
+    fx0 = math.floor(cx0 * stride / box.scale)
+    fy0 = math.floor(cy0 * stride / box.scale)
+    full_x1 = math.ceil(cx1 * stride / box.scale)
+    full_y1 = math.ceil(cy1 * stride / box.scale)
+    fx1, fy1 = min(box.frame_width, full_x1), min(box.frame_height, full_y1)
+    if fx1 <= fx0 or fy1 <= fy0:
+        return None
+    upsampled = cv2.resize(
+        np.ascontiguousarray(logits, dtype=np.float32), (full_x1 - fx0, full_y1 - fy0), interpolation=cv2.INTER_LINEAR
+    )
+    mask = upsampled[: fy1 - fy0, : fx1 - fx0] > threshold
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    tx0, ty0 = int(xs.min()), int(ys.min())
+    return fx0 + tx0, fy0 + ty0, mask[ty0 : int(ys.max()) + 1, tx0 : int(xs.max()) + 1].copy()
+
+
 class PostprocessConfig(BaseModel):
     """Thresholds that turn engine outputs into defects and a verdict."""
 
@@ -125,25 +155,15 @@ class Postprocessor:
         x, y, w, h = (int(v) for v in stat[:4])
         cx0, cy0 = max(0, x - 1), max(0, y - 1)
         cx1, cy1 = min(labels.shape[1], x + w + 1), min(labels.shape[0], y + h + 1)
-        region = cv2.dilate(in_component[cy0:cy1, cx0:cx1].astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
+        near = cv2.dilate(in_component[cy0:cy1, cx0:cx1].astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
         roi = logits[members, cy0:cy1, cx0:cx1].max(axis=0)
-        roi = np.where(region, roi, _OUTSIDE_LOGIT).astype(np.float32)
+        roi = np.where(near, roi, _OUTSIDE_LOGIT).astype(np.float32)
 
-        # Cell edges in engine pixels -> frame pixels; resize maps ROI edge to ROI edge.
-        fx0 = math.floor(cx0 * s / box.scale)
-        fy0 = math.floor(cy0 * s / box.scale)
-        fx1 = min(box.frame_width, math.ceil(cx1 * s / box.scale))
-        fy1 = min(box.frame_height, math.ceil(cy1 * s / box.scale))
-        if fx1 <= fx0 or fy1 <= fy0:
+        region = upsample_cells(roi, (cx0, cy0), box, s, self.config.mask_threshold)
+        if region is None:
             return None
-        full_w = math.ceil(cx1 * s / box.scale) - fx0
-        full_h = math.ceil(cy1 * s / box.scale) - fy0
-        upsampled = cv2.resize(roi, (full_w, full_h), interpolation=cv2.INTER_LINEAR)
-        mask = upsampled[: fy1 - fy0, : fx1 - fx0] > self.config.mask_threshold
+        fx, fy, mask = region
         ys, xs = np.nonzero(mask)
-        if ys.size == 0:
-            return None
-        tx0, tx1, ty0, ty1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
         class_id = int(outputs.point_classes[lead])
         class_name = self.classes[class_id] if 0 <= class_id < len(self.classes) else f"class_{class_id}"
         point = box.to_frame(outputs.points[lead])
@@ -153,8 +173,8 @@ class Postprocessor:
             score=float(scores[lead]),
             predicted_iou=float(outputs.iou[lead]),
             area_px=int(ys.size),
-            bbox=(fx0 + tx0, fy0 + ty0, tx1 - tx0, ty1 - ty0),
-            centroid=(fx0 + float(xs.mean()), fy0 + float(ys.mean())),
+            bbox=(fx, fy, mask.shape[1], mask.shape[0]),
+            centroid=(fx + float(xs.mean()), fy + float(ys.mean())),
             point=(float(point[0]), float(point[1])),
-            mask=mask[ty0:ty1, tx0:tx1].copy(),
+            mask=mask,
         )

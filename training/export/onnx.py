@@ -30,6 +30,8 @@ from engines.contract import (
     DECODER_OUTPUT_NAMES,
     FUSED_OUTPUT_NAMES,
     INPUT_NAME,
+    PIXEL_MEAN,
+    PIXEL_STD,
     GraphShape,
     TensorSpec,
 )
@@ -38,8 +40,6 @@ from training.model.build import parameter_counts
 from training.model.segmenter import DefectSegmenter
 
 # SAM's pixel statistics (RGB, 0..255); the runtime applies them before the graph.
-PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 FUSED_FILE = "model.onnx"
 DECODER_FILE = "decoder.onnx"
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}

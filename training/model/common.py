@@ -74,6 +74,9 @@ class ConvBNAct(nn.Sequential):
         conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False
         )
+        # Variance-preserving init (fan_in counts a depthwise kernel's 9 inputs, not 9 x channels), so
+        # activations stay O(1) through the network even before BatchNorm statistics are learned.
+        nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu" if act is not None else "linear")
         bn = nn.BatchNorm2d(out_channels)
         nn.init.constant_(bn.weight, bn_weight_init)
         nn.init.zeros_(bn.bias)

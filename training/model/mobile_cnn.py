@@ -38,12 +38,14 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expand_ratio != 1:
             layers.append(ConvBNAct(in_channels, hidden, 1, act=nn.ReLU6))
+        self.use_residual = stride == 1 and in_channels == out_channels
         layers += [
             ConvBNAct(hidden, hidden, 3, stride, groups=hidden, act=nn.ReLU6),
-            ConvBNAct(hidden, out_channels, 1, act=None),
+            # A residual block starts as the identity (its last BN scale is 0): depth does not blow up
+            # the activations at initialisation.
+            ConvBNAct(hidden, out_channels, 1, act=None, bn_weight_init=0.0 if self.use_residual else 1.0),
         ]
         self.block = nn.Sequential(*layers)
-        self.use_residual = stride == 1 and in_channels == out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: BxCinxHxW -> BxCoutxH/sxW/s."""

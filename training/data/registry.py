@@ -1,0 +1,347 @@
+"""Datasets by name, from a small pydantic spec (YAML configs) or a one-line spec (``--data``).
+
+Specs, discriminated by ``name``::
+
+    {name: synthetic, n: 200, seed: 0, width: 1024, height: 576}
+    {name: folder, root: /data/line3, split: val}
+    {name: magnetic_tile, split: test}            # root defaults to ../shared/datasets/magnetic_tile
+    {name: neu_seg, split: test}
+
+Every spec also takes ``class_map`` (rename classes, e.g. ``{Crack: scratch}``; two names mapped to
+one merge) and ``limit`` (an evenly spaced subset of that many samples). A list of specs builds one
+``MergedDataset`` whose class list is the ordered union of the members' (renamed) class names.
+
+One-line form: ``NAME[:SPLIT][,KEY=VALUE...]``, several joined by ``+``, or the path of a ``.json``
+or ``.yaml`` file holding a spec or a list of them::
+
+    magnetic_tile:test        synthetic,n=50,seed=7,width=1024,height=576
+    folder,root=/data/line3,split=val+neu_seg:train
+    magnetic_tile:train,class_map.Crack=scratch,class_map.Blowhole=pinhole
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH
+from training.data.errors import DatasetError
+from training.data.folder import FolderDataset
+from training.data.magnetic_tile import MagneticTileDataset
+from training.data.neu_seg import NeuSegDataset
+from training.data.sample import Sample, SampleDataset
+from training.data.synthetic import SyntheticDataset
+
+DATASETS_ENV = "DEFECTSAM_DATASETS"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def datasets_root() -> Path:
+    """Where the shared real datasets live: $DEFECTSAM_DATASETS, else ../shared/datasets beside the repo."""
+    env = os.environ.get(DATASETS_ENV)
+    return Path(env) if env else _REPO.parent / "shared" / "datasets"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    class_map: dict[str, str] = Field(
+        default_factory=dict, description="rename classes: {dataset name: new name}; names mapped alike merge"
+    )
+    limit: int | None = Field(default=None, ge=1, description="use an evenly spaced subset of this many samples")
+
+
+class SyntheticSpec(_Spec):
+    name: Literal["synthetic"] = "synthetic"
+    n: int = Field(default=1000, ge=1, description="frames in the set")
+    seed: int = Field(default=0, description="sample i is engines.synthetic.render_frame(seed + i)")
+    width: int = Field(default=FRAME_WIDTH, ge=32, description="frame width in pixels")
+    height: int = Field(default=FRAME_HEIGHT, ge=32, description="frame height in pixels")
+    defect_free_prob: float = Field(default=0.15, ge=0.0, le=1.0, description="share of defect-free frames")
+    max_defects: int = Field(default=6, ge=0, description="most defects in a frame")
+    pixel_scale: float | None = Field(
+        default=None, ge=0.05, le=4.0, description="defect size scale; default: the frame's size relative to 4 MP"
+    )
+
+
+class FolderSpec(_Spec):
+    name: Literal["folder"] = "folder"
+    root: Path = Field(description="the folder holding images/, masks/ (and classes.txt, splits/)")
+    split: str | None = Field(default=None, description="read splits/SPLIT.txt; default: every image")
+    mask_format: Literal["auto", "label", "binary"] = Field(
+        default="auto", description="label-index or 0/255 masks; auto: binary when a mask holds only 0 and 255"
+    )
+    allow_missing_masks: bool = Field(default=False, description="an image without a mask is defect-free")
+    min_instance_area: int = Field(
+        default=1, ge=1, description="components of label/binary masks smaller than this are dropped"
+    )
+
+
+class MagneticTileSpec(_Spec):
+    name: Literal["magnetic_tile"] = "magnetic_tile"
+    root: Path | None = Field(default=None, description="default: <datasets>/magnetic_tile")
+    split: Literal["train", "val", "test"] = "test"
+    min_instance_area: int = Field(default=4, ge=1, description="smaller components are dropped")
+
+
+class NeuSegSpec(_Spec):
+    name: Literal["neu_seg"] = "neu_seg"
+    root: Path | None = Field(default=None, description="default: <datasets>/neu_seg")
+    split: Literal["train", "val", "test"] = "test"
+    min_instance_area: int = Field(default=4, ge=1, description="smaller components are dropped")
+
+
+DatasetSpec = Annotated[
+    Union[SyntheticSpec, FolderSpec, MagneticTileSpec, NeuSegSpec],  # noqa: UP007 - discriminated union
+    Field(discriminator="name"),
+]
+_SPEC = TypeAdapter(DatasetSpec)
+_SPECS = TypeAdapter(list[DatasetSpec])
+NAMES: tuple[str, ...] = ("synthetic", "folder", "magnetic_tile", "neu_seg")
+
+
+def evenly_spaced(length: int, limit: int | None) -> list[int]:
+    """``limit`` indices spread evenly over ``range(length)`` (all of them when limit is None or larger)."""
+    if limit is None or limit >= length:
+        return list(range(length))
+    return [int(i) for i in np.linspace(0, length - 1, limit).round()]
+
+
+class SubsetDataset:
+    """The samples of ``dataset`` at ``indices``."""
+
+    def __init__(self, dataset: SampleDataset, indices: Sequence[int], name: str | None = None) -> None:
+        self.dataset = dataset
+        self.indices = list(indices)
+        self.class_names: Sequence[str] = tuple(dataset.class_names)
+        self.name = name or dataset_name(dataset)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.dataset[self.indices[index]]
+
+
+class RenamedDataset:
+    """``dataset`` with its classes renamed by ``class_map``; names mapped to one target merge."""
+
+    def __init__(self, dataset: SampleDataset, class_map: Mapping[str, str]) -> None:
+        unknown = sorted(set(class_map) - set(dataset.class_names))
+        if unknown:
+            raise DatasetError(
+                dataset_name(dataset),
+                f"class_map renames {', '.join(map(repr, unknown))}, which the dataset does not have "
+                f"(it has {', '.join(dataset.class_names)})",
+            )
+        renamed = [class_map.get(name, name) for name in dataset.class_names]
+        names = tuple(dict.fromkeys(renamed))
+        self.class_names: Sequence[str] = names
+        self._lookup = np.asarray([names.index(name) for name in renamed], dtype=np.int64)
+        self.dataset = dataset
+        self.name = dataset_name(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.dataset[index]
+        return dataclasses.replace(sample, classes=self._lookup[sample.classes])
+
+
+class MergedDataset:
+    """Several datasets in a row, with one class list: the ordered union of their class names.
+
+    ``class_names`` may be given to fix the order (it must contain every member's names).
+    """
+
+    def __init__(self, datasets: Sequence[SampleDataset], class_names: Sequence[str] | None = None) -> None:
+        if not datasets:
+            raise DatasetError("data", "no dataset to merge")
+        union = tuple(dict.fromkeys(name for d in datasets for name in d.class_names))
+        if class_names is not None:
+            missing = [name for name in union if name not in class_names]
+            if missing:
+                raise DatasetError("data", f"class list lacks {', '.join(map(repr, missing))}")
+            union = tuple(class_names)
+        self.class_names: Sequence[str] = union
+        self.datasets = list(datasets)
+        self._lookups = [
+            np.asarray([union.index(name) for name in d.class_names], dtype=np.int64) for d in self.datasets
+        ]
+        self._ends = np.cumsum([len(d) for d in self.datasets]).tolist()
+        if not self._ends or self._ends[-1] == 0:
+            raise DatasetError("data", "the merged datasets hold no samples")
+        self.name = " + ".join(dataset_name(d) for d in self.datasets)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def __getitem__(self, index: int) -> Sample:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        member = bisect.bisect_right(self._ends, index)
+        start = self._ends[member - 1] if member else 0
+        sample = self.datasets[member][index - start]
+        return dataclasses.replace(sample, classes=self._lookups[member][sample.classes])
+
+
+def dataset_name(dataset: SampleDataset) -> str:
+    """A short description of a dataset for reports."""
+    return str(getattr(dataset, "name", type(dataset).__name__))
+
+
+def _build_one(spec: SyntheticSpec | FolderSpec | MagneticTileSpec | NeuSegSpec) -> SampleDataset:
+    dataset: SampleDataset
+    if isinstance(spec, SyntheticSpec):
+        try:
+            dataset = SyntheticDataset(
+                spec.n, seed=spec.seed, width=spec.width, height=spec.height,
+                defect_free_prob=spec.defect_free_prob, max_defects=spec.max_defects, pixel_scale=spec.pixel_scale,
+            )
+        except ValueError as exc:
+            raise DatasetError("synthetic", str(exc)) from None
+    elif isinstance(spec, FolderSpec):
+        dataset = FolderDataset(
+            spec.root, spec.split, mask_format=spec.mask_format,
+            allow_missing_masks=spec.allow_missing_masks, min_instance_area=spec.min_instance_area,
+        )
+    elif isinstance(spec, MagneticTileSpec):
+        root = spec.root or datasets_root() / "magnetic_tile"
+        dataset = MagneticTileDataset(root, spec.split, min_instance_area=spec.min_instance_area)
+    else:
+        root = spec.root or datasets_root() / "neu_seg"
+        dataset = NeuSegDataset(root, spec.split, min_instance_area=spec.min_instance_area)
+    name = dataset_name(dataset)
+    if len(dataset) == 0:
+        raise DatasetError(name, "dataset holds no samples")
+    if spec.class_map:
+        dataset = RenamedDataset(dataset, spec.class_map)
+    if spec.limit is not None and spec.limit < len(dataset):
+        dataset = SubsetDataset(dataset, evenly_spaced(len(dataset), spec.limit), f"{name}[{spec.limit}]")
+    return dataset
+
+
+def _scalar(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(text: str) -> list[dict[str, Any]]:
+    """A one-line spec (module docstring) or a spec file -> raw spec dicts. DatasetError when malformed."""
+    text = text.strip()
+    if not text:
+        raise DatasetError("--data", "empty dataset spec")
+    path = Path(text)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        return _read_spec_file(path)
+    specs: list[dict[str, Any]] = []
+    for part in text.split("+"):
+        head, *pairs = [p.strip() for p in part.split(",")]
+        name, _, split = head.partition(":")
+        if name not in NAMES:
+            raise DatasetError(part or text, f"unknown dataset {name!r}; known: {', '.join(NAMES)}")
+        raw: dict[str, Any] = {"name": name}
+        if split:
+            raw["split"] = split
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise DatasetError(part, f"expected KEY=VALUE after the dataset name, got {pair!r}")
+            key, value = key.strip(), value.strip()
+            field, dot, sub = key.partition(".")
+            if dot:  # class_map.Crack=scratch
+                entry = raw.setdefault(field, {})
+                if not isinstance(entry, dict):
+                    raise DatasetError(part, f"{field!r} given both as a value and as {key!r}")
+                entry[sub] = value
+            else:
+                raw[key] = value if key in ("root", "split") else _scalar(value)
+        specs.append(raw)
+    return specs
+
+
+def _read_spec_file(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(path, f"dataset spec file cannot be read: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            import yaml
+
+            raw = yaml.safe_load(text)
+    except Exception as exc:  # json and yaml raise their own types; one line either way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DatasetError(path, f"malformed dataset spec: {first}") from None
+    items = raw if isinstance(raw, list) else [raw]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise DatasetError(path, "a dataset spec file holds a mapping or a list of mappings")
+    return items
+
+
+def _validation_message(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = list(first["loc"])
+    if loc and isinstance(loc[0], int):  # a list index, then the discriminator's tag: not the user's keys
+        loc = loc[2:] if len(loc) > 1 and loc[1] in NAMES else loc[1:]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    return f"key '{key}': {first['msg']}"
+
+
+SpecLike = Union[  # noqa: UP007 - a runtime alias
+    str, SyntheticSpec, FolderSpec, MagneticTileSpec, NeuSegSpec, Mapping[str, Any], Sequence[Any]
+]
+
+
+def build_dataset(spec: SpecLike) -> SampleDataset:
+    """A dataset from a spec model, a raw mapping, a one-line spec or spec file, or a list of them.
+
+    A list (or a ``+``-joined line) gives a MergedDataset. Raises DatasetError, one line, for a bad
+    spec, a missing split file, a mask that does not fit its image, or an empty dataset.
+    """
+    raws: list[Any]
+    if isinstance(spec, str):
+        label, raws = spec, list(parse_spec(spec))
+    elif isinstance(spec, _Spec):
+        label, raws = str(getattr(spec, "name", "data")), [spec.model_dump()]
+    elif isinstance(spec, Mapping):
+        label, raws = str(spec.get("name", "data")), [dict(spec)]
+    else:
+        label, raws = "data", [s.model_dump() if isinstance(s, BaseModel) else s for s in spec]
+    try:
+        specs = _SPECS.validate_python(raws)
+    except ValidationError as exc:
+        raise DatasetError(label, f"bad dataset spec: {_validation_message(exc)}") from None
+    datasets = [_build_one(s) for s in specs]
+    if len(datasets) == 1:
+        return datasets[0]
+    merged: SampleDataset = MergedDataset(datasets)
+    return merged
+
+
+def validate_spec(raw: Mapping[str, Any]) -> SyntheticSpec | FolderSpec | MagneticTileSpec | NeuSegSpec:
+    """Validate one raw spec (for config loaders); raises pydantic's ValidationError."""
+    spec: SyntheticSpec | FolderSpec | MagneticTileSpec | NeuSegSpec = _SPEC.validate_python(dict(raw))
+    return spec
