@@ -1,6 +1,8 @@
 # The two commands of the README:
-#   make demo   sets up the runtime (base install, no torch) and runs the main job on the embedded default
+#   make demo   sets up the runtime (base install, no torch) and starts the daemon on the synthetic camera
+#               with the embedded default bundle; the live page is at http://127.0.0.1:8080/
 #   make test   sets up the development environment and runs lint and the tests
+# make peers installs the Debian programs the integration tests talk to (root; CI runs it).
 PYTHON ?= python3
 RUN_VENV := .venv-run
 DEV_VENV := .venv
@@ -8,7 +10,10 @@ DEMO_INPUT ?= ../shared/datasets/magnetic_tile/MT_Crack/Imgs
 DEMO_OUT ?= out/demo
 REFERENCE := .cache/reference/mobilesam
 
-.PHONY: demo test lint bench default-bundle clean
+DEMO_PORT ?= 8080
+PEERS := prometheus chromium
+
+.PHONY: demo demo-infer test lint peers bench default-bundle clean
 
 # The runtime as a line box gets it: engines + service, no torch.
 $(RUN_VENV)/.installed: pyproject.toml
@@ -26,8 +31,21 @@ $(DEV_VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(RUN_VENV)/.installed
+	DEFECTSAM__STORE__PATH=$(DEMO_OUT)/store DEFECTSAM__API__HOST=127.0.0.1 DEFECTSAM__API__PORT=$(DEMO_PORT) \
+		$(RUN_VENV)/bin/defectsam serve
+
+# The one-shot job: inspect sample images, an overlay PNG and a JSON per image into out/demo/infer.
+demo-infer: $(RUN_VENV)/.installed
 	$(RUN_VENV)/bin/defectsam bundle inspect
-	$(RUN_VENV)/bin/defectsam infer $(DEMO_INPUT) --glob '*.jpg' --limit 8 --out $(DEMO_OUT)
+	$(RUN_VENV)/bin/defectsam infer $(DEMO_INPUT) --glob '*.jpg' --limit 8 --out $(DEMO_OUT)/infer
+
+# Real peers of the integration tests; without them those tests skip and say why.
+peers:
+	@missing=$$(for p in $(PEERS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -z "$$missing" ]; then echo "peers present: $(PEERS)"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "not root: install $$missing yourself (sudo apt-get install $$missing); their tests skip"; fi
 
 test: $(DEV_VENV)/.installed lint
 	$(DEV_VENV)/bin/python -m pytest -q

@@ -43,6 +43,10 @@ def render_overlay(
         canvas = canvas.copy()
     thickness = max(1, round(2 * max(canvas.shape[:2]) / 1500))
     font_scale = max(0.4, max(canvas.shape[:2]) / 1800)
+    banner = f"{result.verdict.name}  {len(result.defects)} defect(s)"
+    banner_scale, banner_thickness = font_scale * 1.4, thickness + 1
+    (bw, bh), bbase = cv2.getTextSize(banner, cv2.FONT_HERSHEY_SIMPLEX, banner_scale, banner_thickness)
+    banner_box = (8, 8, 8 + bw + 4, 8 + bh + bbase + 2)  # x0, y0, x1, y1: labels keep out of it
     for defect in result.defects:
         colour = class_colour(defect.class_id)
         x, y, w, h = defect.bbox
@@ -64,9 +68,12 @@ def render_overlay(
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(roi, contours, -1, colour, thickness)
         label = f"{defect.class_name} {defect.score:.2f}"
-        _put_label(canvas, label, (x0, max(0, y0 - 4)), colour, font_scale, thickness)
-    banner = f"{result.verdict.name}  {len(result.defects)} defect(s)"
-    _put_label(canvas, banner, (8, 8), VERDICT_COLOURS[result.verdict], font_scale * 1.4, thickness + 1, top=True)
+        (lw, lh), lbase = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
+        above = max(lh + lbase, y0 - 4)  # bottom of a label drawn above the defect
+        hits_banner = x0 < banner_box[2] and x0 + lw + 4 > banner_box[0] and above - lh - lbase < banner_box[3]
+        origin = (x0, y0 + mh + lh + lbase + 4) if hits_banner else (x0, above)
+        _put_label(canvas, label, origin, colour, font_scale, thickness)
+    _put_label(canvas, banner, (8, 8), VERDICT_COLOURS[result.verdict], banner_scale, banner_thickness, top=True)
     return canvas
 
 

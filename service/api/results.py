@@ -1,0 +1,104 @@
+"""Inspection results: the latest, the stored history (paged, newest first), one result and its images."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import cv2
+from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi.responses import Response
+
+from engines.overlay import render_overlay
+from service.api.context import DaemonContext
+from service.api.schemas import Problem, ResultOut, ResultPage, VerdictName, result_out
+from service.pipeline.record import InspectionRecord
+from service.store import RecordStore
+
+_JPEG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}}, 404: {"model": Problem}}
+RecordId = Annotated[int, Path(ge=1, le=2**62, description="inspection id")]
+
+
+def build_router(ctx: DaemonContext) -> APIRouter:
+    router = APIRouter(prefix="/api/results", tags=["results"])
+
+    def store() -> RecordStore:
+        if ctx.store is None:
+            raise HTTPException(404, "the record store is disabled (store.enabled: false)")
+        return ctx.store
+
+    def in_memory(record_id: int) -> InspectionRecord | None:
+        latest = ctx.latest()
+        return latest if latest is not None and latest.inspection_id == record_id else None
+
+    @router.get("/latest", response_model=ResultOut, responses={404: {"model": Problem}},
+                summary="The newest result (kept in memory, whether stored or not)")
+    def latest() -> ResultOut:
+        record = ctx.latest()
+        if record is None:
+            reasons = ctx.not_ready()
+            raise HTTPException(404, "no result yet" + (f" ({'; '.join(reasons)})" if reasons else ""))
+        stored = ctx.store is not None and ctx.store.get(record.inspection_id) is not None
+        return result_out(record.to_dict(), stored=stored)
+
+    @router.get("", response_model=ResultPage, summary="Stored results, newest first, paged with 'before'")
+    def history(
+        limit: Annotated[int, Query(ge=1, le=200, description="results per page")] = 50,
+        before: Annotated[int | None, Query(ge=1, description="only ids below this (the 'next' link sets it)")] = None,
+        verdict: Annotated[VerdictName | None, Query(description="only this verdict")] = None,
+        part_id: Annotated[str | None, Query(max_length=128, description="only this part id")] = None,
+        since: Annotated[float | None, Query(ge=0, description="captured at or after (Unix seconds)")] = None,
+        until: Annotated[float | None, Query(ge=0, description="captured before (Unix seconds)")] = None,
+    ) -> ResultPage:
+        items = store().list(limit=limit, before=before, verdict=verdict, part_id=part_id, since=since, until=until)
+        next_url = None
+        if len(items) == limit:
+            query = {k: v for k, v in {"limit": limit, "before": items[-1]["id"], "verdict": verdict,
+                                       "part_id": part_id, "since": since, "until": until}.items() if v is not None}
+            next_url = f"/api/results?{urlencode(query)}"
+        return ResultPage(items=[result_out(item, stored=True) for item in items], next=next_url)
+
+    @router.get("/{record_id}", response_model=ResultOut, responses={404: {"model": Problem}},
+                summary="One result, from the store (or the newest, still in memory)")
+    def one(record_id: RecordId) -> ResultOut:
+        stored = ctx.store.get(record_id) if ctx.store is not None else None
+        if stored is not None:
+            return result_out(stored, stored=True)
+        record = in_memory(record_id)
+        if record is None:
+            raise HTTPException(404, f"no result {record_id} (not kept: OK results are sampled, see store.*)")
+        return result_out(record.to_dict(), stored=False)
+
+    @router.get("/{record_id}/frame.jpg", response_class=Response, responses=_JPEG, summary="The result's frame")
+    def frame(record_id: RecordId) -> Response:
+        data = ctx.store.frame_jpeg(record_id) if ctx.store is not None else None
+        if data is None:
+            record = in_memory(record_id)
+            if record is not None and record.frame is not None:
+                data = _jpeg(record.frame)
+        if data is None:
+            raise HTTPException(404, f"no frame kept for result {record_id}")
+        return Response(data, media_type="image/jpeg")
+
+    @router.get("/{record_id}/overlay.jpg", response_class=Response, responses=_JPEG,
+                summary="The result's frame with its defect masks drawn on it")
+    def overlay(
+        record_id: RecordId,
+        width: Annotated[int | None, Query(ge=64, le=8192, description="downscale to at most this width")] = None,
+    ) -> Response:
+        data = ctx.store.overlay_jpeg(record_id, width) if ctx.store is not None else None
+        if data is None:
+            record = in_memory(record_id)
+            if record is not None and record.frame is not None:
+                scale = min(1.0, width / record.frame.shape[1]) if width else 1.0
+                data = _jpeg(render_overlay(record.frame, record.result, scale=scale))
+        if data is None:
+            raise HTTPException(404, f"no frame kept for result {record_id}")
+        return Response(data, media_type="image/jpeg")
+
+    return router
+
+
+def _jpeg(image: object, quality: int = 85) -> bytes | None:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])  # type: ignore[call-overload]
+    return buf.tobytes() if ok else None

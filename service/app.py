@@ -1,0 +1,296 @@
+"""The daemon: one ``Daemon`` owns the camera worker, the engine and pipeline, the record store, the
+live view, the metrics registry and the HTTP server, and starts and stops them in order.
+
+Start: store (open, sweep, retention; a store that cannot be used stops start-up) -> camera ->
+live view -> HTTP server (the port is bound here: a taken port stops start-up) -> engine, loaded
+in the background (a TensorRT build can take minutes) -> pipeline. An engine that fails to load
+leaves the daemon up and not ready, with the reason in /readyz, /api/status and the live page.
+
+Stop (SIGTERM, SIGINT): STOPPING=1 -> the pipeline stops taking frames and finishes the ones
+inside -> the store writes everything queued -> camera -> live view -> HTTP server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import uvicorn
+
+from engines.backends import open_engine
+from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from engines.engine import Engine
+from engines.errors import DefectsamError
+from engines.postprocess import Postprocessor
+from service.api import VERSION, create_fastapi_app
+from service.capture import CameraState, CameraWorker, create_worker
+from service.config.models import DaemonConfig
+from service.live.view import EventHub, LiveView
+from service.metrics import (
+    CameraSnapshot,
+    EngineSnapshot,
+    LiveSnapshot,
+    PipelineCounters,
+    StatsSnapshot,
+    StoreSnapshot,
+    create_registry,
+)
+from service.ops import SystemdNotifier, Watchdog
+from service.pipeline.record import InspectionRecord
+from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
+from service.store import RecordStore, StoreError, disabled_stats
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """Implements service.api.context.DaemonContext for the HTTP API."""
+
+    def __init__(self, config: DaemonConfig, *, camera: CameraWorker | None = None,
+                 notifier: SystemdNotifier | None = None) -> None:
+        self.config = config
+        self.camera = camera if camera is not None else create_worker(config.camera)
+        self.store: RecordStore | None = RecordStore(config.store) if config.store.enabled else None
+        self.live = LiveView(config.live, raw_frame=self._raw_frame, idle_reason=lambda: "; ".join(self.not_ready()))
+        self.events = EventHub(config.pipeline.subscriber_queue)
+        self.counters = PipelineCounters(config.pipeline.mode)
+        self.registry = create_registry(self.snapshot)
+        self.notifier = notifier if notifier is not None else SystemdNotifier()
+        self.pipeline: Pipeline | None = None
+        self._engine: Engine | None = None
+        self._engine_state = "loading"
+        self._engine_error: str | None = None
+        self._first_id = 1
+        self._started_at = time.monotonic()
+        self._stop_requested = threading.Event()
+        self._stopped = False
+        self._server: uvicorn.Server | None = None
+        self._server_thread: threading.Thread | None = None
+        self._loader: threading.Thread | None = None
+        self._watchdog = Watchdog(self.notifier, self.healthy)
+        self.port: int | None = None
+        self.app = create_fastapi_app(self)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start everything; raises DefectsamError (one line) when the store or the port cannot be used."""
+        if self.store is not None:
+            try:
+                self._first_id = self.store.open() + 1
+            except StoreError as exc:
+                raise DefectsamError(str(exc)) from None
+            self.store.start()
+        self.camera.start()
+        self.live.start()
+        self._start_server()
+        self._loader = threading.Thread(target=self._load_engine, name="engine-loader", daemon=True)
+        self._loader.start()
+        self._watchdog.start()
+
+    def _start_server(self) -> None:
+        api = self.config.api
+        family = socket.AF_INET6 if ":" in api.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((api.host, api.port))
+        except OSError as exc:
+            sock.close()
+            raise DefectsamError(
+                f"api.host/api.port {api.host}:{api.port}: cannot listen: {exc.strerror or exc}"
+            ) from None
+        sock.listen(128)
+        sock.set_inheritable(True)
+        self.port = sock.getsockname()[1]
+        server_config = uvicorn.Config(
+            self.app, log_config=None, access_log=api.access_log, lifespan="off", timeout_graceful_shutdown=3,
+            timeout_keep_alive=5, limit_concurrency=256, server_header=False,
+        )
+        self._server = uvicorn.Server(server_config)
+        self._server_thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                               name="http", daemon=True)
+        self._server_thread.start()
+        deadline = time.monotonic() + 15.0
+        while not self._server.started:
+            if not self._server_thread.is_alive() or time.monotonic() > deadline:
+                raise DefectsamError(f"the HTTP server on {api.host}:{self.port} did not start")
+            time.sleep(0.02)
+        host = "127.0.0.1" if api.host in ("0.0.0.0", "::") else api.host
+        log.info("API and live page on http://%s:%d/ (docs at /docs, metrics at /metrics)", host, self.port)
+
+    def _load_engine(self) -> None:
+        engine_config = self.config.engine
+        path = engine_config.bundle or DEFAULT_BUNDLE_DIR
+        try:
+            bundle = load_bundle(path)
+            log.info("engine: loading bundle %s (%s) on %s", bundle.manifest.name, path, engine_config.backend.type)
+            engine = open_engine(bundle, engine_config.backend)
+            manifest = bundle.manifest
+            post = Postprocessor(manifest.classes, manifest.mask_stride, engine_config.postprocess)
+            pipeline = Pipeline(engine, post, self.camera.slot, self.config.pipeline, self.counters,
+                                request_frame=self.camera.trigger, first_id=self._first_id)
+        except Exception as exc:
+            self._engine_error = str(exc) if isinstance(exc, DefectsamError) else f"{type(exc).__name__}: {exc}"
+            self._engine_state = "failed"
+            log.error("engine: failed to load: %s (the daemon stays up, not ready)", self._engine_error)
+            self.notifier.notify("READY=1", f"STATUS=not ready: engine failed to load: {self._engine_error}"[:400])
+            return
+        if manifest.provenance.weights == "untrained":
+            log.warning("engine: bundle %r carries untrained stand-in weights; its defects are meaningless",
+                        manifest.name)
+        if self.store is not None:
+            pipeline.subscribe("store", self.store.offer)
+        pipeline.subscribe("live", self.live.offer)
+        pipeline.subscribe("events", self.events.offer)
+        if self._stop_requested.is_set():
+            engine.close()
+            return
+        self._engine = engine
+        self.pipeline = pipeline
+        pipeline.start()
+        self._engine_state = "ready"
+        log.info("engine: ready (%s, %s, input %dx%d)", manifest.name, engine.backend_name,
+                 manifest.input.height, manifest.input.width)
+        self.notifier.notify("READY=1", f"STATUS=inspecting ({self.config.pipeline.mode}) with {manifest.name}")
+
+    def wait_engine(self, timeout: float) -> str:
+        """Wait until the engine is loaded or failed; returns the state (tests, the serve command)."""
+        if self._loader is not None:
+            self._loader.join(timeout)
+        return self._engine_state
+
+    def request_stop(self, why: str = "") -> None:
+        if not self._stop_requested.is_set():
+            log.info("stopping%s", f" ({why})" if why else "")
+        self._stop_requested.set()
+
+    def run_until_stopped(self) -> None:
+        self._stop_requested.wait()
+        self.stop()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop_requested.set()
+        self.notifier.notify("STOPPING=1")
+        self._watchdog.stop()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._loader is not None:
+            self._loader.join(30.0)
+        if self.pipeline is not None:
+            self.pipeline.stop()
+        if self.store is not None:
+            self.store.stop()
+        self.camera.stop()
+        self.live.stop()
+        if self._server_thread is not None:
+            self._server_thread.join(10.0)
+        if self._engine is not None:
+            self._engine.close()
+        self.notifier.close()
+        published = self.counters.snapshot().verdicts
+        store = self.store.stats() if self.store is not None else None
+        log.info("stopped after %d result(s); store: %s", sum(published.values()),
+                 f"{store.written} written, {sum(store.dropped.values())} dropped" if store else "disabled",
+                 extra={"event": "stopped", "results": sum(published.values()), "verdicts": json.dumps(published),
+                        "store_written": store.written if store else 0,
+                        "store_dropped": sum(store.dropped.values()) if store else 0})
+
+    # ------------------------------------------------------------------ state
+    def healthy(self) -> bool:
+        """For the systemd watchdog: the pipeline's stage threads are alive and looping (if it runs)."""
+        server_ok = self._server_thread is not None and self._server_thread.is_alive()
+        return server_ok and (self.pipeline is None or self.pipeline.healthy())
+
+    def not_ready(self) -> list[str]:
+        reasons = []
+        stats = self.camera.stats()
+        if stats.state is not CameraState.CONNECTED:
+            detail = f" ({stats.last_error})" if stats.last_error else ""
+            reasons.append(f"camera {stats.state.value}{detail}")
+        if self._engine_state == "loading":
+            reasons.append("engine loading")
+        elif self._engine_state == "failed":
+            reasons.append(f"engine failed to load: {self._engine_error}")
+        if self._stop_requested.is_set():
+            reasons.append("stopping")
+        return reasons
+
+    def latest(self) -> InspectionRecord | None:
+        return self.pipeline.latest if self.pipeline is not None else None
+
+    def trigger(self, part_id: str | None) -> TriggerTicket:
+        if self.pipeline is None:
+            raise PipelineError(f"the engine is {self._engine_state}")
+        return self.pipeline.trigger(part_id)
+
+    def _raw_frame(self) -> np.ndarray | None:
+        frame = self.camera.slot.peek()
+        return None if frame is None else frame.image
+
+    def snapshot(self) -> StatsSnapshot:
+        cam = self.camera.stats()
+        now = time.monotonic()
+        engine = self._engine
+        manifest = engine.bundle.manifest if engine is not None else None
+        store = self.store.stats() if self.store is not None else disabled_stats(self.config.store)
+        reasons = self.not_ready()
+        return StatsSnapshot(
+            version=VERSION,
+            uptime_s=round(now - self._started_at, 3),
+            ready=not reasons,
+            not_ready=reasons,
+            camera=CameraSnapshot(
+                name=cam.name, type=cam.type, state=cam.state.value, source=cam.source,
+                frames_captured=cam.frames_captured, frames_dropped=cam.frames_dropped, reconnects=cam.reconnects,
+                disconnects=cam.disconnects, fps=round(cam.fps, 3), last_error=cam.last_error,
+                last_frame_age_s=None if cam.last_frame_at is None else round(now - cam.last_frame_at, 3),
+            ),
+            engine=EngineSnapshot(
+                state=self._engine_state, error=self._engine_error,
+                bundle=manifest.name if manifest else None,
+                bundle_path=str(engine.bundle.path) if engine is not None else None,
+                arch=manifest.arch if manifest else None, precision=manifest.precision if manifest else None,
+                backend=engine.backend_name if engine is not None else None,
+                weights=manifest.provenance.weights if manifest else None,
+                input=f"{manifest.input.height}x{manifest.input.width}" if manifest else None,
+                classes=list(manifest.classes) if manifest else [],
+            ),
+            pipeline=self.counters.snapshot(),
+            store=StoreSnapshot(**vars(store)),
+            live=LiveSnapshot(viewers=self.live.viewers, frames_encoded=self.live.encoded,
+                              frames_dropped=self.live.skipped, event_clients=self.events.clients,
+                              events_dropped=self.events.dropped),
+        )
+
+
+def describe_url(daemon: Daemon) -> str:
+    host = daemon.config.api.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{daemon.port}/"
+
+
+def run(config: DaemonConfig, **kwargs: Any) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit status."""
+    from service.ops import install_signal_handlers
+
+    daemon = Daemon(config, **kwargs)
+    install_signal_handlers(daemon.request_stop)
+    try:
+        daemon.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            daemon.stop()
+        raise
+    print(f"defectsam: serving the live page at {describe_url(daemon)} (API docs at /docs); Ctrl-C stops",
+          flush=True)
+    daemon.run_until_stopped()
+    return 0

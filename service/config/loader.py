@@ -1,0 +1,186 @@
+"""Read the daemon's config: a YAML file, then ``DEFECTSAM__SECTION__KEY`` environment overrides.
+
+Precedence: built-in defaults < the YAML file < environment variables. An environment variable
+``DEFECTSAM__CAMERA__FPS=10`` sets ``camera.fps``: the prefix ``DEFECTSAM__``, then the dotted key
+with ``__`` for each dot, in any case. Its value is read as a YAML scalar or flow collection, so
+``10`` is a number, ``true`` a boolean, ``[cpu]`` a list and ``null`` clears a key.
+``DEFECTSAM_CONFIG`` (one underscore) names the file when ``--config`` is not given.
+
+Every problem ends in one ``ConfigError`` whose message is one line naming the dotted key, the
+offending value (secrets redacted), why it was refused and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from engines.errors import DefectsamError
+from service.config.models import DaemonConfig
+
+ENV_PREFIX = "DEFECTSAM__"
+CONFIG_PATH_ENV = "DEFECTSAM_CONFIG"
+SECRET_KEYS = frozenset({"token", "password", "secret"})
+
+
+class ConfigError(DefectsamError):
+    """A config that cannot be used; ``str()`` is one line, ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
+        super().__init__(f"config: {problems[0]}{more}")
+
+
+def config_path_from_env(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to read: ``path`` if given, else ``$DEFECTSAM_CONFIG``, else None (defaults + environment)."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        return Path(path)
+    value = environ.get(CONFIG_PATH_ENV, "").strip()
+    return Path(value) if value else None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The file's mapping; an empty file is ``{}``. Raises ConfigError naming the file and the cause."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file does not exist"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a YAML file"]) from None
+    except PermissionError:
+        raise ConfigError([f"{path}: cannot be read (permission denied)"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: is not UTF-8 text"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{path}: malformed YAML{where}: {problem}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([
+            f"{path}: must hold a mapping of sections (camera:, engine:, ...), got {type(data).__name__}"
+        ])
+    return data
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[tuple[str, ...], Any]:
+    """``DEFECTSAM__A__B=v`` -> {("a", "b"): parsed v}. Raises ConfigError for a malformed name or value."""
+    found: dict[tuple[str, ...], Any] = {}
+    for name, raw in sorted(environ.items()):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        if not parts or any(not part for part in parts):
+            raise ConfigError([f"environment variable {name}: expected {ENV_PREFIX}SECTION__KEY (double underscores)"])
+        found[parts] = _env_value(raw)
+    return found
+
+
+def _env_value(raw: str) -> Any:
+    """Lists, mappings and null are parsed as YAML; scalars stay strings, which pydantic converts
+    to the field's type (so a numeric token stays a string, and "10" still sets an int)."""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else raw
+    except yaml.YAMLError:
+        return raw
+    return value if value is None or isinstance(value, (list, dict)) else raw
+
+
+def _merge(data: dict[str, Any], key: tuple[str, ...], value: Any, origin: str) -> None:
+    node = data
+    for i, part in enumerate(key[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            dotted = ".".join(key[: i + 1])
+            raise ConfigError([f"key '{dotted}' is not a section, so {origin} cannot set a key inside it"])
+        node = child
+    node[key[-1]] = value
+
+
+def _dotted(loc: tuple[Any, ...], data: Any) -> str:
+    """A pydantic error location as the user's dotted key: union tags and validator names left out."""
+    parts: list[str] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict):
+            if part in node:
+                node = node[part]
+                parts.append(str(part))
+                continue
+            tag_like = node.get("type") == part or (not last and loc[i + 1] in node)
+            if tag_like or (not last and isinstance(part, str) and "[" in part):
+                continue  # a discriminated union's tag, or a validator's name: not a key the user wrote
+            parts.append(str(part))
+            node = None
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            parts.append(f"[{part}]")
+        else:
+            parts.append(str(part))
+            node = None
+    return ".".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _show(key: str, value: Any) -> str:
+    if key.rsplit(".", 1)[-1] in SECRET_KEYS:
+        return "'***'"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validation_problems(
+    error: ValidationError, data: dict[str, Any], origins: Mapping[str, str] | None = None
+) -> list[str]:
+    """One line per pydantic error: key, value, reason, and which variable set it if not the file."""
+    problems = []
+    for item in error.errors(include_url=False):
+        key = _dotted(tuple(item["loc"]), data)
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; 'defectsam config example' lists every key)"
+        elif item["type"] == "union_tag_invalid":
+            key = f"{key}.type"
+            item = {**item, "input": item.get("ctx", {}).get("tag")}
+            message = f"must be one of {item.get('ctx', {}).get('expected_tags')}"
+        shown = "" if item["type"] == "missing" else f" = {_show(key, item.get('input'))}"
+        origin = (origins or {}).get(key)
+        problems.append(f"key '{key}'{shown}: {message}" + (f" (from {origin})" if origin else ""))
+    return problems
+
+
+def load_config(path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> DaemonConfig:
+    """Defaults < YAML file (``path`` or $DEFECTSAM_CONFIG) < DEFECTSAM__* variables. Raises ConfigError."""
+    environ = os.environ if environ is None else environ
+    file = config_path_from_env(path, environ)
+    data: dict[str, Any] = read_yaml(file) if file is not None else {}
+    origins: dict[str, str] = {}
+    for key, value in env_overrides(environ).items():
+        variable = ENV_PREFIX + "__".join(part.upper() for part in key)
+        _merge(data, key, value, variable)
+        origins[".".join(key)] = variable
+    try:
+        return DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = validation_problems(exc, data, origins)
+        if file is not None:
+            problems[0] = f"{file}: {problems[0]}"
+        raise ConfigError(problems) from None
+
+
+def redacted(config: DaemonConfig) -> dict[str, Any]:
+    """The config as JSON-able data, secrets shown as '***' (set) or null (unset)."""
+    return config.model_dump(mode="json", by_alias=True)  # SecretStr dumps as '**********'

@@ -1,0 +1,185 @@
+"""The daemon's configuration: one model per domain, nested under ``DaemonConfig``.
+
+Every model forbids unknown keys and every field carries a title and a description: the example
+YAML (``defectsam config example``) and docs/service.md are generated from them, so the docs and
+the schema cannot drift apart. Validators here are pure: they never read files or open devices
+(the bundle is verified when the engine loads, where a failure keeps the daemon up, not ready).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
+
+from engines.backends import BackendConfig
+from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
+from engines.postprocess import PostprocessConfig
+from service.capture import CameraConfig
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_CAMERA = TypeAdapter(CameraConfig)
+
+
+def _default_camera() -> CameraConfig:
+    """The synthetic camera with its defaults: the daemon runs out of the box, with no hardware."""
+    return _CAMERA.validate_python({"type": "synthetic"})
+
+
+def _default_type(data: Any, key: str, default: str) -> Any:
+    """A union section written without 'type' takes the default member's type (pure: no I/O)."""
+    if isinstance(data, dict) and isinstance(data.get(key), dict) and "type" not in data[key]:
+        return {**data, key: {"type": default, **data[key]}}
+    return data
+
+
+class EngineSection(Section):
+    bundle: Path | None = Field(
+        default=None, title="Engine bundle directory",
+        description="a bundle directory (manifest.json + graphs); empty or null: the embedded default bundle",
+    )
+    backend: BackendConfig = Field(
+        default_factory=OnnxRuntimeConfig, title="Inference backend",
+        description="which runtime runs the bundle: 'onnxruntime' (CPU, CUDA or TensorRT EP) or 'tensorrt'",
+    )
+    postprocess: PostprocessConfig = Field(
+        default_factory=PostprocessConfig, title="Post-processing thresholds",
+        description="how engine outputs become defects and a verdict",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_type(cls, data: Any) -> Any:
+        return _default_type(data, "backend", "onnxruntime")
+
+
+class PipelineSection(Section):
+    mode: Literal["free_run", "triggered"] = Field(
+        default="free_run", title="Inspection mode",
+        description=(
+            "free_run: inspect the newest frame whenever the engine is free (older frames are dropped and "
+            "counted); triggered: inspect only the first frame captured after each trigger (API, later PLC)"
+        ),
+    )
+    trigger_timeout_s: float = Field(
+        default=2.0, gt=0.0, le=60.0, title="Trigger timeout (s)",
+        description="a trigger that gets no frame within this time yields a NO_FRAME result (fail safe: reject)",
+    )
+    max_pending_triggers: int = Field(
+        default=16, ge=1, le=1024, title="Pending trigger limit",
+        description="triggers waiting for a frame or for the engine; one more is answered NO_FRAME at once",
+    )
+    subscriber_queue: int = Field(
+        default=8, ge=1, le=1024, title="Fan-out queue length",
+        description="results buffered per slow consumer (event stream client) before its oldest are dropped",
+    )
+
+
+class ApiSection(Section):
+    host: str = Field(
+        default="0.0.0.0", min_length=1, title="Listen address",
+        description="address the HTTP API, live page and /metrics listen on; 127.0.0.1 keeps it local",
+    )
+    port: int = Field(default=8080, ge=0, le=65535, title="Listen port", description="TCP port; 0 picks a free one")
+    token: SecretStr | None = Field(
+        default=None, title="API token",
+        description=(
+            "bearer token for mutating endpoints (POST /api/trigger), sent as 'Authorization: Bearer <token>'; "
+            "null disables every mutating endpoint (403); set it with DEFECTSAM__API__TOKEN rather than in the file"
+        ),
+    )
+    max_body_bytes: int = Field(
+        default=16384, ge=256, le=16 * 1024 * 1024, title="Request body limit (bytes)",
+        description="larger request bodies are refused with 413 before they are read",
+    )
+    access_log: bool = Field(default=False, title="Access log", description="log every HTTP request at INFO")
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 8:
+            raise ValueError("token must be at least 8 characters (or null to disable mutating endpoints)")
+        return value
+
+
+class LiveSection(Section):
+    width: int = Field(
+        default=960, ge=64, le=4096, title="Live view width (px)",
+        description="frames are downscaled to this width before the overlay is drawn and JPEG-encoded",
+    )
+    jpeg_quality: int = Field(default=70, ge=10, le=100, title="Live view JPEG quality", description="1-100")
+    max_fps: float = Field(
+        default=10.0, gt=0.0, le=60.0, title="Live view frame-rate cap",
+        description="at most this many frames per second are encoded, and only while a viewer is connected",
+    )
+
+
+class StoreSection(Section):
+    enabled: bool = Field(default=True, title="Keep records", description="false keeps nothing on disk")
+    path: Path = Field(
+        default=Path("/var/lib/defectsam/store"), title="Store directory",
+        description="SQLite database (WAL) and the frames/masks of kept results; created if missing",
+    )
+    ok_sample_share: float = Field(
+        default=0.01, ge=0.0, le=1.0, title="Share of OK results kept",
+        description="every NG, UNCERTAIN and NO_FRAME result is kept; of OK results this share (0.01: 1 in 100)",
+    )
+    retention_days: float = Field(
+        default=30.0, gt=0.0, title="Retention (days)", description="records older than this are deleted",
+    )
+    disk_budget_mb: float = Field(
+        default=2048.0, gt=0.0, title="Disk budget (MB)",
+        description="the store's size limit; the oldest records are deleted to stay under it",
+    )
+    min_free_mb: float = Field(
+        default=512.0, ge=0.0, title="Free space to keep (MB)",
+        description="oldest records are deleted, then new ones dropped, rather than leave less free on the disk",
+    )
+    queue_size: int = Field(
+        default=64, ge=1, le=10000, title="Writer queue length",
+        description="results waiting for the disk writer; when full, new ones are dropped and counted",
+    )
+    jpeg_quality: int = Field(default=90, ge=10, le=100, title="Stored frame JPEG quality", description="1-100")
+
+
+class LoggingSection(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", title="Log level", description="DEBUG, INFO, WARNING or ERROR",
+    )
+    json_format: bool = Field(
+        default=False, alias="json", title="JSON logs",
+        description="one JSON object per line (for journald/Loki) instead of plain text",
+    )
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DaemonConfig(Section):
+    """Everything ``defectsam serve`` reads at start-up."""
+
+    camera: CameraConfig = Field(
+        default_factory=_default_camera, title="Camera",
+        description="the frame source, chosen by 'type'; the default is the synthetic panel generator",
+    )
+    engine: EngineSection = Field(default_factory=EngineSection, title="Engine", description="bundle and backend")
+    pipeline: PipelineSection = Field(
+        default_factory=PipelineSection, title="Pipeline", description="how frames are chosen for inspection",
+    )
+    api: ApiSection = Field(default_factory=ApiSection, title="HTTP API", description="API, live page, /metrics")
+    live: LiveSection = Field(
+        default_factory=LiveSection, title="Live view", description="the MJPEG stream of the live page",
+    )
+    store: StoreSection = Field(default_factory=StoreSection, title="Record store", description="kept results")
+    logging: LoggingSection = Field(default_factory=LoggingSection, title="Logging", description="log level, format")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _camera_type(cls, data: Any) -> Any:
+        return _default_type(data, "camera", "synthetic")

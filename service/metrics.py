@@ -1,0 +1,312 @@
+"""One stats snapshot, two views: the JSON of ``/api/status`` and the Prometheus text of ``/metrics``.
+
+``PipelineCounters`` accumulates what the pipeline publishes (verdicts, defects per class,
+per-stage latency histograms, frame rate). ``StatsSnapshot`` is the whole daemon at one instant
+(camera, engine, pipeline, store, live view), built by the daemon. ``SnapshotCollector`` renders a
+snapshot as Prometheus metric families on every scrape, in a ``CollectorRegistry`` of its own: no
+global registry, no second set of counters that could disagree with the JSON.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field
+
+from engines.results import Verdict
+from service.pipeline.record import STAGES, InspectionRecord
+
+NAMESPACE = "defectsam"
+# Upper bounds in seconds; a 4 MP frame through a CPU engine takes 50-500 ms, a Jetson 10-50 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+                   1.0, 2.0, 5.0)
+FPS_WINDOW_S = 5.0
+_RECENT = 256  # latencies kept per stage for the status page's recent percentiles
+CAMERA_STATES = ("starting", "connected", "reconnecting", "stopped")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class LatencyStats(_Model):
+    """One stage's latency: cumulative histogram since start, percentiles of the recent frames."""
+
+    count: int = Field(description="frames measured since start")
+    sum_s: float = Field(description="total seconds since start")
+    buckets: list[tuple[float, int]] = Field(description="(upper bound s, cumulative count), as Prometheus has it")
+    recent_p50_ms: float | None = Field(description="median of the last frames (up to 256)")
+    recent_p95_ms: float | None = Field(description="95th percentile of the last frames")
+    recent_max_ms: float | None = Field(description="slowest of the last frames")
+
+
+class PipelineStats(_Model):
+    mode: str
+    running: bool
+    frames_processed: int = Field(description="frames inspected since start")
+    fps: float = Field(description="frames inspected per second over the last 5 s")
+    errors: int = Field(description="frames whose inspection raised (published as NO_FRAME)")
+    verdicts: dict[str, int] = Field(description="results per verdict since start")
+    defects: dict[str, int] = Field(description="defects found per class since start")
+    triggers: dict[str, int] = Field(description="triggers per outcome: inspected, no_frame, overflow")
+    latency: dict[str, LatencyStats] = Field(description="per stage: " + ", ".join(STAGES))
+    last_inspection_id: int | None
+    last_result_age_s: float | None = Field(description="seconds since the last result was published")
+
+
+class CameraSnapshot(_Model):
+    name: str
+    type: str
+    state: str
+    source: str
+    frames_captured: int
+    frames_dropped: int = Field(description="captured but replaced before the pipeline took them")
+    reconnects: int
+    disconnects: int
+    fps: float
+    last_error: str | None
+    last_frame_age_s: float | None
+
+
+class EngineSnapshot(_Model):
+    state: str = Field(description="loading, ready or failed")
+    error: str | None = Field(description="why the engine failed to load")
+    bundle: str | None
+    bundle_path: str | None
+    arch: str | None
+    precision: str | None
+    backend: str | None
+    weights: str | None = Field(description="trained or untrained (the embedded stand-in)")
+    input: str | None = Field(description="engine input, HxW")
+    classes: list[str]
+
+
+class StoreSnapshot(_Model):
+    enabled: bool
+    path: str
+    records: int
+    bytes: int
+    written: int
+    dropped: dict[str, int]
+    deleted: dict[str, int]
+    queue_depth: int
+    queue_size: int
+    last_error: str | None
+
+
+class LiveSnapshot(_Model):
+    viewers: int = Field(description="MJPEG clients connected now")
+    frames_encoded: int = Field(description="live-view JPEGs encoded since start (only while watched)")
+    frames_dropped: int = Field(description="results the live view skipped (frame-rate cap or busy)")
+    event_clients: int = Field(description="/api/events clients connected now")
+    events_dropped: int = Field(description="events a slow client missed")
+
+
+class StatsSnapshot(_Model):
+    """The daemon at one instant: what /api/status returns and what /metrics renders."""
+
+    version: str
+    uptime_s: float
+    ready: bool
+    not_ready: list[str] = Field(description="why the daemon is not ready (empty when ready)")
+    camera: CameraSnapshot
+    engine: EngineSnapshot
+    pipeline: PipelineStats
+    store: StoreSnapshot
+    live: LiveSnapshot
+
+
+class PipelineCounters:
+    """Thread-safe accumulators fed by the pipeline's publishing thread."""
+
+    def __init__(self, mode: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.mode = mode
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._processed = 0
+        self._errors = 0
+        self._verdicts = dict.fromkeys((v.name for v in Verdict), 0)
+        self._defects: collections.Counter[str] = collections.Counter()
+        self._triggers = {"inspected": 0, "no_frame": 0, "overflow": 0}
+        self._hist = {stage: [0] * (len(LATENCY_BUCKETS) + 1) for stage in STAGES}  # per bucket, +Inf last
+        self._sum = dict.fromkeys(STAGES, 0.0)
+        self._count = dict.fromkeys(STAGES, 0)
+        self._recent: dict[str, collections.deque[float]] = {
+            stage: collections.deque(maxlen=_RECENT) for stage in STAGES
+        }
+        self._done: collections.deque[float] = collections.deque(maxlen=4096)
+        self._last_id: int | None = None
+        self._last_at: float | None = None
+        self.running = False
+
+    def record(self, record: InspectionRecord) -> None:
+        latencies = record.times.latencies()
+        now = self._clock()
+        with self._lock:
+            self._verdicts[record.verdict.name] += 1
+            for defect in record.result.defects:
+                self._defects[defect.class_name] += 1
+            if latencies:
+                self._processed += 1
+                self._done.append(now)
+            for stage, seconds in latencies.items():
+                self._hist[stage][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                self._sum[stage] += seconds
+                self._count[stage] += 1
+                self._recent[stage].append(seconds)
+            if record.trigger_id is not None:
+                self._triggers["inspected" if record.frame is not None else "no_frame"] += 1
+            self._last_id = record.inspection_id
+            self._last_at = now
+
+    def error(self) -> None:
+        with self._lock:
+            self._errors += 1
+
+    def overflow(self) -> None:
+        with self._lock:
+            self._triggers["overflow"] += 1
+
+    def snapshot(self) -> PipelineStats:
+        now = self._clock()
+        with self._lock:
+            while self._done and self._done[0] < now - FPS_WINDOW_S:
+                self._done.popleft()
+            fps = (len(self._done) - 1) / max(now - self._done[0], 1e-6) if len(self._done) >= 2 else 0.0
+            latency = {}
+            for stage in STAGES:
+                cumulative, buckets = 0, []
+                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._hist[stage], strict=True):
+                    cumulative += n
+                    buckets.append((bound, cumulative))
+                recent = sorted(self._recent[stage])
+                latency[stage] = LatencyStats(
+                    count=self._count[stage], sum_s=self._sum[stage], buckets=buckets,
+                    recent_p50_ms=_percentile_ms(recent, 0.50), recent_p95_ms=_percentile_ms(recent, 0.95),
+                    recent_max_ms=round(recent[-1] * 1000, 2) if recent else None,
+                )
+            return PipelineStats(
+                mode=self.mode, running=self.running, frames_processed=self._processed, fps=round(fps, 3),
+                errors=self._errors, verdicts=dict(self._verdicts), defects=dict(self._defects),
+                triggers=dict(self._triggers), latency=latency, last_inspection_id=self._last_id,
+                last_result_age_s=None if self._last_at is None else round(now - self._last_at, 3),
+            )
+
+
+def _percentile_ms(ordered: list[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
+
+
+class SnapshotCollector(Collector):
+    """Renders one StatsSnapshot per scrape as Prometheus metric families."""
+
+    def __init__(self, snapshot: Callable[[], StatsSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._snapshot()
+        n = NAMESPACE
+        yield _gauge(f"{n}_up", "1 while the daemon runs; see defectsam_ready", 1)
+        yield _gauge(f"{n}_ready", "1 when the camera is connected and the engine loaded (as /readyz)", int(s.ready))
+        yield _counter(f"{n}_frames_captured", "frames the camera delivered", s.camera.frames_captured)
+        yield _counter(f"{n}_frames_processed", "frames inspected", s.pipeline.frames_processed)
+        yield _counter(f"{n}_frames_dropped", "frames captured but never inspected (a newer frame replaced them)",
+                       s.camera.frames_dropped)
+        yield _counter(f"{n}_inspection_errors", "frames whose inspection raised", s.pipeline.errors)
+        yield _gauge(f"{n}_pipeline_fps", "frames inspected per second over the last 5 s", s.pipeline.fps)
+        yield _gauge(f"{n}_camera_fps", "frames captured per second over the last 5 s", s.camera.fps)
+
+        hist = HistogramMetricFamily(f"{n}_latency_seconds",
+                                     "time per pipeline stage; end_to_end is capture to published result",
+                                     labels=["stage"])
+        for stage, lat in s.pipeline.latency.items():
+            buckets = [("+Inf" if bound == float("inf") else _fmt(bound), count) for bound, count in lat.buckets]
+            hist.add_metric([stage], buckets, lat.sum_s)
+        yield hist
+
+        verdicts = CounterMetricFamily(f"{n}_verdicts", "results per verdict", labels=["verdict"])
+        for verdict, count in s.pipeline.verdicts.items():
+            verdicts.add_metric([verdict], count)
+        yield verdicts
+        defects = CounterMetricFamily(f"{n}_defects", "defects found per class", labels=["class"])
+        for name in s.engine.classes or sorted(s.pipeline.defects):
+            defects.add_metric([name], s.pipeline.defects.get(name, 0))
+        yield defects
+        triggers = CounterMetricFamily(f"{n}_triggers", "triggers per outcome", labels=["outcome"])
+        for outcome, count in s.pipeline.triggers.items():
+            triggers.add_metric([outcome], count)
+        yield triggers
+
+        yield _counter(f"{n}_camera_reconnects", "successful camera reconnections", s.camera.reconnects)
+        yield _counter(f"{n}_camera_disconnects", "camera losses and failed opens", s.camera.disconnects)
+        state = GaugeMetricFamily(f"{n}_camera_state", "1 for the camera's current state", labels=["state"])
+        for name in CAMERA_STATES:
+            state.add_metric([name], int(s.camera.state == name))
+        yield state
+
+        engine_state = GaugeMetricFamily(f"{n}_engine_state", "1 for the engine's current state", labels=["state"])
+        for name in ("loading", "ready", "failed"):
+            engine_state.add_metric([name], int(s.engine.state == name))
+        yield engine_state
+        info = InfoMetricFamily(f"{n}_engine", "the loaded engine bundle")
+        e = s.engine
+        info.add_metric([], {"bundle": e.bundle or "", "arch": e.arch or "", "precision": e.precision or "",
+                             "backend": e.backend or "", "weights": e.weights or "", "input": e.input or ""})
+        yield info
+
+        st = s.store
+        yield _counter(f"{n}_store_records_written", "records committed to the store", st.written)
+        dropped = CounterMetricFamily(f"{n}_store_records_dropped", "records not stored, per reason",
+                                      labels=["reason"])
+        for reason, count in st.dropped.items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        deleted = CounterMetricFamily(f"{n}_store_records_deleted", "records removed by retention, per reason",
+                                      labels=["reason"])
+        for reason, count in st.deleted.items():
+            deleted.add_metric([reason], count)
+        yield deleted
+        yield _gauge(f"{n}_store_records", "records in the store", st.records)
+        yield _gauge(f"{n}_store_bytes", "bytes of frames and masks in the store", st.bytes)
+        yield _gauge(f"{n}_store_queue_depth", "records waiting for the writer", st.queue_depth)
+
+        yield _gauge(f"{n}_live_viewers", "live-view (MJPEG) clients connected", s.live.viewers)
+        yield _counter(f"{n}_live_frames_encoded", "live-view JPEGs encoded", s.live.frames_encoded)
+        yield _gauge(f"{n}_event_clients", "/api/events clients connected", s.live.event_clients)
+        yield _counter(f"{n}_events_dropped", "events slow clients missed", s.live.events_dropped)
+        yield _gauge(f"{n}_uptime_seconds", "seconds since the daemon started", s.uptime_s)
+
+
+def _fmt(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def create_registry(snapshot: Callable[[], StatsSnapshot]) -> CollectorRegistry:
+    """A registry of this daemon's metrics (and its process metrics: RSS, CPU, open files)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot))
+    ProcessCollector(namespace=NAMESPACE, registry=registry)
+    return registry

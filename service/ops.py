@@ -1,0 +1,153 @@
+"""Operations: logging (plain or JSON), systemd notification and watchdog, signal handling.
+
+sd_notify is the datagram protocol of sd_notify(3), spoken directly over ``$NOTIFY_SOCKET`` (a
+path, or ``@name`` for the abstract namespace), so the daemon needs no libsystemd binding:
+``READY=1`` once the API serves and the engine has settled (loaded, or failed with its reason in
+``STATUS=``), ``WATCHDOG=1`` every half ``$WATCHDOG_USEC`` while the pipeline is healthy, and
+``STOPPING=1`` when shutdown begins. Outside systemd (no ``$NOTIFY_SOCKET``) every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from types import FrameType
+from typing import Any
+
+from service.config.models import LoggingSection
+
+log = logging.getLogger(__name__)
+
+_RESERVED = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, extra fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(config: LoggingSection, stream: Any = None) -> None:
+    """Configure the root logger (and uvicorn's) once, from config."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if config.json_format:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(config.level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+class SystemdNotifier:
+    """sd_notify(3) over the datagram socket systemd names in $NOTIFY_SOCKET."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        self._address: str | bytes | None = None
+        if address.startswith("@"):
+            self._address = "\0" + address[1:]  # the abstract namespace
+        elif address.startswith("/"):
+            self._address = address
+        self.watchdog_interval: float | None = None
+        usec = environ.get("WATCHDOG_USEC", "")
+        pid = environ.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog_interval = int(usec) / 1e6 / 2.0  # notify at half the timeout
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self._address is not None
+
+    def notify(self, *fields: str) -> bool:
+        """Send ``KEY=value`` lines; False (logged once) when the socket is absent or refuses."""
+        if self._address is None:
+            return False
+        message = "\n".join(fields).encode()
+        with self._lock:
+            try:
+                if self._sock is None:
+                    self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.sendto(message, self._address)
+                return True
+            except OSError as exc:
+                log.warning("sd_notify to %r failed: %s", self._address, exc)
+                return False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+class Watchdog:
+    """Sends WATCHDOG=1 every ``interval`` seconds while ``healthy()`` says so."""
+
+    def __init__(self, notifier: SystemdNotifier, healthy: Callable[[], bool]) -> None:
+        self._notifier = notifier
+        self._healthy = healthy
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.pings = 0
+
+    def start(self) -> None:
+        interval = self._notifier.watchdog_interval
+        if interval is None or not self._notifier.enabled:
+            return
+        self._thread = threading.Thread(target=self._run, args=(interval,), name="sd-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        warned = False
+        while not self._stop.wait(interval):
+            if self._healthy():
+                self._notifier.notify("WATCHDOG=1")
+                self.pings += 1
+                warned = False
+            elif not warned:
+                log.error("pipeline unhealthy (a stage thread stalled or died): withholding the systemd watchdog")
+                warned = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+
+def install_signal_handlers(on_stop: Callable[[str], None]) -> None:
+    """SIGTERM and SIGINT call ``on_stop(name)`` (main thread only)."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        on_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

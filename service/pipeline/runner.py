@@ -1,0 +1,362 @@
+"""The inspection pipeline: frame selection + preprocess, inference, postprocess + fan-out, one thread each.
+
+::
+
+    camera thread -> LatestFrameSlot -> [select + preprocess] -> Handoff -> [infer] -> Handoff
+        -> [postprocess + publish] -> subscribers (store queue, live-view slot, event queues)
+
+Stages overlap: while frame n is inferred, frame n+1 is preprocessed and frame n-1
+postprocessed. ONNX Runtime, OpenCV and NumPy release the GIL in their kernels, so threads
+overlap for real (docs/service.md has the measurements). Each ``Handoff`` holds one item and
+blocks its producer, so the only place frames are dropped is the camera's latest-frame slot,
+and the preprocess thread takes a frame only when inference is about to need it (the freshest
+frame, not one that waited). Subscribers must not block: each one buffers into its own bounded
+queue or latest-value slot and counts what it drops, so a viewer, an event client or the disk
+never stalls inference.
+
+Modes: ``free_run`` inspects the newest frame whenever the engine is free; a trigger there tags
+the first frame captured after it with the part id. ``triggered`` inspects only the first frame
+captured after each trigger. A trigger that gets no frame within ``trigger_timeout_s`` (camera
+down) or that finds ``max_pending_triggers`` already waiting is answered with NO_FRAME: the fail-
+safe verdict a PLC rejects the part on.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.engine import Engine, EngineOutputs
+from engines.postprocess import Postprocessor
+from engines.preprocess import Letterbox, Preprocessor
+from service.capture.base import Frame, LatestFrameSlot
+from service.config.models import PipelineSection
+from service.metrics import PipelineCounters
+from service.pipeline.record import InspectionRecord, StageTimes, no_frame_result
+
+log = logging.getLogger(__name__)
+
+Subscriber = Callable[[InspectionRecord], None]
+_POLL_S = 0.25  # how often idle stage threads look at the stop flag and beat their heart
+
+
+class PipelineError(Exception):
+    """A request the pipeline cannot serve now (not running, stopped)."""
+
+
+class TriggerTicket:
+    """One trigger: its id, part id and request time; ``wait()`` returns its record once published."""
+
+    def __init__(self, trigger_id: int, part_id: str | None, requested_at: float, requested_wall: float) -> None:
+        self.trigger_id = trigger_id
+        self.part_id = part_id
+        self.requested_at = requested_at
+        self.requested_wall = requested_wall
+        self._done = threading.Event()
+        self._record: InspectionRecord | None = None
+
+    def resolve(self, record: InspectionRecord) -> None:
+        self._record = record
+        self._done.set()
+
+    def wait(self, timeout: float | None = None) -> InspectionRecord | None:
+        self._done.wait(timeout)
+        return self._record
+
+
+@dataclass
+class _Job:
+    frame: Frame | None
+    ticket: TriggerTicket | None
+    reason: str | None = None  # for a NO_FRAME job
+    tensor: np.ndarray | None = None
+    box: Letterbox | None = None
+    outputs: EngineOutputs | None = None
+    times: dict[str, float] = field(default_factory=dict)
+
+
+class Handoff:
+    """A one-item hand-over between two stage threads: ``put`` waits for room, ``get`` for an item."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._closed = False
+
+    def put(self, item: Any) -> bool:
+        with self._cond:
+            while self._item is not None and not self._closed:
+                self._cond.wait(_POLL_S)
+            if self._closed:
+                return False
+            self._item = item
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float) -> Any:
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            self._cond.notify_all()
+            return item
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._cond:
+            if self._item is not None and not self._closed:
+                self._cond.wait(timeout)
+            return self._item is None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        engine: Engine,
+        postprocessor: Postprocessor,
+        slot: LatestFrameSlot,
+        config: PipelineSection,
+        counters: PipelineCounters,
+        *,
+        request_frame: Callable[[], float] = time.monotonic,
+        first_id: int = 1,
+    ) -> None:
+        """``request_frame`` is the camera's ``trigger()``: it returns the monotonic request time."""
+        self.engine = engine
+        self.config = config
+        self.counters = counters
+        self._preprocess = Preprocessor(engine.bundle.manifest.input)
+        self._postprocess = postprocessor
+        self._slot = slot
+        self._request_frame = request_frame
+        self._bundle_name = engine.bundle.manifest.name
+        self._ids = itertools.count(first_id)
+        self._trigger_ids = itertools.count(1)
+        self._subscribers: list[tuple[str, Subscriber]] = []
+        self._pending: collections.deque[TriggerTicket] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self._to_infer = Handoff()
+        self._to_post = Handoff()
+        self._stop = threading.Event()
+        self._trigger_added = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._heartbeat: dict[str, float] = {}
+        self._latest: InspectionRecord | None = None
+        self._latest_lock = threading.Lock()
+        self._last_acquisition = 0
+        self._subscriber_errors = 0
+
+    # ------------------------------------------------------------------ control
+    def subscribe(self, name: str, subscriber: Subscriber) -> None:
+        """Add a fan-out consumer. It runs on the publishing thread: it must return at once."""
+        self._subscribers.append((name, subscriber))
+
+    def start(self) -> None:
+        self._stop.clear()
+        for name, target in (("select+preprocess", self._run_preprocess), ("infer", self._run_infer),
+                             ("postprocess", self._run_post)):
+            thread = threading.Thread(target=self._guard, args=(name, target), name=f"pipeline:{name}", daemon=True)
+            self._heartbeat[name] = time.monotonic()
+            self._threads.append(thread)
+            thread.start()
+        self.counters.running = True
+        log.info("pipeline started (%s, engine %s on %s)", self.config.mode, self._bundle_name,
+                 self.engine.backend_name)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking frames; frames already inside finish and are published."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._to_infer.close()
+        self._to_post.close()
+        with self._pending_lock:
+            pending = list(self._pending)
+            self._pending.clear()
+        for ticket in pending:
+            self._publish_no_frame(ticket, "daemon stopping")
+        self.counters.running = False
+        self._threads.clear()
+
+    def healthy(self, stall_s: float = 10.0) -> bool:
+        """Every stage thread alive and looping (none stuck in a hung engine call for ``stall_s``)."""
+        now = time.monotonic()
+        return bool(self._threads) and all(t.is_alive() for t in self._threads) and all(
+            now - beat < stall_s for beat in self._heartbeat.values()
+        )
+
+    @property
+    def latest(self) -> InspectionRecord | None:
+        with self._latest_lock:
+            return self._latest
+
+    # ------------------------------------------------------------------ triggers
+    def trigger(self, part_id: str | None = None) -> TriggerTicket:
+        """Inspect the next frame (triggered mode) or tag it (free run) with ``part_id``."""
+        if self._stop.is_set() or not self._threads:
+            raise PipelineError("the pipeline is not running")
+        requested = self._request_frame()
+        ticket = TriggerTicket(next(self._trigger_ids), part_id, requested, time.time())
+        with self._pending_lock:
+            overflow = len(self._pending) >= self.config.max_pending_triggers
+            if not overflow:
+                self._pending.append(ticket)
+        self._trigger_added.set()
+        if overflow:
+            self.counters.overflow()
+            self._publish_no_frame(ticket, f"{self.config.max_pending_triggers} triggers already pending")
+        return ticket
+
+    def _expire_triggers(self, now: float) -> None:
+        expired = []
+        with self._pending_lock:
+            while self._pending and now - self._pending[0].requested_at > self.config.trigger_timeout_s:
+                expired.append(self._pending.popleft())
+        for ticket in expired:
+            self._publish_no_frame(ticket, f"no frame within {self.config.trigger_timeout_s:g} s of the trigger")
+
+    def _publish_no_frame(self, ticket: TriggerTicket, reason: str) -> None:
+        """NO_FRAME results skip the stages; published from the caller's thread, in the record order."""
+        log.warning("trigger %d (part %s): NO_FRAME: %s", ticket.trigger_id, ticket.part_id, reason)
+        record = InspectionRecord(
+            inspection_id=next(self._ids), acquisition_id=0, source="", result=no_frame_result(),
+            wall_time=ticket.requested_wall, times=StageTimes(triggered=ticket.requested_at),
+            bundle=self._bundle_name, part_id=ticket.part_id, trigger_id=ticket.trigger_id, reason=reason,
+        )
+        self._publish(record, ticket)
+
+    # ------------------------------------------------------------------ stage threads
+    def _guard(self, name: str, target: Callable[[], None]) -> None:
+        try:
+            target()
+        except BaseException:
+            log.exception("pipeline: %s thread crashed", name)
+            raise
+
+    def _beat(self, name: str) -> None:
+        self._heartbeat[name] = time.monotonic()
+
+    def _next_job(self) -> _Job | None:
+        """The next frame to inspect, with its trigger ticket if it answers one."""
+        now = time.monotonic()
+        self._expire_triggers(now)
+        if self.config.mode == "triggered":
+            with self._pending_lock:
+                ticket = self._pending[0] if self._pending else None
+            if ticket is None:
+                self._trigger_added.wait(_POLL_S)
+                self._trigger_added.clear()
+                return None
+            frame = self._slot.get(_POLL_S, newer_than=self._last_acquisition, captured_after=ticket.requested_at)
+            if frame is None:
+                return None  # expired on a later pass
+            with self._pending_lock:
+                if not self._pending or self._pending[0] is not ticket:
+                    return None  # expired meanwhile
+                self._pending.popleft()
+            return _Job(frame, ticket)
+        frame = self._slot.get(_POLL_S, newer_than=self._last_acquisition)
+        if frame is None:
+            return None
+        ticket = None
+        with self._pending_lock:
+            if self._pending and self._pending[0].requested_at < frame.captured_at:
+                ticket = self._pending.popleft()
+        return _Job(frame, ticket)
+
+    def _run_preprocess(self) -> None:
+        while not self._stop.is_set():
+            self._beat("select+preprocess")
+            if not self._to_infer.wait_empty(_POLL_S):
+                continue  # inference is still busy with the previous frame: take a fresh one later
+            job = self._next_job()
+            if job is None or job.frame is None:
+                continue
+            self._last_acquisition = job.frame.acquisition_id
+            job.times["preprocess_start"] = time.monotonic()
+            try:
+                job.tensor, job.box = self._preprocess(job.frame.image)
+            except Exception as exc:
+                self._failed(job, "preprocess", exc)
+                continue
+            job.times["preprocess_done"] = time.monotonic()
+            self._to_infer.put(job)
+
+    def _run_infer(self) -> None:
+        while not (self._stop.is_set() and self._to_infer.wait_empty(0)):
+            self._beat("infer")
+            job = self._to_infer.get(_POLL_S)
+            if job is None:
+                continue
+            try:
+                job.outputs = self.engine.infer(job.tensor)
+            except Exception as exc:
+                self._failed(job, "infer", exc)
+                continue
+            job.tensor = None
+            job.times["infer_done"] = time.monotonic()
+            self._to_post.put(job)
+
+    def _run_post(self) -> None:
+        while True:
+            self._beat("postprocess")
+            job = self._to_post.get(_POLL_S)
+            if job is None:
+                if self._stop.is_set() and not any(t.is_alive() for t in self._threads[:2]):
+                    return
+                continue
+            try:
+                result = self._postprocess(job.outputs, job.box)
+            except Exception as exc:
+                self._failed(job, "postprocess", exc)
+                continue
+            frame = job.frame
+            assert frame is not None  # jobs reaching this stage always carry a frame
+            t = job.times
+            times = StageTimes(
+                captured=frame.captured_at, preprocess_start=t["preprocess_start"],
+                preprocess_done=t["preprocess_done"], infer_done=t["infer_done"], post_done=time.monotonic(),
+                triggered=job.ticket.requested_at if job.ticket else 0.0,
+            )
+            record = InspectionRecord(
+                inspection_id=next(self._ids), acquisition_id=frame.acquisition_id, source=frame.source,
+                result=result, wall_time=frame.wall_time, times=times, bundle=self._bundle_name,
+                part_id=job.ticket.part_id if job.ticket else None,
+                trigger_id=job.ticket.trigger_id if job.ticket else None, frame=frame.image,
+            )
+            self._publish(record, job.ticket)
+
+    def _failed(self, job: _Job, stage: str, exc: BaseException) -> None:
+        """A frame whose inspection raised: log it, count it, answer its trigger with NO_FRAME."""
+        log.error("pipeline: %s failed on frame %s: %s: %s", stage,
+                  job.frame.acquisition_id if job.frame else "-", type(exc).__name__, exc)
+        self.counters.error()
+        if job.ticket is not None:
+            self._publish_no_frame(job.ticket, f"{stage} failed: {type(exc).__name__}: {exc}")
+
+    def _publish(self, record: InspectionRecord, ticket: TriggerTicket | None) -> None:
+        self.counters.record(record)
+        with self._latest_lock:
+            self._latest = record
+        if ticket is not None:
+            ticket.resolve(record)
+        for name, subscriber in self._subscribers:
+            try:
+                subscriber(record)
+            except Exception:
+                self._subscriber_errors += 1
+                if self._subscriber_errors <= 10 or self._subscriber_errors % 1000 == 0:
+                    log.exception("pipeline: subscriber %s raised (%d so far)", name, self._subscriber_errors)

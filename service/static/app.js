@@ -1,0 +1,63 @@
+// The live page: one EventSource (/api/events) brings results and a status snapshot every second.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const fmt = (v, d = 1) => (v === null || v === undefined ? "–" : Number(v).toFixed(d));
+const recent = [];
+
+function showStatus(s) {
+  const ready = $("ready");
+  ready.textContent = s.ready ? "ready" : "not ready: " + s.not_ready.join("; ");
+  ready.className = "badge " + (s.ready ? "good" : "bad");
+  const e = s.engine;
+  $("engine").textContent = e.bundle ? `${e.bundle} · ${e.backend || ""} · ${e.precision || ""} · camera ${s.camera.state}` : `engine ${e.state}`;
+  const warn = $("warning");
+  warn.hidden = e.weights !== "untrained";
+  warn.textContent = "This bundle carries untrained stand-in weights: its defects are meaningless.";
+  const p = s.pipeline;
+  $("fps").textContent = fmt(p.fps);
+  $("cam-fps").textContent = fmt(s.camera.fps);
+  $("e2e").textContent = fmt(p.latency.end_to_end.recent_p50_ms, 0);
+  $("infer").textContent = fmt(p.latency.infer.recent_p50_ms, 0);
+  $("n-ok").textContent = p.verdicts.OK;
+  $("n-ng").textContent = p.verdicts.NG;
+  $("n-unc").textContent = p.verdicts.UNCERTAIN;
+  $("n-nof").textContent = p.verdicts.NO_FRAME;
+  $("drops").textContent = `frames dropped ${s.camera.frames_dropped} · store dropped ` +
+    Object.values(s.store.dropped).reduce((a, b) => a + b, 0) + ` · viewers ${s.live.viewers}`;
+}
+
+function showResult(r) {
+  $("latest-verdict").textContent = r.verdict;
+  $("latest-meta").textContent = `#${r.id} · frame ${r.acquisition_id}` + (r.part_id ? ` · part ${r.part_id}` : "") +
+    ` · ${r.captured_at}` + (r.latency_ms.end_to_end ? ` · ${fmt(r.latency_ms.end_to_end, 0)} ms` : "") +
+    (r.reason ? ` · ${r.reason}` : "");
+  const body = $("defects");
+  body.replaceChildren(...r.defects.slice(0, 12).map((d) => {
+    const row = document.createElement("tr");
+    for (const v of [d.class, fmt(d.score, 2), d.area_px, d.bbox.join(",")]) {
+      const cell = document.createElement("td");
+      cell.textContent = v;
+      row.appendChild(cell);
+    }
+    return row;
+  }));
+  if (r.verdict !== "OK") {
+    recent.unshift(r);
+    recent.length = Math.min(recent.length, 10);
+    $("recent").replaceChildren(...recent.map((x) => {
+      const item = document.createElement("li");
+      const link = document.createElement("a");
+      link.href = `/api/results/${x.id}`;
+      link.textContent = `#${x.id} ${x.verdict} ${x.defect_count} defect(s)` + (x.part_id ? ` part ${x.part_id}` : "");
+      item.appendChild(link);
+      return item;
+    }));
+  }
+}
+
+const events = new EventSource("/api/events");
+events.addEventListener("status", (e) => showStatus(JSON.parse(e.data)));
+events.addEventListener("result", (e) => showResult(JSON.parse(e.data)));
+events.onerror = () => { $("ready").textContent = "disconnected, retrying…"; $("ready").className = "badge bad"; };
+// Reconnect the stream if the daemon restarted.
+$("live").onerror = () => setTimeout(() => { $("live").src = "/api/live.mjpeg?t=" + Date.now(); }, 2000);

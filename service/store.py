@@ -1,0 +1,429 @@
+"""The record store: kept results in SQLite (WAL), each with its frame (JPEG) and masks (PNG).
+
+Every NG, UNCERTAIN and NO_FRAME result is kept, and a configured share of OK ones. A writer
+thread drains a bounded queue; when the queue is full a record is dropped and counted, so a slow
+disk never stalls inference.
+
+Durability: the frame and mask files are written to a temporary name, fsynced and renamed
+before the row that names them is committed (``synchronous=FULL``), and a record is counted as
+stored only after its commit. ``stop()`` drains the queue, so SIGTERM loses nothing; a crash
+loses at most what was still queued, never a half record. Files left by a crash between the
+rename and the commit are swept at the next start.
+
+Retention: rows older than ``retention_days`` are deleted, then the oldest rows while the store
+exceeds ``disk_budget_mb`` or the disk has less than ``min_free_mb`` free; if the disk is still
+too full, new records are dropped (counted as ``disk_full``) rather than fill it.
+
+Masks are one label image per frame: pixel value ``i + 1`` marks defect ``i`` (uint8, or uint16
+beyond 255 defects), so the overlay can be rebuilt from the stored row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from engines.atomic import write_bytes_atomic
+from engines.overlay import render_overlay
+from engines.results import Defect, InspectionResult, Verdict
+from service.config.models import StoreSection
+from service.pipeline.record import InspectionRecord
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "records.sqlite3"
+FILES_DIR = "files"
+_MB = 1_000_000
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    wall_time REAL NOT NULL,
+    verdict TEXT NOT NULL,
+    part_id TEXT,
+    acquisition_id INTEGER NOT NULL,
+    defect_count INTEGER NOT NULL,
+    frame_file TEXT,
+    mask_file TEXT,
+    bytes INTEGER NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_wall_time ON records (wall_time);
+CREATE INDEX IF NOT EXISTS records_verdict ON records (verdict, id);
+CREATE INDEX IF NOT EXISTS records_part_id ON records (part_id, id);
+"""
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    enabled: bool
+    path: str
+    records: int
+    bytes: int
+    written: int
+    dropped: dict[str, int]  # reason -> count: queue_full, disk_full, error
+    deleted: dict[str, int]  # reason -> count: age, disk_budget, free_space
+    queue_depth: int
+    queue_size: int
+    last_error: str | None
+
+
+class StoreError(Exception):
+    """The store directory cannot be used (permissions, not a directory, a corrupt database)."""
+
+
+class RecordStore:
+    def __init__(self, config: StoreSection, *, wall_clock: Any = time.time) -> None:
+        self.config = config
+        self.path = Path(config.path)
+        self._clock = wall_clock
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._ok_credit = 0.0
+        self._records = 0
+        self._bytes = 0
+        self._written = 0
+        self._dropped = {"queue_full": 0, "disk_full": 0, "error": 0}
+        self._deleted = {"age": 0, "disk_budget": 0, "free_space": 0}
+        self._last_error: str | None = None
+        self._last_retention = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> int:
+        """Create or open the store, sweep crash leftovers, apply retention; returns the highest id."""
+        try:
+            (self.path / FILES_DIR).mkdir(parents=True, exist_ok=True)
+            conn = self._connect()
+            conn.executescript(_SCHEMA)
+            conn.commit()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"store.path {self.path}: cannot be used: {exc}") from None
+        self._conn = conn
+        row = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(MAX(id), 0) FROM records").fetchone()
+        self._records, self._bytes, max_id = int(row[0]), int(row[1]), int(row[2])
+        self._sweep_orphans()
+        self._enforce_retention()
+        return max_id
+
+    def start(self) -> None:
+        if self._conn is None:
+            raise RuntimeError("open() the store first")
+        self._conn.close()  # the writer thread opens its own connection
+        self._conn = None
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write everything still queued, then stop the writer."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)  # blocks while the queue is full: the writer is draining it
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("store writer did not finish within %.0f s; %d record(s) not written",
+                      timeout, self._queue.qsize())
+        self._thread = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path / DB_NAME, timeout=10.0, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(f"file:{self.path / DB_NAME}?mode=ro", uri=True, timeout=10.0)
+        conn.row_factory = sqlite3.Row
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    # ------------------------------------------------------------------ the hot side
+    def wants(self, record: InspectionRecord) -> bool:
+        """Whether this record is to be kept: every non-OK one, and the configured share of OK ones."""
+        if record.verdict != Verdict.OK:
+            return True
+        with self._lock:
+            self._ok_credit += self.config.ok_sample_share
+            if self._ok_credit >= 1.0 - 1e-9:
+                self._ok_credit -= 1.0
+                return True
+        return False
+
+    def submit(self, record: InspectionRecord) -> bool:
+        """Queue a record for writing without blocking; False (and counted) when the queue is full."""
+        try:
+            self._queue.put_nowait(record)
+            return True
+        except queue.Full:
+            with self._lock:
+                self._dropped["queue_full"] += 1
+            return False
+
+    def offer(self, record: InspectionRecord) -> None:
+        """The pipeline's fan-out hook: keep the record if it is wanted."""
+        if self.wants(record):
+            self.submit(record)
+
+    # ------------------------------------------------------------------ the writer thread
+    def _run(self) -> None:
+        conn = self._connect()
+        self._conn = conn
+        try:
+            while True:
+                try:
+                    item = self._queue.get(timeout=1.0)
+                except queue.Empty:
+                    self._maybe_retention()
+                    continue
+                if item is _STOP:
+                    break
+                try:
+                    self._write(conn, item)
+                except Exception as exc:  # one bad record must not stop the writer
+                    log.exception("store: writing record %s failed", getattr(item, "inspection_id", "?"))
+                    with self._lock:
+                        self._dropped["error"] += 1
+                        self._last_error = f"{type(exc).__name__}: {exc}"
+                self._maybe_retention()
+        finally:
+            conn.close()
+            self._conn = None
+
+    def _maybe_retention(self) -> None:
+        now = time.monotonic()
+        if now - self._last_retention >= 30.0:
+            self._enforce_retention()
+
+    def _write(self, conn: sqlite3.Connection, record: InspectionRecord) -> None:
+        frame_jpeg = mask_png = None
+        if record.frame is not None:
+            ok, buf = cv2.imencode(".jpg", record.frame, [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
+            if not ok:
+                raise ValueError("frame could not be JPEG-encoded")
+            frame_jpeg = buf.tobytes()
+            if record.result.defects:
+                mask_png = encode_label_mask(record.result)
+        size = len(frame_jpeg or b"") + len(mask_png or b"")
+        if not self._make_room(size):
+            with self._lock:
+                self._dropped["disk_full"] += 1
+                self._last_error = f"disk full: less than {self.config.min_free_mb:g} MB free at {self.path}"
+            log.warning("store: record %d dropped, disk too full", record.inspection_id)
+            return
+        day = time.strftime("%Y%m%d", time.gmtime(record.wall_time))
+        frame_file = mask_file = None
+        if frame_jpeg is not None:
+            frame_file = f"{FILES_DIR}/{day}/{record.inspection_id}.jpg"
+            write_bytes_atomic(self.path / frame_file, frame_jpeg)
+        if mask_png is not None:
+            mask_file = f"{FILES_DIR}/{day}/{record.inspection_id}.mask.png"
+            write_bytes_atomic(self.path / mask_file, mask_png)
+        body = json.dumps(record.to_dict(with_polygons=True), separators=(",", ":"))
+        conn.execute(
+            "INSERT OR REPLACE INTO records (id, wall_time, verdict, part_id, acquisition_id, defect_count,"
+            " frame_file, mask_file, bytes, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.inspection_id, record.wall_time, record.verdict.name, record.part_id, record.acquisition_id,
+             len(record.result.defects), frame_file, mask_file, size, body),
+        )
+        conn.commit()
+        with self._lock:  # counted only once committed
+            self._written += 1
+            self._records += 1
+            self._bytes += size
+
+    # ------------------------------------------------------------------ retention
+    def _free_mb(self) -> float:
+        return shutil.disk_usage(self.path).free / _MB
+
+    def _make_room(self, incoming: int) -> bool:
+        """Delete oldest records until ``incoming`` bytes fit the budget and the free-space floor."""
+        budget = self.config.disk_budget_mb * _MB - self._db_bytes()
+        while self._bytes + incoming > budget:
+            if not self._delete_oldest("disk_budget"):
+                break
+        while self._free_mb() - incoming / _MB < self.config.min_free_mb:
+            if not self._delete_oldest("free_space"):
+                return False
+        return self._bytes + incoming <= budget
+
+    def _db_bytes(self) -> int:
+        """The database file (its WAL is bounded by SQLite's auto-checkpoint, about 4 MB, and not counted)."""
+        try:
+            return (self.path / DB_NAME).stat().st_size
+        except OSError:
+            return 0
+
+    def _enforce_retention(self) -> None:
+        self._last_retention = time.monotonic()
+        cutoff = self._clock() - self.config.retention_days * 86400.0
+        try:
+            while self._delete_where("wall_time < ?", (cutoff,), "age", batch=500):
+                pass
+            self._make_room(0)
+        except (OSError, sqlite3.Error) as exc:
+            log.error("store: retention failed: %s", exc)
+            self._last_error = f"retention: {exc}"
+
+    def _delete_oldest(self, reason: str) -> int:
+        return self._delete_where("1", (), reason, batch=20)
+
+    def _delete_where(self, where: str, params: tuple[Any, ...], reason: str, batch: int) -> int:
+        conn = self._conn
+        if conn is None:
+            return 0
+        rows = conn.execute(
+            f"SELECT id, frame_file, mask_file, bytes FROM records WHERE {where} ORDER BY id LIMIT ?",
+            (*params, batch),
+        ).fetchall()
+        if not rows:
+            return 0
+        conn.executemany("DELETE FROM records WHERE id = ?", [(r[0],) for r in rows])
+        conn.commit()  # the rows go first: a crash now leaves orphan files, swept at start, never dangling rows
+        for _, frame_file, mask_file, _ in rows:
+            for name in (frame_file, mask_file):
+                if name:
+                    (self.path / name).unlink(missing_ok=True)
+        with self._lock:
+            self._records -= len(rows)
+            self._bytes -= sum(int(r[3]) for r in rows)
+            self._deleted[reason] += len(rows)
+        self._remove_empty_days()
+        return len(rows)
+
+    def _remove_empty_days(self) -> None:
+        for day in (self.path / FILES_DIR).iterdir():
+            with contextlib.suppress(OSError):
+                day.rmdir()  # only succeeds when empty
+
+    def _sweep_orphans(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        known = {name for row in conn.execute("SELECT frame_file, mask_file FROM records") for name in row if name}
+        removed = 0
+        for path in (self.path / FILES_DIR).rglob("*"):
+            if path.is_file() and path.relative_to(self.path).as_posix() not in known:
+                path.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("store: removed %d file(s) left by an interrupted write", removed)
+
+    # ------------------------------------------------------------------ queries
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(
+                enabled=True, path=str(self.path), records=self._records, bytes=self._bytes, written=self._written,
+                dropped=dict(self._dropped), deleted=dict(self._deleted), queue_depth=self._queue.qsize(),
+                queue_size=self.config.queue_size, last_error=self._last_error,
+            )
+
+    def list(
+        self, *, limit: int = 50, before: int | None = None, verdict: str | None = None,
+        part_id: str | None = None, since: float | None = None, until: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Newest first; page with ``before`` = the last id of the previous page."""
+        clauses: list[str] = ["1"]
+        params: list[Any] = []
+        for clause, value in (("id < ?", before), ("verdict = ?", verdict), ("part_id = ?", part_id),
+                              ("wall_time >= ?", since), ("wall_time < ?", until)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        with self._reader() as conn:
+            rows = conn.execute(
+                f"SELECT record FROM records WHERE {' AND '.join(clauses)} ORDER BY id DESC LIMIT ?",
+                (*params, limit),
+            ).fetchall()
+        return [_public(json.loads(row["record"])) for row in rows]
+
+    def get(self, record_id: int) -> dict[str, Any] | None:
+        row = self._row(record_id)
+        return None if row is None else _public(json.loads(row["record"]))
+
+    def _row(self, record_id: int) -> sqlite3.Row | None:
+        with self._reader() as conn:
+            row: sqlite3.Row | None = conn.execute("SELECT * FROM records WHERE id = ?", (record_id,)).fetchone()
+        return row
+
+    def frame_jpeg(self, record_id: int) -> bytes | None:
+        row = self._row(record_id)
+        if row is None or not row["frame_file"]:
+            return None
+        try:
+            return (self.path / row["frame_file"]).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def overlay_jpeg(self, record_id: int, width: int | None = None, quality: int = 85) -> bytes | None:
+        """The stored frame with its stored masks drawn on it, rebuilt from the row (optionally downscaled)."""
+        row = self._row(record_id)
+        if row is None or not row["frame_file"]:
+            return None
+        frame = cv2.imread(str(self.path / row["frame_file"]), cv2.IMREAD_COLOR)
+        if frame is None:
+            return None
+        labels = cv2.imread(str(self.path / row["mask_file"]), cv2.IMREAD_UNCHANGED) if row["mask_file"] else None
+        result = result_from_dict(json.loads(row["record"]), labels)
+        scale = min(1.0, width / frame.shape[1]) if width else 1.0
+        ok, buf = cv2.imencode(".jpg", render_overlay(frame, result, scale=scale), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        return buf.tobytes() if ok else None
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    record["stored"] = True
+    return record
+
+
+def encode_label_mask(result: InspectionResult) -> bytes:
+    dtype = np.uint8 if len(result.defects) < 256 else np.uint16
+    labels = np.zeros((result.frame_height, result.frame_width), dtype=dtype)
+    for index, defect in enumerate(result.defects):
+        x, y, w, h = defect.bbox
+        region = labels[y : y + h, x : x + w]
+        region[defect.mask[: region.shape[0], : region.shape[1]]] = index + 1
+    ok, buf = cv2.imencode(".png", labels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # pragma: no cover - encoding a valid array does not fail
+        raise ValueError("mask could not be PNG-encoded")
+    return bytes(buf.tobytes())
+
+
+def result_from_dict(record: dict[str, Any], labels: np.ndarray | None) -> InspectionResult:
+    """Rebuild an InspectionResult (masks included, from the label image) from a stored record."""
+    defects = []
+    for index, d in enumerate(record.get("defects", [])):
+        x, y, w, h = d["bbox"]
+        mask = (labels[y : y + h, x : x + w] == index + 1) if labels is not None else np.ones((h, w), dtype=bool)
+        defects.append(Defect(
+            class_id=d["class_id"], class_name=d["class"], score=d["score"], predicted_iou=d["predicted_iou"],
+            area_px=d["area_px"], bbox=(x, y, w, h), centroid=tuple(d["centroid"]), point=tuple(d["point"]),
+            mask=mask,
+        ))
+    frame = record.get("frame", {})
+    return InspectionResult(
+        frame_width=frame.get("width", 0), frame_height=frame.get("height", 0), verdict=Verdict[record["verdict"]],
+        defects=tuple(defects), max_peak_score=record.get("max_peak_score", 0.0),
+    )
+
+
+def disabled_stats(config: StoreSection) -> StoreStats:
+    return StoreStats(enabled=False, path=str(config.path), records=0, bytes=0, written=0,
+                      dropped={"queue_full": 0, "disk_full": 0, "error": 0},
+                      deleted={"age": 0, "disk_budget": 0, "free_space": 0}, queue_depth=0, queue_size=0,
+                      last_error=None)

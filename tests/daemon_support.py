@@ -1,0 +1,161 @@
+"""Helpers for the daemon's tests: a small real daemon (tiny bundle, small synthetic frames) and HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.results import Defect, InspectionResult, Verdict
+from service.config import DaemonConfig
+from service.ops import SystemdNotifier
+from service.pipeline.record import InspectionRecord, StageTimes
+
+TOKEN = "test-token-123"
+AUTH_HEADER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ng_bundle(master: Path, base: Path) -> Path:
+    """The tiny test bundle made to find defects: its saliency and IoU biases raised (ONNX edited, no torch).
+
+    Untrained weights put every peak near score 0.01 with a negative predicted IoU, so nothing is
+    ever a defect. Raising two biases makes every peak a confident defect; with mask_threshold
+    -1e6 (config_data) its mask covers its whole region, so every frame is NG with large masks:
+    the store, the overlay colours and the defect counters all have something to show. Cached
+    under ``base`` (pytest's basetemp), so the test modules share one copy.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from engines.bundle import load_bundle, write_bundle
+
+    out = base / "ng-bundle"
+    if (out / "manifest.json").is_file():
+        return out
+    source = load_bundle(master)
+    raise_by = {"model.saliency_head.out.bias": 8.0, "model.mask_decoder.iou_prediction_head.layers.2.bias": 3.0}
+    files = {}
+    staging = base / "ng-bundle-src"
+    staging.mkdir(exist_ok=True)
+    for name in source.manifest.files:
+        graph = onnx.load(str(master / name))
+        for init in graph.graph.initializer:
+            for suffix, delta in raise_by.items():
+                if init.name.endswith(suffix.removeprefix("model.")):
+                    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(delta), init.name))
+        onnx.save(graph, str(staging / name))
+        files[name] = staging / name
+    fields = source.manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
+    fields["name"] = "tiny-student-ng"
+    write_bundle(out, fields, files)
+    return out
+
+
+def config_data(tmp_path: Path, bundle: Path | None, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config for tests: small synthetic frames, a tiny bundle (see ng_bundle) on one CPU thread."""
+    data: dict[str, Any] = {
+        "camera": {"type": "synthetic", "width": 512, "height": 288, "pool_size": 2, "fps": 8.0},
+        "engine": {
+            "bundle": str(bundle) if bundle else None,
+            "backend": {"type": "onnxruntime", "providers": ["cpu"], "intra_op_threads": 1},
+            "postprocess": {"mask_threshold": -1e6},
+        },
+        "api": {"host": "127.0.0.1", "port": 0, "token": TOKEN},
+        "store": {"path": str(tmp_path / "store"), "ok_sample_share": 1.0, "min_free_mb": 0},
+        "live": {"width": 480, "max_fps": 10},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return data
+
+
+def make_config(tmp_path: Path, bundle: Path | None, **sections: dict[str, Any]) -> DaemonConfig:
+    return DaemonConfig.model_validate(config_data(tmp_path, bundle, **sections))
+
+
+@contextlib.contextmanager
+def running_daemon(config: DaemonConfig, **kwargs: Any) -> Iterator[Any]:
+    from service.app import Daemon
+
+    daemon = Daemon(config, notifier=kwargs.pop("notifier", SystemdNotifier({})), **kwargs)
+    daemon.start()
+    try:
+        daemon.wait_engine(60.0)
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def base_url(daemon: Any) -> str:
+    return f"http://127.0.0.1:{daemon.port}"
+
+
+def http(method: str, url: str, body: bytes | dict[str, Any] | None = None,
+         headers: dict[str, str] | None = None, timeout: float = 20.0) -> tuple[int, dict[str, str], bytes]:
+    headers = dict(headers or {})
+    data = body
+    if isinstance(body, dict):
+        data = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)  # type: ignore[arg-type]
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:
+    status, _, body = http("GET", url, **kwargs)
+    return status, json.loads(body)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def make_record(inspection_id: int, verdict: Verdict = Verdict.NG, *, wall_time: float | None = None,
+                size: tuple[int, int] = (120, 200), part_id: str | None = None) -> InspectionRecord:
+    """A record with a real frame and, for NG, two defects with masks."""
+    h, w = size
+    rng = np.random.default_rng(inspection_id)
+    frame = rng.integers(60, 120, size=(h, w, 3), dtype=np.uint8)
+    defects: tuple[Defect, ...] = ()
+    if verdict == Verdict.NG:
+        first = np.zeros((10, 20), dtype=bool)
+        first[2:8, 3:17] = True
+        second = np.ones((5, 5), dtype=bool)
+        defects = (
+            Defect(0, "scratch", 0.9, 0.8, int(first.sum()), (30, 40, 20, 10), (40.0, 45.0), (40.0, 45.0), first),
+            Defect(2, "pinhole", 0.7, 0.6, 25, (100, 60, 5, 5), (102.0, 62.0), (102.0, 62.0), second),
+        )
+    result = InspectionResult(w, h, verdict, defects, 0.9 if defects else 0.1)
+    now = time.monotonic()
+    times = StageTimes(captured=now - 0.05, preprocess_start=now - 0.04, preprocess_done=now - 0.03,
+                       infer_done=now - 0.01, post_done=now)
+    return InspectionRecord(
+        inspection_id=inspection_id, acquisition_id=inspection_id, source="test", result=result,
+        wall_time=time.time() if wall_time is None else wall_time, times=times, bundle="tiny",
+        part_id=part_id, frame=frame,
+    )

@@ -1,0 +1,160 @@
+"""The HTTP API on a real uvicorn server (loopback, free port) over a real daemon: tiny bundle, synthetic camera.
+
+Bad input of every kind ends in a 4xx with one clear line; none of it disturbs the pipeline.
+"""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from .daemon_support import TOKEN, base_url, get_json, http, make_config, ng_bundle, running_daemon, wait_for
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    bundle = ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp())
+    config = make_config(tmp_path_factory.mktemp("api"), bundle)
+    with running_daemon(config) as running:
+        wait_for(lambda: running.store.stats().written >= 3, what="three stored results")
+        yield running
+
+
+@pytest.fixture(scope="module")
+def url(daemon: Any) -> str:
+    return base_url(daemon)
+
+
+def test_health_readiness_and_docs(url: str) -> None:
+    assert get_json(f"{url}/healthz") == (200, {"status": "alive"})
+    assert get_json(f"{url}/readyz") == (200, {"ready": True, "reasons": []})
+    status, _, body = http("GET", f"{url}/docs")
+    assert status == 200 and b"swagger" in body.lower()
+    status, spec = get_json(f"{url}/openapi.json")
+    assert status == 200 and {"/api/trigger", "/api/results", "/api/live.mjpeg", "/metrics"} <= set(spec["paths"])
+
+
+def test_status_reports_the_pipeline(url: str) -> None:
+    status, body = get_json(f"{url}/api/status")
+    assert status == 200 and body["ready"] is True
+    assert body["camera"]["state"] == "connected" and body["camera"]["type"] == "synthetic"
+    assert body["engine"] | {"error": None} == body["engine"] and body["engine"]["bundle"] == "tiny-student-ng"
+    assert body["engine"]["weights"] == "untrained" and body["engine"]["input"] == "128x256"
+    assert body["pipeline"]["frames_processed"] >= 3 and body["pipeline"]["verdicts"]["NG"] >= 3
+    assert body["pipeline"]["latency"]["infer"]["count"] >= 3
+    assert set(body["store"]["dropped"]) == {"queue_full", "disk_full", "error"}
+
+
+def test_latest_history_one_result_and_its_images(url: str) -> None:
+    status, latest = get_json(f"{url}/api/results/latest")
+    assert status == 200 and latest["verdict"] == "NG" and latest["defect_count"] >= 1
+    assert set(latest["latency_ms"]) == {"capture_to_preprocess", "preprocess", "infer", "postprocess", "end_to_end"}
+    status, page = get_json(f"{url}/api/results?limit=2")
+    assert status == 200 and len(page["items"]) == 2 and page["next"]
+    first, second = page["items"]
+    assert first["id"] > second["id"] and first["stored"] is True
+    status, older = get_json(url + page["next"])
+    assert status == 200 and older["items"][0]["id"] < second["id"]
+    status, one = get_json(f"{url}/api/results/{second['id']}")
+    assert status == 200 and one["id"] == second["id"] and one["defects"][0]["polygon"]
+    for kind in ("frame", "overlay"):
+        status, headers, body = http("GET", f"{url}/api/results/{second['id']}/{kind}.jpg")
+        assert status == 200 and headers["content-type"] == "image/jpeg"
+        image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (288, 512, 3)
+    status, _, body = http("GET", f"{url}/api/results/{second['id']}/overlay.jpg?width=128")
+    assert status == 200 and cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR).shape[1] == 128
+    status, ng = get_json(f"{url}/api/results?verdict=NG&limit=3")
+    assert status == 200 and all(item["verdict"] == "NG" for item in ng["items"])
+
+
+def test_config_view_redacts_the_token(url: str) -> None:
+    status, _, body = http("GET", f"{url}/api/config")
+    assert status == 200 and TOKEN.encode() not in body
+    assert json.loads(body)["api"]["token"] == "**********"
+
+
+def test_trigger_needs_the_token(url: str) -> None:
+    status, _, raw = http("POST", f"{url}/api/trigger", {"part_id": "A1"})
+    assert status == 401 and "missing 'Authorization: Bearer <token>'" in json.loads(raw)["detail"]
+    status, _, raw = http("POST", f"{url}/api/trigger", {"part_id": "A1"}, headers={"Authorization": "Bearer nope"})
+    assert status == 403 and json.loads(raw)["detail"] == "invalid API token"
+    status, _, raw = http("POST", f"{url}/api/trigger", {"part_id": "A1"}, headers={"Authorization": "Basic eDp5"})
+    assert status == 401
+    status, _, raw = http("POST", f"{url}/api/trigger", {"part_id": "A-17", "wait": True}, headers=AUTH)
+    body = json.loads(raw)
+    assert status == 200, body
+    assert body["part_id"] == "A-17" and body["mode"] == "free_run"
+    assert body["result"]["part_id"] == "A-17" and body["result"]["trigger_id"] == body["trigger_id"]
+    status, _, raw = http("POST", f"{url}/api/trigger", None, headers=AUTH)  # no body: no part id
+    assert status == 202 and json.loads(raw)["part_id"] is None
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers", "code", "fragment"), [
+    ("POST", "/api/trigger", b'{"part_id": ', {"Content-Type": "application/json"}, 400, "malformed JSON"),
+    ("POST", "/api/trigger", b"[1, 2]", {"Content-Type": "application/json"}, 422, "body"),
+    ("POST", "/api/trigger", {"part_id": "A1", "colour": "red"}, {}, 422, "body colour"),
+    ("POST", "/api/trigger", {"part_id": ""}, {}, 422, "body part_id"),
+    ("POST", "/api/trigger", {"part_id": "x" * 200}, {}, 422, "at most 128"),
+    ("POST", "/api/trigger", {"wait": "soon"}, {}, 422, "body wait = 'soon'"),
+    ("GET", "/api/results?limit=0", None, {}, 422, "query limit = '0'"),
+    ("GET", "/api/results?limit=lots", None, {}, 422, "query limit = 'lots'"),
+    ("GET", "/api/results?verdict=MAYBE", None, {}, 422, "query verdict = 'MAYBE'"),
+    ("GET", "/api/results?colour=red", None, {}, 400, "unknown query parameter(s) colour"),
+    ("GET", "/api/status?verbose=1", None, {}, 400, "takes no query parameters"),
+    ("GET", "/api/results/abc", None, {}, 422, "path record_id = 'abc'"),
+    ("GET", "/api/results/0", None, {}, 422, "greater than or equal to 1"),
+    ("GET", "/api/results/999999", None, {}, 404, "no result 999999"),
+    ("GET", "/api/results/999999/frame.jpg", None, {}, 404, "no frame kept"),
+    ("GET", "/nope", None, {}, 404, "Not Found"),
+    ("DELETE", "/api/results", None, {}, 405, "Method Not Allowed"),
+])
+def test_bad_requests_get_a_clear_4xx(url: str, method: str, path: str, body: Any, headers: dict[str, str],
+                                      code: int, fragment: str) -> None:
+    status, _, raw = http(method, url + path, body, headers={**AUTH, **headers})
+    detail = json.loads(raw)["detail"]
+    assert status == code, detail
+    assert isinstance(detail, str) and "\n" not in detail and fragment in detail, detail
+
+
+def test_oversized_bodies_are_refused(url: str, daemon: Any) -> None:
+    limit = daemon.config.api.max_body_bytes
+    big = json.dumps({"part_id": "A", "pad": "x" * (limit * 2)}).encode()
+    status, _, raw = http("POST", f"{url}/api/trigger", big, headers={**AUTH, "Content-Type": "application/json"})
+    assert status == 413 and "limit is" in json.loads(raw)["detail"]
+    # chunked: no Content-Length to refuse up front, so the body is counted as it arrives
+    conn = httpclient.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+    conn.putrequest("POST", "/api/trigger")
+    for key, value in {**AUTH, "Content-Type": "application/json", "Transfer-Encoding": "chunked"}.items():
+        conn.putheader(key, value)
+    conn.endheaders()
+    for start in range(0, len(big), 4096):
+        chunk = big[start:start + 4096]
+        try:
+            conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+    else:
+        conn.send(b"0\r\n\r\n")
+    response = conn.getresponse()
+    assert response.status == 413
+    conn.close()
+
+
+def test_bad_requests_never_disturb_the_pipeline(url: str, daemon: Any) -> None:
+    before = daemon.counters.snapshot().frames_processed
+    for _ in range(5):
+        http("POST", f"{url}/api/trigger", b"{{{", headers={**AUTH, "Content-Type": "application/json"})
+        http("GET", f"{url}/api/results?limit=-5")
+    wait_for(lambda: daemon.counters.snapshot().frames_processed > before + 2, what="more frames")
+    assert daemon.pipeline.healthy() and daemon.counters.snapshot().errors == 0

@@ -1,0 +1,175 @@
+"""The daemon's config: YAML + environment, one-line errors naming the dotted key, the generated example."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from service.config import ConfigError, DaemonConfig, load_config
+from service.config import models as config_models
+from service.config.example import example_yaml
+
+from .conftest import REPO
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "defectsam.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), environ or {})
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_need_no_file() -> None:
+    config = load_config(None, {})
+    assert config == DaemonConfig()
+    assert config.camera.type == "synthetic"
+    assert config.api.port == 8080 and config.api.token is None
+    assert config.engine.bundle is None and config.engine.backend.type == "onnxruntime"
+    assert config.pipeline.mode == "free_run"
+
+
+def test_yaml_file_and_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "camera:\n  type: synthetic\n  fps: 3\napi:\n  port: 9000\n")
+    config = load_config(path, {
+        "DEFECTSAM__CAMERA__FPS": "10",
+        "DEFECTSAM__API__TOKEN": "12345678",  # numeric-looking, stays a string
+        "DEFECTSAM__ENGINE__BACKEND__PROVIDERS": "[cpu]",
+        "DEFECTSAM__LOGGING__JSON": "true",
+        "DEFECTSAM__PIPELINE__MODE": "triggered",
+    })
+    assert config.camera.fps == 10.0
+    assert config.api.port == 9000
+    assert config.api.token is not None and config.api.token.get_secret_value() == "12345678"
+    assert config.engine.backend.providers == ["cpu"]  # type: ignore[union-attr]
+    assert config.logging.json_format is True
+    assert config.pipeline.mode == "triggered"
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "api:\n  port: 9001\n")
+    assert load_config(None, {"DEFECTSAM_CONFIG": str(path)}).api.port == 9001
+
+
+@pytest.mark.parametrize(("text", "fragments"), [
+    ("camera:\n  fsp: 10\n", ["key 'camera.fsp'", "unknown key"]),
+    ("api:\n  prot: 1\n", ["key 'api.prot'", "unknown key"]),
+    ("colour: red\n", ["key 'colour'", "unknown key"]),
+    ("camera:\n  fps: -1\n", ["key 'camera.fps' = -1", "greater than 0"]),
+    ("camera:\n  type: webcam\n", ["camera", "webcam", "synthetic"]),
+    ("api:\n  port: 70000\n", ["key 'api.port' = 70000", "less than or equal to 65535"]),
+    ("api:\n  token: short\n", ["key 'api.token' = '***'", "at least 8 characters"]),
+    ("engine:\n  backend:\n    type: onnxruntime\n    providers: [gpu]\n", ["engine.backend.providers"]),
+    ("engine:\n  postprocess:\n    score_threshold: 0.2\n", ["engine.postprocess", "must not exceed"]),
+    ("store:\n  ok_sample_share: 2\n", ["key 'store.ok_sample_share' = 2"]),
+    ("pipeline:\n  mode: sometimes\n", ["key 'pipeline.mode' = 'sometimes'", "free_run"]),
+    ("camera: [1, 2]\n", ["camera"]),
+    ("- a list\n", ["must hold a mapping"]),
+    ("camera:\n  fps: [unclosed\n", ["malformed YAML at line"]),
+])
+def test_bad_file_is_one_line_naming_the_key(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    message = error_of(tmp_path, text)
+    assert message.startswith("config: ")
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "", {"DEFECTSAM__CAMERA__FPS": "fast"})
+    assert "key 'camera.fps' = 'fast'" in message and "(from DEFECTSAM__CAMERA__FPS)" in message
+    message = error_of(tmp_path, "", {"DEFECTSAM__API__PORTT": "1"})
+    assert "key 'api.portt'" in message and "unknown key" in message
+    message = error_of(tmp_path, "api:\n  port: 1\n", {"DEFECTSAM__API__PORT__X": "1"})
+    assert "'api.port' is not a section" in message
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", {})
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path, {})
+
+
+def _models(model: type[BaseModel]) -> list[type[BaseModel]]:
+    return [obj for obj in vars(config_models).values()
+            if isinstance(obj, type) and issubclass(obj, config_models.Section) and obj is not config_models.Section]
+
+
+def test_every_daemon_field_has_a_title_and_description() -> None:
+    missing = [f"{model.__name__}.{name}" for model in _models(DaemonConfig)
+               for name, info in model.model_fields.items() if not info.title or not info.description]
+    assert not missing
+
+
+def test_example_is_valid_yaml_giving_the_defaults(tmp_path: Path) -> None:
+    text = example_yaml()
+    assert yaml.safe_load(text)["api"]["port"] == 8080
+    assert load_config(write(tmp_path, text), {}) == DaemonConfig()
+    for key in ("camera:", "engine:", "pipeline:", "api:", "live:", "store:", "logging:",
+                "# -- or type: tensorrt", "# -- or type: files", "token: null"):
+        assert key in text
+
+
+def test_docs_embed_the_current_example() -> None:
+    docs = (REPO / "docs" / "service.md").read_text()
+    found = re.search(r"<!-- config-example:start -->\n```yaml\n(.*?)```\n<!-- config-example:end -->", docs, re.S)
+    assert found, "docs/service.md lost its config example markers"
+    assert found.group(1) == example_yaml(), (
+        "docs/service.md's config example is stale: regenerate it with "
+        "'python -m tests.test_config' (or paste the output of 'defectsam config example')")
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=60)
+
+
+def test_config_commands(tmp_path: Path) -> None:
+    good = write(tmp_path, "api:\n  token: abcdefgh12\n")
+    proc = cli("config", "check", str(good))
+    assert proc.returncode == 0, proc.stderr
+    assert "abcdefgh12" not in proc.stdout and "token: '**********'" in proc.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("camera:\n  fps: 0\napi:\n  prot: 1\n")
+    proc = cli("config", "check", str(bad))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.splitlines()) == 2 and "camera.fps" in proc.stderr and "api.prot" in proc.stderr
+    proc = cli("config", "example")
+    assert proc.returncode == 0 and proc.stdout == example_yaml()
+
+
+def test_serve_with_a_bad_config_stops_with_one_line(tmp_path: Path) -> None:
+    bad = write(tmp_path, "camera:\n  fps: -2\n")
+    proc = cli("serve", "--config", str(bad))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("defectsam: error: config: ") and "camera.fps" in lines[0] and "-2" in lines[0]
+    proc = cli("serve", env={"DEFECTSAM__STORE__RETENTION_DAYS": "-1"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "store.retention_days" in proc.stderr and "DEFECTSAM__STORE__RETENTION_DAYS" in proc.stderr
+
+
+def _update_docs() -> None:  # pragma: no cover - run by hand: python -m tests.test_config
+    path = REPO / "docs" / "service.md"
+    text = path.read_text()
+    block = f"<!-- config-example:start -->\n```yaml\n{example_yaml()}```\n<!-- config-example:end -->"
+    text = re.sub(r"<!-- config-example:start -->.*?<!-- config-example:end -->", lambda _: block, text, flags=re.S)
+    path.write_text(text)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _update_docs()

@@ -1,0 +1,245 @@
+"""The daemon end to end: real uvicorn on loopback, the synthetic camera, a tiny engine, the store on disk.
+
+The subprocess test is the daemon as systemd runs it: a real unix datagram socket receives
+READY=1, WATCHDOG=1 and STOPPING=1, and SIGTERM loses no record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from service.ops import SystemdNotifier
+from service.pipeline.record import InspectionRecord
+from service.store import DB_NAME, RecordStore
+
+from .conftest import REPO
+from .daemon_support import (
+    AUTH_HEADER,
+    base_url,
+    config_data,
+    free_port,
+    get_json,
+    http,
+    make_config,
+    ng_bundle,
+    running_daemon,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp())
+
+
+def test_notifier_speaks_sd_notify_over_a_unix_datagram_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(path)
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "3000000"})
+        assert notifier.enabled and notifier.watchdog_interval == 1.5
+        assert notifier.notify("READY=1", "STATUS=inspecting")
+        assert server.recv(4096) == b"READY=1\nSTATUS=inspecting"
+        notifier.close()
+    name = f"defectsam-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind("\0" + name)  # abstract namespace, as systemd may hand out
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": "@" + name})
+        assert notifier.notify("STOPPING=1") and server.recv(100) == b"STOPPING=1"
+        notifier.close()
+    assert not SystemdNotifier({}).notify("READY=1")  # outside systemd: a no-op
+    other_pid = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other_pid.watchdog_interval is None  # the watchdog is meant for another process
+
+
+def test_serve_under_systemd_notify_and_sigterm_loses_nothing(bundle: Path, tmp_path: Path) -> None:
+    port = free_port()
+    data = config_data(tmp_path, bundle, api={"port": port}, logging={"json": True, "level": "INFO"},
+                       camera={"fps": 10.0})
+    config_file = tmp_path / "defectsam.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    notify_path = str(tmp_path / "notify.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(notify_path)
+    server.settimeout(30)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "600000"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config_file)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    messages: list[str] = []
+    try:
+        while "READY=1" not in messages:
+            messages.extend(server.recv(4096).decode().splitlines())
+        assert any(m.startswith("STATUS=inspecting (free_run)") for m in messages), messages
+        while messages.count("WATCHDOG=1") < 2:  # every 0.3 s while healthy
+            messages.extend(server.recv(4096).decode().splitlines())
+        url = f"http://127.0.0.1:{port}"
+        assert get_json(f"{url}/readyz")[0] == 200
+        wait_for(lambda: get_json(f"{url}/api/status")[1]["store"]["written"] >= 3, what="stored records")
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in messages:
+            messages.extend(server.recv(4096).decode().splitlines())
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        server.close()
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/" in out
+    logs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert logs and all({"ts", "level", "logger", "msg"} <= set(entry) for entry in logs)
+    final = [entry for entry in logs if entry.get("event") == "stopped"][-1]
+    # every result published before the stop was kept (NG: all kept), none dropped
+    rows = sqlite3.connect(tmp_path / "store" / DB_NAME).execute("SELECT COUNT(*) FROM records").fetchone()[0]
+    assert final["store_dropped"] == 0
+    assert rows == final["store_written"] == final["results"] > 0
+
+
+def test_triggered_mode_inspects_only_triggered_frames(bundle: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, bundle, pipeline={"mode": "triggered", "trigger_timeout_s": 3.0})
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        wait_for(lambda: daemon.camera.stats().frames_captured >= 3, what="camera frames")
+        assert daemon.counters.snapshot().frames_processed == 0  # nothing inspected without a trigger
+        results = []
+        for part in ("P-1", "P-2", "P-3"):
+            status, _, body = http("POST", f"{url}/api/trigger", {"part_id": part, "wait": True}, headers=AUTH_HEADER)
+            assert status == 200, body
+            results.append(json.loads(body)["result"])
+        assert [r["part_id"] for r in results] == ["P-1", "P-2", "P-3"]
+        assert len({r["acquisition_id"] for r in results}) == 3
+        assert all(r["verdict"] == "NG" for r in results)
+        snapshot = daemon.counters.snapshot()
+        assert snapshot.frames_processed == 3 and snapshot.triggers["inspected"] == 3
+        wait_for(lambda: daemon.store.stats().written == 3, what="three stored")
+        status, page = get_json(f"{url}/api/results?part_id=P-2")
+        assert status == 200 and [item["part_id"] for item in page["items"]] == ["P-2"]
+
+        daemon.camera.stop()  # the camera goes away: a trigger fails safe with NO_FRAME
+        status, _, body = http("POST", f"{url}/api/trigger", {"part_id": "P-4", "wait": True}, headers=AUTH_HEADER)
+        result = json.loads(body)["result"]
+        assert status == 200 and result["verdict"] == "NO_FRAME" and result["part_id"] == "P-4"
+        assert "no frame within 3 s" in result["reason"]
+        status, ready = get_json(f"{url}/readyz")
+        assert status == 503 and any(reason.startswith("camera stopped") for reason in ready["reasons"])
+
+
+def test_an_engine_that_fails_to_load_leaves_the_daemon_up_and_not_ready(tmp_path: Path) -> None:
+    config = make_config(tmp_path, tmp_path / "no-such-bundle")
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        assert daemon.wait_engine(10) == "failed"
+        status, ready = get_json(f"{url}/readyz")
+        assert status == 503 and ready["ready"] is False
+        assert any("engine failed to load" in r and "no-such-bundle" in r for r in ready["reasons"])
+        status, body = get_json(f"{url}/api/status")
+        assert body["engine"]["state"] == "failed" and "bundle directory does not exist" in body["engine"]["error"]
+        status, _, raw = http("POST", f"{url}/api/trigger", {"part_id": "X"}, headers=AUTH_HEADER)
+        assert status == 503 and "engine is failed" in json.loads(raw)["detail"]
+        status, latest = get_json(f"{url}/api/results/latest")
+        assert status == 404 and "engine failed to load" in latest["detail"]
+        assert get_json(f"{url}/healthz")[0] == 200 and daemon.healthy()
+
+
+def _read_mjpeg_parts(url: str, count: int, timeout: float = 30.0) -> list[bytes]:
+    parts = []
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        assert response.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
+        while len(parts) < count:
+            line = response.readline()
+            if line.startswith(b"Content-Length:"):
+                length = int(line.split(b":")[1])
+                response.readline()
+                parts.append(response.read(length))
+    return parts
+
+
+def test_live_view_encodes_only_while_watched_and_events_stream(bundle: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, bundle, live={"max_fps": 20})
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 4, what="results")
+        assert daemon.live.viewers == 0 and daemon.live.encoded == 0  # results flowed, nothing was encoded
+
+        parts = _read_mjpeg_parts(f"{url}/api/live.mjpeg", 3)
+        assert all(p[:2] == b"\xff\xd8" for p in parts)  # JPEG
+        assert daemon.live.encoded >= 3
+        wait_for(lambda: daemon.live.viewers == 0, what="the viewer to be counted out")
+        time.sleep(0.5)
+        encoded = daemon.live.encoded
+        time.sleep(1.0)
+        assert daemon.live.encoded == encoded  # stopped with the last viewer
+
+        events: list[tuple[str, Any]] = []
+        with urllib.request.urlopen(f"{url}/api/events", timeout=30) as response:
+            kind = None
+            while len([e for e in events if e[0] == "result"]) < 2:
+                line = response.readline().decode().strip()
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    events.append((kind or "", json.loads(line[5:])))
+        kinds = [k for k, _ in events]
+        assert kinds[0] == "status" and events[0][1]["ready"] is True
+        result = next(payload for k, payload in events if k == "result")
+        assert result["verdict"] == "NG" and "polygon" not in result["defects"][0]
+        wait_for(lambda: daemon.events.clients == 0, what="the event client to be counted out")
+
+
+class SlowStore(RecordStore):
+    """A store on a disk that takes half a second per record."""
+
+    def _write(self, conn: Any, record: InspectionRecord) -> None:
+        time.sleep(0.5)
+        super()._write(conn, record)
+
+
+def test_a_slow_disk_and_a_stalled_viewer_never_stall_inference(bundle: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, bundle, store={"queue_size": 2}, camera={"fps": 20.0})
+    with running_daemon(config) as daemon:
+        slow = SlowStore(config.store)
+        slow.open()
+        slow.start()
+        daemon.pipeline.subscribe("slow-store", slow.offer)
+        # a viewer that connects and never reads
+        stalled = socket.create_connection(("127.0.0.1", daemon.port))
+        stalled.sendall(b"GET /api/live.mjpeg HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: daemon.live.viewers == 1, what="the stalled viewer")
+        start = daemon.counters.snapshot().frames_processed
+        time.sleep(3.0)
+        processed = daemon.counters.snapshot().frames_processed - start
+        stalled.close()
+        slow.stop()
+        assert processed >= 6, f"only {processed} frames in 3 s"  # the tiny engine keeps its pace
+        assert slow.stats().dropped["queue_full"] > 0 and slow.stats().written < processed
+        assert daemon.pipeline.healthy()
+
+
+def test_in_process_shutdown_is_prompt_with_clients_connected(bundle: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, bundle)
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 1, what="a result")
+        reader = threading.Thread(target=lambda: _read_mjpeg_parts(f"{url}/api/live.mjpeg", 10**6, 60),
+                                  daemon=True)
+        reader.start()
+        wait_for(lambda: daemon.live.viewers == 1, what="a viewer")
+        started = time.monotonic()
+    assert time.monotonic() - started < 15
+    assert not daemon.pipeline.healthy()

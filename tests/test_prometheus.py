@@ -1,0 +1,96 @@
+"""A real Prometheus (Debian's ``prometheus``) scrapes the daemon; its query API shows the defectsam series."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .daemon_support import base_url, free_port, get_json, http, make_config, ng_bundle, running_daemon, wait_for
+
+pytestmark = pytest.mark.slow
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.fixture(scope="module")
+def daemon(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    tmp = tmp_path_factory.mktemp("prom-daemon")
+    config = make_config(tmp, ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp()))
+    with running_daemon(config) as running:
+        wait_for(lambda: running.counters.snapshot().frames_processed >= 2, what="results")
+        yield running
+
+
+def test_metrics_follow_prometheus_conventions_and_match_the_status_api(daemon: Any) -> None:
+    status, headers, body = http("GET", f"{base_url(daemon)}/metrics")
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    for name, kind in [
+        ("defectsam_frames_captured", "counter"), ("defectsam_frames_processed", "counter"),
+        ("defectsam_frames_dropped", "counter"), ("defectsam_pipeline_fps", "gauge"),
+        ("defectsam_latency_seconds", "histogram"), ("defectsam_verdicts", "counter"),
+        ("defectsam_defects", "counter"), ("defectsam_camera_reconnects", "counter"),
+        ("defectsam_camera_state", "gauge"), ("defectsam_engine_info", "gauge"),  # an Info, as text
+        ("defectsam_store_records_written", "counter"), ("defectsam_store_records_dropped", "counter"),
+        ("defectsam_live_viewers", "gauge"), ("defectsam_process_resident_memory_bytes", "gauge"),
+    ]:
+        assert families[name].type == kind, name
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    stages = {dict(labels)["stage"] for (name, labels) in samples if name == "defectsam_latency_seconds_count"}
+    assert stages == {"capture_to_preprocess", "preprocess", "infer", "postprocess", "end_to_end"}
+    info = next(dict(labels) for (name, labels) in samples if name == "defectsam_engine_info")
+    assert info["bundle"] == "tiny-student-ng" and info["weights"] == "untrained" and info["precision"] == "fp32"
+    assert samples[("defectsam_camera_state", (("state", "connected"),))] == 1
+    # counters only grow, and the JSON status (taken after) is never behind the scrape
+    _, snapshot = get_json(f"{base_url(daemon)}/api/status")
+    assert snapshot["pipeline"]["frames_processed"] >= samples[("defectsam_frames_processed_total", ())]
+    assert snapshot["pipeline"]["verdicts"]["NG"] >= samples[("defectsam_verdicts_total", (("verdict", "NG"),))] > 0
+
+
+@pytest.mark.skipif(PROMETHEUS is None, reason="prometheus binary not found (apt-get install prometheus)")
+def test_prometheus_scrapes_the_daemon(daemon: Any, tmp_path: Path) -> None:
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: defectsam\n    static_configs:\n"
+        f"      - targets: ['127.0.0.1:{daemon.port}']\n")
+    proc = subprocess.Popen(
+        [str(PROMETHEUS), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    api = f"http://127.0.0.1:{port}/api/v1"
+
+    def query(expr: str) -> list[dict[str, Any]]:
+        try:
+            status, body = get_json(f"{api}/query?query={urllib.parse.quote(expr)}", timeout=5)
+        except OSError:
+            return []
+        return body["data"]["result"] if status == 200 else []
+
+    try:
+        processed = wait_for(lambda: query("defectsam_frames_processed_total"), timeout=60, interval=0.5,
+                             what="Prometheus to scrape defectsam_frames_processed_total")
+        assert processed[0]["metric"]["job"] == "defectsam" and float(processed[0]["value"][1]) > 0
+        up = query('up{job="defectsam"}')
+        assert up and up[0]["value"][1] == "1"
+        buckets = wait_for(lambda: query('defectsam_latency_seconds_bucket{stage="end_to_end"}'), timeout=30,
+                           what="latency histogram buckets")
+        assert len(buckets) >= 10
+        info = query("defectsam_engine_info")
+        assert info and info[0]["metric"]["bundle"] == "tiny-student-ng"
+        status, names = get_json(f"{api}/label/__name__/values")
+        assert status == 200 and sum(name.startswith("defectsam_") for name in names["data"]) >= 20
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
