@@ -280,8 +280,10 @@ def describe_url(daemon: Daemon) -> str:
 
 def run(config: DaemonConfig, **kwargs: Any) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit status."""
-    from service.ops import install_signal_handlers
+    from service.ops import install_signal_handlers, tune_allocator
 
+    if not tune_allocator():
+        log.info("allocator left as it is (not glibc)")
     daemon = Daemon(config, **kwargs)
     install_signal_handlers(daemon.request_stop)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -116,11 +117,11 @@ class OnnxRuntimeEngine:
         shape = bundle.manifest.graph_shape
         _check_io(bundle.fused_graph, self._session.get_inputs(), (shape.input_spec(),), "input")
         _check_io(bundle.fused_graph, self._session.get_outputs(), shape.fused_outputs(), "output")
+        # The decoder-only graph serves interactive prompts, never the per-frame path: it is opened
+        # on first use (its checksum was verified with the bundle), saving its memory on a line box.
+        self._ort = ort
         self._decoder: Any = None
-        decoder_path = bundle.decoder_graph
-        if decoder_path is not None:
-            self._decoder = self._open(ort, decoder_path)
-            _check_io(decoder_path, self._decoder.get_inputs(), shape.decoder_inputs(), "input")
+        self._decoder_lock = threading.Lock()
 
     def _open(self, runtime: Any, path: Any) -> ort.InferenceSession:
         options = runtime.SessionOptions()
@@ -161,11 +162,21 @@ class OnnxRuntimeEngine:
             image_embedding=values.get("image_embedding"),
         )
 
+    def _decoder_session(self) -> Any:
+        with self._decoder_lock:
+            if self._decoder is None:
+                path = self.bundle.decoder_graph
+                if path is None:
+                    raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
+                session = self._open(self._ort, path)
+                _check_io(path, session.get_inputs(), self.bundle.manifest.graph_shape.decoder_inputs(), "input")
+                self._decoder = session
+            return self._decoder
+
     def prompt(
         self, image_embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        if self._decoder is None:
-            raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
+        decoder = self._decoder_session()
         feeds = dict(
             zip(
                 DECODER_INPUT_NAMES,
@@ -177,7 +188,7 @@ class OnnxRuntimeEngine:
                 strict=True,
             )
         )
-        mask_logits, iou = self._decoder.run(list(DECODER_OUTPUT_NAMES), feeds)
+        mask_logits, iou = decoder.run(list(DECODER_OUTPUT_NAMES), feeds)
         return mask_logits, iou
 
     def close(self) -> None:

@@ -24,10 +24,11 @@ KEY = "synthetic"
 class Config(CameraConfigBase):
     type: Literal["synthetic"] = Field(default="synthetic", title="Camera type", description="selects this plugin")
     fps: float = Field(
-        default=5.0, gt=0, le=1000, title="Frames per second", description="rate the frames are streamed at"
+        default=25.0, gt=0, le=1000, title="Frames per second",
+        description="rate the frames are streamed at (25: the line rate the engine must keep up with)",
     )
     pool_size: int = Field(
-        default=8, ge=1, le=64, title="Pre-rendered frames",
+        default=4, ge=1, le=64, title="Pre-rendered frames",
         description="frames rendered when the camera opens and streamed in a loop (about 12 MB each at 4 MP)",
     )
     seed: int = Field(default=0, ge=0, title="First seed", description="the pool is seeds seed .. seed + pool_size - 1")
