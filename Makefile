@@ -13,7 +13,7 @@ REFERENCE := .cache/reference/mobilesam
 DEMO_PORT ?= 8080
 PEERS := prometheus chromium
 
-.PHONY: demo demo-infer test lint peers bench default-bundle clean
+.PHONY: demo demo-infer test lint peers bench default-bundle train-quickstart clean
 
 # The runtime as a line box gets it: engines + service, no torch.
 $(RUN_VENV)/.installed: pyproject.toml
@@ -59,10 +59,20 @@ bench: $(DEV_VENV)/.installed
 	test -f $(REFERENCE)/manifest.json || $(DEV_VENV)/bin/defectsam-train export --arch mobilesam --random-init --out $(REFERENCE)
 	$(DEV_VENV)/bin/defectsam bench engine --reference $(REFERENCE) --json out/bench/engine.json
 
-# Re-export the embedded default bundle (untrained stand-in until the training issue lands).
+# Train and export the embedded default bundle: synthetic data only (licence-clean), about an hour on 2 CPU
+# cores; docs/training.md has the teacher route for a GPU box.
 default-bundle: $(DEV_VENV)/.installed
-	$(DEV_VENV)/bin/defectsam-train export --arch student_cnn --random-init --seed 0 \
-		--name defectsam-student-cnn-untrained --out engines/default
+	$(DEV_VENV)/bin/defectsam-train distill --config training/configs/default_synthetic.yaml
+	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic/best.pt \
+		--name defectsam-student-cnn-synthetic --out engines/default
+
+# The worked example of docs/training.md: synthetic data to a bundle on a CPU in minutes.
+train-quickstart: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/defectsam-train synth --out runs/synth --n 8 --width 256 --height 144 --seed 100000
+	$(DEV_VENV)/bin/defectsam-train finetune-teacher --config training/configs/quickstart_teacher.yaml
+	$(DEV_VENV)/bin/defectsam-train cache-teacher --config training/configs/quickstart.yaml
+	$(DEV_VENV)/bin/defectsam-train distill --config training/configs/quickstart.yaml
+	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/quickstart/best.pt --out runs/quickstart-bundle
 
 clean:
 	rm -rf $(RUN_VENV) $(DEV_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -22,9 +22,26 @@ EMBED_DIM = 256
 PARTS: tuple[str, ...] = ("encoder", "neck", "saliency_head", "prompt_encoder", "mask_decoder")
 
 
+# Teacher-sized encoders: the MobileNetV2 table at twice the width, and TinyViT-21M's numbers.
+WIDE_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (1, 32, 1, 1),
+    (4, 48, 2, 2),
+    (4, 80, 3, 2),
+    (4, 160, 4, 2),
+    (6, 224, 3, 1),
+    (6, 320, 1, 1),
+)
+_ENCODERS: dict[str, Callable[[], MobileCNN | TinyViT]] = {
+    "cnn": MobileCNN,
+    "cnn_wide": partial(MobileCNN, stages=WIDE_STAGES, stem_channels=32),
+    "tiny_vit": TinyViT,
+    "tiny_vit_21m": partial(TinyViT, embed_dims=(96, 192, 384, 576), num_heads=(3, 6, 12, 18)),
+}
+
+
 def _build(
     *,
-    encoder: Literal["cnn", "tiny_vit"],
+    encoder: Literal["cnn", "cnn_wide", "tiny_vit", "tiny_vit_21m"],
     neck: Literal["conv", "sam"],
     decoder: Literal["slim", "sam"],
     skip: bool,
@@ -41,7 +58,7 @@ def _build(
     if not 1 <= k <= grid[0] * grid[1]:
         raise ValueError(f"k must be between 1 and {grid[0] * grid[1]} (cells of the heatmap), got {k}")
 
-    image_encoder: MobileCNN | TinyViT = MobileCNN() if encoder == "cnn" else TinyViT()
+    image_encoder = _ENCODERS[encoder]()
     neck_module = (ConvNeck if neck == "conv" else SamNeck)(image_encoder.out_channels, EMBED_DIM)
     if decoder == "sam":
         transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048)
@@ -85,6 +102,11 @@ _REGISTRY: dict[str, Callable[..., DefectSegmenter]] = {
     "student_vit": partial(_build, encoder="tiny_vit", neck="conv", decoder="slim", skip=False),
     # MobileSAM (TinyViT-5M, SAM neck, full SAM mask decoder, masks at stride 4) + the saliency head.
     "mobilesam": partial(_build, encoder="tiny_vit", neck="sam", decoder="sam", skip=False),
+    # Teachers of the project's own family, trained first and distilled into a student. Their slim
+    # decoder has the students' shapes, so the mobilesam recipe can copy it into student_cnn/_vit.
+    # A wide MobileNetV2 (fits a CPU schedule) and TinyViT-21M (for a GPU).
+    "teacher_cnn": partial(_build, encoder="cnn_wide", neck="conv", decoder="slim", skip=False),
+    "teacher_vit": partial(_build, encoder="tiny_vit_21m", neck="conv", decoder="slim", skip=False),
 }
 
 
