@@ -36,6 +36,23 @@ def add_parser(commands: Any) -> None:
     engine.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     engine.set_defaults(run=run_engine)
 
+    pipeline = kinds.add_parser(
+        "pipeline", help="the daemon's inspected FPS against engine-only FPS, latency, memory, in one run",
+        description="Engine-only FPS, then the daemon itself on synthetic 4 MP frames streamed faster than the "
+                    "engine takes them: inspected FPS, their ratio, capture-to-result latency, memory and CPU.",
+    )
+    pipeline.add_argument("--config", type=Path, default=None,
+                          help="daemon config file (default: built-in defaults; DEFECTSAM__* variables apply)")
+    pipeline.add_argument("--bundle", type=Path, default=None, help="bundle (default: the config's, else the default)")
+    pipeline.add_argument("--duration", type=float, default=60.0, help="measured window in seconds (default 60)")
+    pipeline.add_argument("--warmup", type=float, default=10.0, help="seconds before the window opens (default 10)")
+    pipeline.add_argument("--camera-fps", type=float, default=30.0,
+                          help="synthetic camera rate, above the engine's so it is the bottleneck (default 30)")
+    pipeline.add_argument("--engine-iterations", type=int, default=30, help="engine-only timed runs (default 30)")
+    pipeline.add_argument("--no-store", action="store_true", help="keep no records (default: a temporary store)")
+    pipeline.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    pipeline.set_defaults(run=run_pipeline)
+
 
 def run_engine(args: argparse.Namespace) -> int:
     if args.iterations < 1 or args.warmup < 0 or args.threads < 0:
@@ -72,5 +89,33 @@ def run_engine(args: argparse.Namespace) -> int:
     if args.json is not None:
         payload = {"machine": machine, "iterations": args.iterations, "warmup": args.warmup,
                    "threads": args.threads, "results": [r.to_dict() for r in results]}
+        write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def run_pipeline(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from service.config import load_config
+    from service.ops import tune_allocator
+    from service.pipeline_bench import bench_pipeline, markdown_report
+
+    tune_allocator()  # as the daemon does
+    with tempfile.TemporaryDirectory(prefix="defectsam-bench-") as scratch:
+        config = load_config(args.config)
+        changes: dict[str, Any] = {
+            "api": config.api.model_copy(update={"host": "127.0.0.1", "port": 0}),
+            "store": config.store.model_copy(update={"enabled": not args.no_store, "path": Path(scratch) / "store"}),
+        }
+        if args.bundle is not None:
+            changes["engine"] = config.engine.model_copy(update={"bundle": args.bundle})
+        if config.camera.type == "synthetic":
+            changes["camera"] = config.camera.model_copy(update={"fps": args.camera_fps})
+        config = config.model_copy(update=changes)
+        result = bench_pipeline(config, duration_s=args.duration, warmup_s=args.warmup,
+                                engine_iterations=args.engine_iterations)
+    print(markdown_report(result))
+    if args.json is not None:
+        payload = {"machine": machine_description(), **result.to_dict()}
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
     return 0

@@ -1,0 +1,192 @@
+"""Pipeline benchmark: does the daemon keep up with its engine? One run, two measurements.
+
+1. Engine only: the bundle on the configured backend, fed one preprocessed 2688x1520 synthetic
+   frame over and over; FPS from the median latency.
+2. The daemon itself (``service.app.Daemon``: camera thread, pipeline threads, HTTP server,
+   live view and store as configured), with the synthetic camera streaming 4 MP frames faster
+   than the engine can take them, so the engine is the bottleneck; inspected FPS over a window
+   after a warm-up, capture-to-result latency from each published record's stage stamps, and
+   the process's resident memory and CPU sampled once a second.
+
+The ratio pipeline FPS / engine FPS says how much the overlapped stages cost the engine
+(1.0: nothing). Both run in this process, one after the other, on the same bundle and backend.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engines.backends import open_engine
+from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from engines.errors import DefectsamError
+from engines.preprocess import Preprocessor
+from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
+from service.app import Daemon
+from service.config import DaemonConfig
+from service.pipeline.record import InspectionRecord
+
+
+@dataclass(frozen=True)
+class PipelineBenchResult:
+    bundle: str
+    backend: str
+    frame: str
+    engine_fps_median: float
+    engine_latency_ms_p50: float
+    engine_latency_ms_p99: float
+    pipeline_fps: float
+    ratio: float
+    camera_fps: float
+    frames_captured: int
+    frames_dropped: int
+    inspected: int
+    window_s: float
+    latency_ms_p50: float  # capture -> result published
+    latency_ms_p99: float
+    stage_ms_p50: dict[str, float]
+    rss_mb_start: float
+    rss_mb_end: float
+    rss_mb_peak: float
+    cpu_percent: float  # of one core, averaged over the window
+    rss_mb_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB), one a minute
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB, from /proc."""
+    values = {}
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, amount = line.split(":", 1)
+                values[key] = int(amount.split()[0]) / 1024.0
+    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+
+
+def _engine_only(config: DaemonConfig, iterations: int) -> tuple[str, str, list[float]]:
+    bundle = load_bundle(config.engine.bundle or DEFAULT_BUNDLE_DIR)
+    engine = open_engine(bundle, config.engine.backend)
+    try:
+        frame = render_frame(0, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image
+        tensor, _ = Preprocessor(bundle.manifest.input)(frame)
+        for _ in range(3):
+            engine.infer(tensor)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            engine.infer(tensor)
+            times.append(time.perf_counter() - start)
+        return bundle.manifest.name, engine.backend_name, times
+    finally:
+        engine.close()
+
+
+def bench_pipeline(
+    config: DaemonConfig, *, duration_s: float = 60.0, warmup_s: float = 10.0, engine_iterations: int = 30
+) -> PipelineBenchResult:
+    if duration_s <= 0 or warmup_s < 0 or engine_iterations < 1:
+        raise DefectsamError("--duration must be > 0, --warmup >= 0 and --engine-iterations >= 1")
+    name, backend, engine_times = _engine_only(config, engine_iterations)
+    engine_ms = np.asarray(engine_times) * 1000.0
+
+    records: list[InspectionRecord] = []
+    collecting = threading.Event()
+
+    def collect(record: InspectionRecord) -> None:
+        if collecting.is_set() and record.frame is not None:
+            records.append(record.without_frame())
+
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        if daemon.wait_engine(120.0) != "ready" or daemon.pipeline is None:
+            raise DefectsamError(f"the daemon's engine did not load: {'; '.join(daemon.not_ready())}")
+        daemon.pipeline.subscribe("bench", collect)
+        time.sleep(warmup_s)
+        before = daemon.snapshot()
+        cpu_before, t_before = sum(os.times()[:2]), time.monotonic()
+        rss_start, _ = _rss_mb()
+        series = [(0.0, round(rss_start, 1))]
+        collecting.set()
+        next_sample = t_before + 60.0
+        while (now := time.monotonic()) < t_before + duration_s:
+            time.sleep(min(1.0, t_before + duration_s - now))
+            if time.monotonic() >= next_sample:
+                series.append((round(time.monotonic() - t_before, 1), round(_rss_mb()[0], 1)))
+                next_sample += 60.0
+        collecting.clear()
+        window = time.monotonic() - t_before
+        cpu = sum(os.times()[:2]) - cpu_before
+        after = daemon.snapshot()
+        rss_end, rss_peak = _rss_mb()
+    finally:
+        daemon.stop()
+
+    inspected = after.pipeline.frames_processed - before.pipeline.frames_processed
+    pipeline_fps = inspected / window
+    latencies = [r.times.latencies() for r in records]
+    latencies = [lat for lat in latencies if lat]
+    if not latencies:
+        raise DefectsamError("no frame was inspected during the window; is the camera producing frames?")
+    end_to_end = np.asarray([lat["end_to_end"] for lat in latencies]) * 1000.0
+    stages = {key: round(float(np.median([lat[key] for lat in latencies])) * 1000.0, 1)
+              for key in latencies[0] if key != "end_to_end"}
+    engine_fps = 1000.0 / float(np.median(engine_ms))
+    series.append((round(window, 1), round(rss_end, 1)))
+    return PipelineBenchResult(
+        bundle=name,
+        backend=backend,
+        frame=_frame_size(config),
+        engine_fps_median=round(engine_fps, 2),
+        engine_latency_ms_p50=round(float(np.percentile(engine_ms, 50)), 1),
+        engine_latency_ms_p99=round(float(np.percentile(engine_ms, 99)), 1),
+        pipeline_fps=round(pipeline_fps, 2),
+        ratio=round(pipeline_fps / engine_fps, 3),
+        camera_fps=round((after.camera.frames_captured - before.camera.frames_captured) / window, 2),
+        frames_captured=after.camera.frames_captured - before.camera.frames_captured,
+        frames_dropped=after.camera.frames_dropped - before.camera.frames_dropped,
+        inspected=inspected,
+        window_s=round(window, 1),
+        latency_ms_p50=round(float(np.percentile(end_to_end, 50)), 1),
+        latency_ms_p99=round(float(np.percentile(end_to_end, 99)), 1),
+        stage_ms_p50=stages,
+        rss_mb_start=round(rss_start, 1),
+        rss_mb_end=round(rss_end, 1),
+        rss_mb_peak=round(rss_peak, 1),
+        cpu_percent=round(100.0 * cpu / window, 1),
+        rss_mb_series=series,
+    )
+
+
+def _frame_size(config: DaemonConfig) -> str:
+    camera = config.camera
+    if camera.type == "synthetic":
+        return f"{camera.width}x{camera.height} synthetic"
+    return f"{camera.type} camera"
+
+
+def markdown_report(result: PipelineBenchResult) -> str:
+    r = result
+    return "\n".join([
+        f"bundle {r.bundle} on {r.backend}, {r.frame} frames",
+        "",
+        "| measure | value |",
+        "|---|---:|",
+        f"| engine-only FPS (median of the run) | {r.engine_fps_median:.2f} |",
+        f"| engine latency p50 / p99 ms | {r.engine_latency_ms_p50:.1f} / {r.engine_latency_ms_p99:.1f} |",
+        f"| pipeline FPS (inspected, {r.window_s:.0f} s window) | {r.pipeline_fps:.2f} |",
+        f"| pipeline / engine | {r.ratio:.3f} |",
+        f"| camera FPS, frames dropped at the slot | {r.camera_fps:.1f}, {r.frames_dropped} |",
+        f"| capture -> result p50 / p99 ms | {r.latency_ms_p50:.1f} / {r.latency_ms_p99:.1f} |",
+        "| stage p50 ms | " + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_ms_p50.items()) + " |",
+        f"| resident memory start / end / peak MB | {r.rss_mb_start:.0f} / {r.rss_mb_end:.0f} / {r.rss_mb_peak:.0f} |",
+        f"| CPU (% of one core) | {r.cpu_percent:.0f} |",
+    ])
