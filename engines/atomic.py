@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,3 +26,24 @@ def write_bytes_atomic(path: Path | str, data: bytes) -> None:
 
 def write_text_atomic(path: Path | str, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the finished directory ``new`` to ``target``; an existing ``target`` is moved aside first,
+    then removed. Readers see the old directory or the new one, never a mix; a failed rename puts the
+    old one back. Files in the old ``target`` are not carried over (a bundle's cached TensorRT plans,
+    built from old weights, must not be reused).
+    """
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if not target.is_dir():
+        raise NotADirectoryError(f"{target} exists and is not a directory; refusing to replace it")
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engines.atomic import replace_dir
 from engines.contract import FUSED_OUTPUT_NAMES, GraphShape
 from engines.errors import BundleError
 
@@ -259,7 +260,10 @@ def write_bundle(out_dir: Path | str, manifest_fields: Mapping[str, Any], files:
             handle.write(manifest.to_json())
             handle.flush()
             os.fsync(handle.fileno())
-        _replace_dir(staging, out_dir)
+        try:
+            replace_dir(staging, out_dir)
+        except NotADirectoryError:
+            raise BundleError(out_dir, "exists and is not a directory; refusing to replace it") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -270,24 +274,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then removed.
-
-    Files in an existing target that the bundle does not list (cached TensorRT plans) are
-    not carried over: a plan built from old weights must not be reused.
-    """
-    if not target.exists():
-        os.replace(new, target)
-        return
-    if not target.is_dir():
-        raise BundleError(target, "exists and is not a directory; refusing to replace it")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -8,7 +8,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from engines.results import Defect, InspectionResult, Verdict
 from service.config import DaemonConfig
 from service.ops import SystemdNotifier
 from service.pipeline.record import InspectionRecord, StageTimes
+from .support import wait_for  # noqa: F401 - re-exported for the daemon tests
 
 TOKEN = "test-token-123"
 AUTH_HEADER = {"Authorization": f"Bearer {TOKEN}"}
@@ -122,17 +123,6 @@ def http(method: str, url: str, body: bytes | dict[str, Any] | None = None,
 def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:
     status, _, body = http("GET", url, **kwargs)
     return status, json.loads(body)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or predicate}")
-        time.sleep(interval)
 
 
 def make_record(inspection_id: int, verdict: Verdict = Verdict.NG, *, wall_time: float | None = None,

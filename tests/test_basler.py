@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +27,12 @@ from service.capture import (
     create_worker,
     parse_camera_config,
 )
+from .support import wait_for
 
 EMULATED = "0815-0000"
 
 # pypylon's SWIG bindings warn on import under Python 3.11+; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig:DeprecationWarning")
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
 
 def test_missing_pypylon_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pypylon", None)  # what `import pypylon` meets when it is not installed
@@ -127,7 +120,7 @@ def test_software_trigger_gives_one_frame_per_trigger(
 ) -> None:
     folder, images = synthetic_pngs
     worker = _start(workers, _emulated(folder, trigger="software"))
-    _wait_for(lambda: worker.stats().state is CameraState.CONNECTED, what="the emulated camera to open")
+    wait_for(lambda: worker.stats().state is CameraState.CONNECTED, what="the emulated camera to open")
     time.sleep(0.5)
     assert worker.stats().frames_captured == 0  # no trigger, no frame
     assert worker.stats().triggerable
@@ -148,7 +141,7 @@ def test_software_trigger_gives_one_frame_per_trigger(
 def test_a_camera_that_is_not_there_is_retried(emulation: None, workers: list[CameraWorker]) -> None:
     worker = _start(workers, {"type": "basler", "serial": "0815-0042",
                               "reconnect": {"initial_s": 0.05, "max_s": 0.2}})
-    _wait_for(lambda: worker.stats().disconnects >= 2, what="failed attempts")
+    wait_for(lambda: worker.stats().disconnects >= 2, what="failed attempts")
     stats = worker.stats()
     assert stats.state is CameraState.RECONNECTING
     assert stats.last_error is not None and "no camera found (serial 0815-0042" in stats.last_error

@@ -9,7 +9,7 @@ import itertools
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from service.capture import (
     parse_camera_config,
 )
 from service.capture.backoff import Backoff
+from .support import wait_for
 
 FAST_RECONNECT = {"initial_s": 0.05, "max_s": 0.4, "factor": 2.0}
 
@@ -37,14 +38,6 @@ FAST_RECONNECT = {"initial_s": 0.05, "max_s": 0.4, "factor": 2.0}
 def _frame(acquisition_id: int, captured_at: float | None = None) -> Frame:
     now = time.monotonic() if captured_at is None else captured_at
     return Frame(np.zeros((2, 2), np.uint8), acquisition_id, now, time.time(), "test")
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture()
@@ -273,7 +266,7 @@ def test_files_folder_loops_in_name_order(workers: list[CameraWorker], png_folde
 
 def test_files_folder_once_ends_cleanly(workers: list[CameraWorker], png_folder: Path) -> None:
     worker = _start(workers, {"type": "files", "path": str(png_folder), "mode": "once", "fps": 0})
-    _wait_for(lambda: worker.stats().state is CameraState.STOPPED, what="the end of the folder")
+    wait_for(lambda: worker.stats().state is CameraState.STOPPED, what="the end of the folder")
     stats = worker.stats()
     assert stats.frames_captured == 3 and stats.end_of_stream and stats.last_error is None
     last = worker.slot.get(0)
@@ -296,13 +289,13 @@ def short_video(tmp_path: Path) -> Path:
 
 def test_files_video_loop_and_once(workers: list[CameraWorker], short_video: Path) -> None:
     looping = _start(workers, {"type": "files", "path": str(short_video), "fps": 0}, name="loop")
-    _wait_for(lambda: looping.stats().frames_captured > 20, what="the video to loop")
+    wait_for(lambda: looping.stats().frames_captured > 20, what="the video to loop")
     assert looping.stats().state is CameraState.CONNECTED and looping.stats().reconnects == 0
     looping.stop()
 
     once = _start(workers, {"type": "files", "path": str(short_video), "mode": "once"}, name="once")
     frames = _collect(once, 8)  # the video plays at its own 20 fps: every frame can be read
-    _wait_for(lambda: once.stats().state is CameraState.STOPPED, what="the end of the video")
+    wait_for(lambda: once.stats().state is CameraState.STOPPED, what="the end of the video")
     stats = once.stats()
     assert stats.frames_captured == 8 and stats.end_of_stream and stats.last_error is None
     assert [f.source for f in frames] == [f"{short_video}#{i}" for i in range(8)]
@@ -312,7 +305,7 @@ def test_files_video_loop_and_once(workers: list[CameraWorker], short_video: Pat
 
 def test_files_camera_lost_and_found_again(workers: list[CameraWorker], png_folder: Path) -> None:
     worker = _start(workers, {"type": "files", "path": str(png_folder), "fps": 50, "reconnect": FAST_RECONNECT})
-    _wait_for(lambda: worker.stats().frames_captured >= 3, what="frames")
+    wait_for(lambda: worker.stats().frames_captured >= 3, what="frames")
     moved = png_folder.with_name("unmounted")
     png_folder.rename(moved)  # the share goes away
 
@@ -325,7 +318,7 @@ def test_files_camera_lost_and_found_again(workers: list[CameraWorker], png_fold
             retries.append(delay)
         return len(retries) >= 3
 
-    _wait_for(backing_off, what="three growing retry delays")
+    wait_for(backing_off, what="three growing retry delays")
     stats = worker.stats()
     assert retries == sorted(retries) and retries[-1] > retries[0]
     assert stats.disconnects >= 3 and stats.reconnects == 0
@@ -333,7 +326,7 @@ def test_files_camera_lost_and_found_again(workers: list[CameraWorker], png_fold
     before = stats.frames_captured
 
     moved.rename(png_folder)  # and comes back
-    _wait_for(lambda: worker.stats().frames_captured > before + 2, what="frames after the folder returned")
+    wait_for(lambda: worker.stats().frames_captured > before + 2, what="frames after the folder returned")
     stats = worker.stats()
     assert stats.state is CameraState.CONNECTED and stats.reconnects == 1
     assert stats.retry_in_s is None and stats.last_error is not None  # the last failure stays visible
@@ -344,7 +337,7 @@ def test_files_camera_lost_and_found_again(workers: list[CameraWorker], png_fold
 def test_stop_interrupts_a_long_backoff(workers: list[CameraWorker], tmp_path: Path) -> None:
     worker = _start(workers, {"type": "files", "path": str(tmp_path / "absent"),
                               "reconnect": {"initial_s": 30, "max_s": 60}})
-    _wait_for(lambda: worker.stats().state is CameraState.RECONNECTING, what="RECONNECTING")
+    wait_for(lambda: worker.stats().state is CameraState.RECONNECTING, what="RECONNECTING")
     assert worker.stats().retry_in_s == 30
     start = time.monotonic()
     worker.stop()
@@ -358,7 +351,7 @@ def test_stop_interrupts_a_long_backoff(workers: list[CameraWorker], tmp_path: P
 
 def test_opencv_reads_a_video_file_to_its_end(workers: list[CameraWorker], short_video: Path) -> None:
     worker = _start(workers, {"type": "opencv", "device": str(short_video)})
-    _wait_for(lambda: worker.stats().state is CameraState.STOPPED, what="the end of the video")
+    wait_for(lambda: worker.stats().state is CameraState.STOPPED, what="the end of the video")
     stats = worker.stats()
     assert stats.frames_captured == 8 and stats.end_of_stream and stats.last_error is None
     frame = worker.slot.get(0)
@@ -370,7 +363,7 @@ def test_opencv_stream_that_fails_backs_off_then_recovers(
 ) -> None:
     url = "rtsp://operator:hunter2@127.0.0.1:9/line"  # nothing listens on the discard port
     worker = _start(workers, {"type": "opencv", "device": url, "reconnect": FAST_RECONNECT}, name="rtsp")
-    _wait_for(lambda: worker.stats().disconnects >= 4, what="four failed attempts")
+    wait_for(lambda: worker.stats().disconnects >= 4, what="four failed attempts")
     stats = worker.stats()
     assert stats.state is CameraState.RECONNECTING and stats.frames_captured == 0
     assert stats.retry_in_s is not None and stats.retry_in_s >= 0.4  # 0.05 -> 0.1 -> 0.2 -> 0.4 (the cap)
@@ -381,8 +374,8 @@ def test_opencv_stream_that_fails_backs_off_then_recovers(
     # a device that appears later: the camera connects on a retry, and the reconnection is counted
     later = tmp_path / "later.avi"
     late = _start(workers, {"type": "opencv", "device": str(later), "reconnect": FAST_RECONNECT}, name="late")
-    _wait_for(lambda: late.stats().disconnects >= 2, what="failed attempts")
+    wait_for(lambda: late.stats().disconnects >= 2, what="failed attempts")
     shutil.copy(short_video, tmp_path / "partial")
     (tmp_path / "partial").rename(later)  # appears whole
-    _wait_for(lambda: late.stats().frames_captured == 8, what="frames once the device appeared")
+    wait_for(lambda: late.stats().frames_captured == 8, what="frames once the device appeared")
     assert late.stats().reconnects == 1

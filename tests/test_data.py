@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from engines.errors import DefectsamError
 from engines.preprocess import Letterbox, Preprocessor
 from tests.conftest import DATASETS
+from .support import run_command_module
 from training.data.errors import DatasetError
 from training.data.folder import FolderDataset
 from training.data.magnetic_tile import MagneticTileDataset
@@ -210,20 +208,6 @@ def test_synthetic_reader_is_deterministic_by_index_and_seed() -> None:
         a[4]
 
 
-def _run_command(module: object, argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run one command module the way defectsam-train does: DefectsamError -> one line, exit 2."""
-    parser = argparse.ArgumentParser(prog="defectsam-train")
-    module.add_parser(parser.add_subparsers(dest="command", required=True))  # type: ignore[attr-defined]
-    args = parser.parse_args(argv)
-    try:
-        code = int(args.run(args) or 0)
-    except DefectsamError as exc:
-        print(f"defectsam-train: error: {exc}", file=sys.stderr)
-        code = 2
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("instances", [False, True])
 def test_synth_command_writes_what_the_folder_reader_reads_back(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], instances: bool
@@ -232,7 +216,7 @@ def test_synth_command_writes_what_the_folder_reader_reads_back(
 
     out = tmp_path / "synth"
     argv = ["synth", "--out", str(out), "--n", "3", "--seed", "40", "--width", "384", "--height", "216"]
-    code, stdout, _ = _run_command(synth, argv + (["--instances"] if instances else []), capsys)
+    code, stdout, _ = run_command_module(synth, argv + (["--instances"] if instances else []), capsys)
     assert code == 0 and "wrote 3 frame(s)" in stdout
     assert (out / "classes.txt").read_text().split() == ["scratch", "dent", "pinhole"]
     folder = build_dataset(f"folder,root={out}")
@@ -250,7 +234,7 @@ def test_synth_command_writes_what_the_folder_reader_reads_back(
             got = read.masks.any(axis=0) if len(read.masks) else np.zeros((216, 384), bool)
             assert np.array_equal(got, union)
             assert set(read.classes.tolist()) == set(truth.classes.tolist())
-    code, _, err = _run_command(synth, ["synth", "--out", str(out), "--n", "0"], capsys)
+    code, _, err = run_command_module(synth, ["synth", "--out", str(out), "--n", "0"], capsys)
     assert code == 2 and err.count("\n") == 1 and "--n must be at least 1" in err
 
 

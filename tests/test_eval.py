@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from engines.errors import DefectsamError
 from engines.postprocess import PostprocessConfig
 from engines.preprocess import Letterbox
+from .support import run_command_module
+from training.commands import eval as eval_command
 from training.data.prepare import collate, prepare_example
 from training.data.registry import build_dataset
 from training.eval.evaluate import logits_to_region
@@ -203,28 +202,13 @@ def test_prompt_masks_from_torch_and_the_decoder_graph_match(calibrated: tuple[A
 # -- the eval command --------------------------------------------------------------------------
 
 
-def _run_eval(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    from training.commands import eval as eval_command
-
-    parser = argparse.ArgumentParser(prog="defectsam-train")
-    eval_command.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        code = int(args.run(args) or 0)
-    except DefectsamError as exc:
-        print(f"defectsam-train: error: {exc}", file=sys.stderr)
-        code = 2
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.slow
 def test_eval_command_prints_a_table_and_writes_json(
     calibrated: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, bundle = calibrated
     report = tmp_path / "report.json"
-    code, out, _ = _run_eval(
+    code, out, _ = run_command_module(eval_command,
         ["eval", "--bundle", str(bundle), "--data", "synthetic,n=3,seed=1,width=384,height=216",
          "--json", str(report)], capsys,
     )
@@ -250,6 +234,6 @@ def test_eval_command_bad_input_is_one_line_and_exit_2(
 ) -> None:
     _, bundle = calibrated
     filled = [a.format(tmp=tmp_path, bundle=bundle) for a in argv]
-    code, out, err = _run_eval(["eval", *filled], capsys)
+    code, out, err = run_command_module(eval_command, ["eval", *filled], capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and expected in err

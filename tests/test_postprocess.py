@@ -140,7 +140,7 @@ def test_overlay_tints_each_defect_with_its_class_colour() -> None:
     assert overlay.shape == (1520, 2688, 3)
     x, y, w, h = result.defects[0].bbox
     inside = overlay[y + h // 2, x + w // 2].astype(int)
-    blue, green, red = class_colour(2)
+    blue, _, red = class_colour(2)
     assert (inside[0] > 128) == (blue > 128) and (inside[2] > 128) == (red > 128)  # pinhole's magenta tint
     far = overlay[1400, 2500]
     assert np.array_equal(far, [128, 128, 128])  # untouched outside defects and banner

@@ -28,7 +28,7 @@ import torch
 
 from engines.bundle import InputSpec
 from engines.contract import EMBED_STRIDE, LABEL_BACKGROUND, LABEL_PADDING, PIXEL_MEAN, PIXEL_STD
-from engines.preprocess import Letterbox, Preprocessor
+from engines.preprocess import Letterbox, Preprocessor, shrink
 from training.data.augment import AugmentConfig, flip, photometric, sample_crop, sample_flips
 from training.data.errors import DatasetError
 from training.data.sample import Sample, SampleDataset
@@ -79,12 +79,8 @@ class TrainExample:
 
 
 def resize_image(image: np.ndarray, box: Letterbox) -> np.ndarray:
-    """The runtime's resize (engines.preprocess.Preprocessor): to the letterbox content size."""
-    size = (box.content_width, box.content_height)
-    if (image.shape[1], image.shape[0]) == size:
-        return image
-    interpolation = cv2.INTER_AREA if box.scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(image, size, interpolation=interpolation)
+    """The runtime's resize (engines.preprocess.shrink): to the letterbox content size."""
+    return shrink(image, (box.content_width, box.content_height), box.scale)
 
 
 def resize_mask(mask: np.ndarray, box: Letterbox) -> np.ndarray:

@@ -20,7 +20,6 @@ new sources writes a new directory holding the old rows and the new ones.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engines.atomic import replace_dir
 from engines.errors import DefectsamError
 from training.data.prepare import TrainExample, collate
 from training.teachers.base import Teacher
@@ -202,12 +202,7 @@ def build_cache(
             "entries": entries,
         }
         (tmp / INDEX).write_text(json.dumps(index) + "\n")
-        # Swap directories: the old cache (if any) moves aside first, then the new one takes its name.
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TeacherCache(final)

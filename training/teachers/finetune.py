@@ -10,7 +10,6 @@ ready to be the ``teacher.checkpoint`` of a distillation run.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from engines.atomic import replace_dir
 from training.config import TrainConfig
 from training.data.prepare import PreparedDataset, collate
 from training.losses import bce_loss, dice_loss, resize_masks
@@ -99,14 +99,10 @@ def finetune_sam2(config: TrainConfig, log: Any = None) -> Path:
 def _save_pretrained(teacher: Any, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
     try:
         teacher.eval()
         teacher.save(tmp)
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
