@@ -37,6 +37,7 @@ from service.metrics import (
     EngineSnapshot,
     LiveSnapshot,
     PipelineCounters,
+    PlcSnapshot,
     StatsSnapshot,
     StoreSnapshot,
     create_registry,
@@ -44,6 +45,7 @@ from service.metrics import (
 from service.ops import SystemdNotifier, Watchdog
 from service.pipeline.record import InspectionRecord
 from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
+from service.plc.service import Health, PlcService
 from service.store import RecordStore, StoreError, disabled_stats
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class Daemon:
         self._loader: threading.Thread | None = None
         self._watchdog = Watchdog(self.notifier, self.healthy)
         self.port: int | None = None
+        self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health) if config.plc.enabled else None
         self.app = create_fastapi_app(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -89,6 +92,8 @@ class Daemon:
         self.camera.start()
         self.live.start()
         self._start_server()
+        if self.plc is not None:
+            self.plc.start()
         self._loader = threading.Thread(target=self._load_engine, name="engine-loader", daemon=True)
         self._loader.start()
         self._watchdog.start()
@@ -148,6 +153,8 @@ class Daemon:
             pipeline.subscribe("store", self.store.offer)
         pipeline.subscribe("live", self.live.offer)
         pipeline.subscribe("events", self.events.offer)
+        if self.plc is not None:
+            pipeline.subscribe("plc", self.plc.offer)
         if self._stop_requested.is_set():
             engine.close()
             return
@@ -187,6 +194,8 @@ class Daemon:
             self._loader.join(30.0)
         if self.pipeline is not None:
             self.pipeline.stop()
+        if self.plc is not None:
+            self.plc.stop()
         if self.store is not None:
             self.store.stop()
         self.camera.stop()
@@ -232,6 +241,10 @@ class Daemon:
             raise PipelineError(f"the engine is {self._engine_state}")
         return self.pipeline.trigger(part_id)
 
+    def _plc_health(self) -> Health:
+        return Health(camera_ok=self.camera.stats().state is CameraState.CONNECTED,
+                      engine_loaded=self._engine_state == "ready" and not self._stop_requested.is_set())
+
     def _raw_frame(self) -> np.ndarray | None:
         frame = self.camera.slot.peek()
         return None if frame is None else frame.image
@@ -269,6 +282,7 @@ class Daemon:
             live=LiveSnapshot(viewers=self.live.viewers, frames_encoded=self.live.encoded,
                               frames_dropped=self.live.skipped, event_clients=self.events.clients,
                               events_dropped=self.events.dropped),
+            plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
         )
 
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from engines.errors import DefectsamError
-from service.commands import bench, bundle, infer, serve
+from service.commands import bench, bundle, infer, plc_sim, serve
 from service.commands import config as config_command
 
 EXIT_BAD_INPUT = 2
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(commands)
     serve.add_parser(commands)
     config_command.add_parser(commands)
+    plc_sim.add_parser(commands)
     return parser
 
 

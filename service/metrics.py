@@ -115,6 +115,31 @@ class LiveSnapshot(_Model):
     events_dropped: int = Field(description="events a slow client missed")
 
 
+class PlcSnapshot(_Model):
+    """The Modbus TCP interface (docs/plc.md); all zero when plc.enabled is false."""
+
+    enabled: bool = False
+    listen: str | None = None
+    unit_id: int | None = None
+    connections: int = Field(default=0, description="Modbus clients connected now")
+    connections_total: int = Field(default=0, description="Modbus connections accepted since start")
+    connections_rejected: int = Field(default=0, description="connections refused by plc.allowlist")
+    requests: dict[str, int] = Field(default_factory=dict, description="requests per Modbus function code")
+    exceptions: dict[str, int] = Field(default_factory=dict, description="exception responses per exception code")
+    heartbeat: str = Field(default="off", description="PLC heartbeat: off, waiting, ok or timeout")
+    error_code: int = Field(default=0, description="the error code register (0: none)")
+    results_written: int = Field(default=0, description="results written to the register map")
+    intake_dropped: int = Field(default=0, description="results dropped before the register writer (queue full)")
+    buffered: int = Field(default=0, description="results waiting for the PLC's ack (buffer enable)")
+    buffer_overruns: int = Field(default=0, description="results dropped because the buffer was full")
+    triggers_taken: int = 0
+    triggers_missed: int = 0
+    fail_safe_writes: int = Field(default=0, description="NO_FRAME written on a fault or a refused trigger")
+    push_errors: int = 0
+    capture_to_register_p50_ms: float | None = Field(default=None, description="capture to registers, recent p50")
+    capture_to_register_p99_ms: float | None = Field(default=None, description="capture to registers, recent p99")
+
+
 class StatsSnapshot(_Model):
     """The daemon at one instant: what /api/status returns and what /metrics renders."""
 
@@ -127,6 +152,7 @@ class StatsSnapshot(_Model):
     pipeline: PipelineStats
     store: StoreSnapshot
     live: LiveSnapshot
+    plc: PlcSnapshot = Field(default_factory=PlcSnapshot)
 
 
 class PipelineCounters:
@@ -290,6 +316,34 @@ class SnapshotCollector(Collector):
         yield _gauge(f"{n}_event_clients", "/api/events clients connected", s.live.event_clients)
         yield _counter(f"{n}_events_dropped", "events slow clients missed", s.live.events_dropped)
         yield _gauge(f"{n}_uptime_seconds", "seconds since the daemon started", s.uptime_s)
+        yield from _plc_metrics(s.plc)
+
+
+def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:
+    n = f"{NAMESPACE}_plc"
+    yield _gauge(f"{n}_enabled", "1 when the Modbus TCP server runs", int(plc.enabled))
+    yield _gauge(f"{n}_connections", "Modbus clients connected", plc.connections)
+    yield _counter(f"{n}_connections_accepted", "Modbus connections accepted", plc.connections_total)
+    yield _counter(f"{n}_connections_rejected", "Modbus connections refused by the allowlist",
+                   plc.connections_rejected)
+    requests = CounterMetricFamily(f"{n}_requests", "Modbus requests per function code", labels=["function"])
+    for code, count in plc.requests.items():
+        requests.add_metric([code], count)
+    yield requests
+    exceptions = CounterMetricFamily(f"{n}_exceptions", "Modbus exception responses per code", labels=["code"])
+    for code, count in plc.exceptions.items():
+        exceptions.add_metric([code], count)
+    yield exceptions
+    heartbeat = GaugeMetricFamily(f"{n}_heartbeat_state", "1 for the PLC heartbeat's state", labels=["state"])
+    for name in ("off", "waiting", "ok", "timeout"):
+        heartbeat.add_metric([name], int(plc.heartbeat == name))
+    yield heartbeat
+    yield _gauge(f"{n}_error_code", "the PLC error code register (0: none)", plc.error_code)
+    yield _counter(f"{n}_results_written", "results written to the register map", plc.results_written)
+    yield _counter(f"{n}_results_dropped", "results dropped before the register writer", plc.intake_dropped)
+    yield _counter(f"{n}_buffer_overruns", "results dropped because the PLC buffer was full", plc.buffer_overruns)
+    yield _counter(f"{n}_triggers_missed", "PLC triggers that came while not ready", plc.triggers_missed)
+    yield _counter(f"{n}_fail_safe_writes", "fail-safe NO_FRAME results written", plc.fail_safe_writes)
 
 
 def _fmt(bound: float) -> str:

@@ -78,6 +78,7 @@ def config_data(tmp_path: Path, bundle: Path | None, **sections: dict[str, Any])
         "api": {"host": "127.0.0.1", "port": 0, "token": TOKEN},
         "store": {"path": str(tmp_path / "store"), "ok_sample_share": 1.0, "min_free_mb": 0},
         "live": {"width": 480, "max_fps": 10},
+        "plc": {"enabled": False},  # tests that want the PLC turn it on with a free port
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

@@ -161,6 +161,77 @@ class LoggingSection(Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class PlcPushSection(Section):
+    enabled: bool = Field(
+        default=False, title="Push results to the PLC",
+        description="also act as Modbus client: write the status word and result block into the PLC's holding "
+                    "registers after every result (status word last)",
+    )
+    host: str = Field(default="127.0.0.1", min_length=1, title="PLC address", description="the PLC's IP or host")
+    port: int = Field(default=502, ge=1, le=65535, title="PLC port", description="the PLC's Modbus TCP port")
+    unit_id: int = Field(default=1, ge=0, le=255, title="PLC unit id", description="unit (slave) id sent to the PLC")
+    base_address: int = Field(
+        default=0, ge=0, le=65535 - 116, title="PLC base address",
+        description="zero-based holding register where input register 0 (the status word) lands; input n goes "
+                    "to base_address + n",
+    )
+
+
+class PlcSection(Section):
+    enabled: bool = Field(
+        default=True, title="Modbus TCP server",
+        description="serve the PLC register map (docs/plc.md); false runs the daemon without a PLC",
+    )
+    host: str = Field(
+        default="0.0.0.0", min_length=1, title="Listen address",
+        description="address the Modbus TCP server listens on; 127.0.0.1 keeps it local",
+    )
+    port: int = Field(default=502, ge=0, le=65535, title="Listen port",
+                      description="Modbus TCP port (502 needs root or CAP_NET_BIND_SERVICE; the demo uses 5020)")
+    unit_id: int = Field(
+        default=1, ge=0, le=255, title="Unit id",
+        description="the unit (slave) id requests must carry; others are answered with exception 0x0B",
+    )
+    word_order: Literal["big", "little"] = Field(
+        default="big", title="32-bit word order",
+        description="big: high word first (Modbus convention, Cognex, Keyence); little: low word first",
+    )
+    heartbeat_timeout_s: float = Field(
+        default=0.0, ge=0.0, le=3600.0, title="PLC heartbeat timeout (s)",
+        description="the PLC must change holding 1 this often, else error 3 and fail safe; 0 turns the check off",
+    )
+    allowlist: list[str] = Field(
+        default_factory=list, title="Client allowlist",
+        description="IP addresses or networks (CIDR) allowed to connect; empty: any client",
+    )
+    top_n: int = Field(default=8, ge=0, le=8, title="Defect records",
+                       description="per-defect records written, highest score first (0-8)")
+    mask_grid: int = Field(default=16, ge=1, le=16, title="Mask grid size",
+                           description="N: the frame is cut into N x N cells, one bit each, one word per row")
+    buffer_depth: int = Field(
+        default=8, ge=1, le=256, title="Result buffer depth",
+        description="with buffer enable set, results wait (up to this many) until acked; more sets buffer overrun",
+    )
+    intake_queue: int = Field(
+        default=64, ge=1, le=4096, title="Intake queue length",
+        description="results waiting for the register writer; when full, new ones are dropped and counted",
+    )
+    push: PlcPushSection = Field(default_factory=PlcPushSection, title="Push mode",
+                                 description="write results to a PLC's registers (Modbus client)")
+
+    @field_validator("allowlist")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+
 class DaemonConfig(Section):
     """Everything ``defectsam serve`` reads at start-up."""
 
@@ -178,6 +249,8 @@ class DaemonConfig(Section):
     )
     store: StoreSection = Field(default_factory=StoreSection, title="Record store", description="kept results")
     logging: LoggingSection = Field(default_factory=LoggingSection, title="Logging", description="log level, format")
+    plc: PlcSection = Field(default_factory=PlcSection, title="PLC interface",
+                            description="Modbus TCP server with the vision register map (docs/plc.md)")
 
     @model_validator(mode="before")
     @classmethod
