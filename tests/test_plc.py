@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import multiprocessing
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pymodbus.client import ModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
+from pymodbus.server import ModbusTcpServer
 
 from engines.results import Verdict
-from service.config.models import PlcSection
+from service.config.models import PlcPushSection, PlcSection
+from service.pipeline.record import InspectionRecord
 from service.plc.registers import (
     BY_NAME,
     CTRL,
@@ -27,14 +33,16 @@ from service.plc.registers import (
     RESULT_BASE,
     STAT,
     decode_result,
+    encode_result,
     get,
     render_doc,
     result_checksum,
 )
+from service.plc.server import READ_HOLDING
 from service.plc.service import Health, PlcService
 
 from .conftest import REPO
-from .daemon_support import make_config, make_record, ng_bundle, running_daemon, wait_for
+from .daemon_support import free_port, make_config, make_record, ng_bundle, running_daemon, wait_for
 
 STATUS = BY_NAME["status"].address
 
@@ -235,24 +243,35 @@ def test_security_exceptions_and_allowlist(plc: PlcService) -> None:
         blocked.stop()
 
 
-def _reader(port: int, stop: Any, out: Any) -> None:
-    """In another process: read status + the whole result block in ONE request, check every result."""
+def _read_until(port: int, stop: Any, *, mirror: bool) -> tuple[int, int, int]:
+    """Read status + the whole result block in ONE request until ``stop`` is set, checking every result.
+
+    ``mirror``: read holding 1000-1115 instead of input 0-115. Returns (reads, torn, distinct results seen).
+    """
     c = ModbusTcpClient("127.0.0.1", port=port, timeout=5, retries=0)
     c.connect()
     reads = torn = 0
     seen: set[int] = set()
     while not stop.is_set():
-        words = list(c.read_input_registers(0, count=INPUT_WORDS, device_id=1).registers)
+        if mirror:
+            words = list(c.read_holding_registers(MIRROR_BASE, count=INPUT_WORDS, device_id=1).registers)
+        else:
+            words = list(c.read_input_registers(0, count=INPUT_WORDS, device_id=1).registers)
         reads += 1
         iid = get(words, BY_NAME["inspection_id"])
-        if iid and not _consistent(words, iid):
-            torn += 1
+        torn += bool(iid and not _consistent(words, iid))
         seen.add(iid)
     c.close()
-    out.put((reads, torn, len(seen)))
+    return reads, torn, len(seen)
+
+
+def _reader(port: int, stop: Any, out: Any) -> None:
+    """In another process: the input registers."""
+    out.put(_read_until(port, stop, mirror=False))
 
 
 def _consistent(words: list[int], iid: int) -> bool:
+    """The block holds exactly the result ``_hammer_record(iid)`` encodes (not a mix of two)."""
     block = words[RESULT_BASE:INPUT_WORDS]
     expect_verdict = Verdict.NG if iid % 2 else Verdict.OK
     return (get(words, BY_NAME["acquisition_id"]) == iid and get(words, BY_NAME["part_id_echo"]) == iid * 3
@@ -261,55 +280,269 @@ def _consistent(words: list[int], iid: int) -> bool:
             and get(words, BY_NAME["checksum"]) == result_checksum(block))
 
 
+def _hammer_record(iid: int) -> InspectionRecord:
+    """Odd ids NG with two defects (and mask bits), even ids OK: consecutive results differ in every part."""
+    return make_record(iid, Verdict.NG if iid % 2 else Verdict.OK, part_id=str(iid * 3), size=(60, 100))
+
+
+def _hammer(service: PlcService, publish: Callable[[], None]) -> list[tuple[int, int, int]]:
+    """Run ``publish`` while two readers hammer ``service``: a process reading input 0-115 and a thread
+    reading the holding mirror, each in one request per read. Returns their (reads, torn, seen)."""
+    ctx = multiprocessing.get_context("spawn")
+    out, stop = ctx.Queue(), ctx.Event()
+    process = ctx.Process(target=_reader, args=(service.port, stop, out))
+    process.start()
+    thread_done = threading.Event()
+    thread_results: list[tuple[int, int, int]] = []
+    t = threading.Thread(target=lambda: thread_results.append(
+        _read_until(service.port or 0, thread_done, mirror=True)))
+    t.start()
+    try:
+        wait_for(lambda: service.stats().connections >= 2, 30, 0.05, "both readers connected")
+        publish()
+        time.sleep(0.2)
+    finally:
+        thread_done.set()
+        stop.set()
+        t.join(10)
+        process_result = out.get(timeout=20)
+        process.join(10)
+    return [process_result, thread_results[0]]
+
+
 def test_no_torn_reads_over_1000_inspections(line: FakeLine) -> None:
     service = PlcService(PlcSection(enabled=True, host="127.0.0.1", port=0, intake_queue=4096),
                          trigger=line.trigger, health=lambda: line.health)
     service.start()
     try:
-        records = [make_record(i, Verdict.NG if i % 2 else Verdict.OK, part_id=str(i * 3), size=(60, 100))
-                   for i in range(1, 1001)]
-        ctx = multiprocessing.get_context("spawn")
-        out, stop = ctx.Queue(), ctx.Event()
-        process = ctx.Process(target=_reader, args=(service.port, stop, out))
-        process.start()
-        threads_done = threading.Event()
-        thread_results: list[tuple[int, int, int]] = []
+        records = [_hammer_record(i) for i in range(1, 1001)]
 
-        def thread_reader() -> None:  # the holding mirror, from a thread of this process
-            c = ModbusTcpClient("127.0.0.1", port=service.port or 0, timeout=5, retries=0)
-            c.connect()
-            reads = torn = 0
-            seen: set[int] = set()
-            while not threads_done.is_set():
-                words = list(c.read_holding_registers(MIRROR_BASE, count=INPUT_WORDS, device_id=1).registers)
-                reads += 1
-                iid = get(words, BY_NAME["inspection_id"])
-                torn += bool(iid and not _consistent(words, iid))
-                seen.add(iid)
-            c.close()
-            thread_results.append((reads, torn, len(seen)))
+        def publish() -> None:
+            for record in records:
+                service.offer(record)
+                time.sleep(0.001)
+            wait_for(lambda: service.results_written == 1000, 30, 0.05, "1000 results written")
 
-        t = threading.Thread(target=thread_reader)
-        t.start()
-        wait_for(lambda: service.stats().connections >= 2, 30, 0.05, "both readers connected")
-        for record in records:
-            service.offer(record)
-            time.sleep(0.001)
-        wait_for(lambda: service.results_written == 1000, 30, 0.05, "1000 results written")
-        time.sleep(0.2)
-        threads_done.set()
-        stop.set()
-        t.join(10)
-        process_result = out.get(timeout=20)
-        process.join(10)
+        results = _hammer(service, publish)
         stats = service.stats()
     finally:
         service.stop()
-    print(f"hammer: 1000 results; process reader {process_result}, thread reader {thread_results} "
+    print(f"hammer: 1000 results; process reader {results[0]}, thread reader {results[1]} "
           "(reads, torn, distinct results seen)")
     assert stats.results_written == 1000 and stats.intake_dropped == 0
-    for reads, torn, seen in (process_result, thread_results[0]):
+    for reads, torn, seen in results:
         assert torn == 0 and reads > 100 and seen > 20, (reads, torn, seen)
+
+
+def test_torn_read_checker_detects_a_torn_writer(line: FakeLine) -> None:
+    """Negative control for the hammer: a test-only writer that yields to the loop between the two halves
+    of each result (what a writer awaiting mid-update, or one writing with two requests, would do). The
+    same readers and checker must report torn reads, so the real writer's 0 means something."""
+    service = PlcService(PlcSection(enabled=True, host="127.0.0.1", port=0), trigger=line.trigger,
+                         health=lambda: line.health)
+    service.start()
+    records = [_hammer_record(i) for i in range(1, 301)]
+    middle = (RESULT_BASE + INPUT_WORDS) // 2
+
+    async def torn_writer() -> None:  # runs in the server's loop, as the real writer does
+        inputs = service.store.inputs
+        for record in records:
+            block = encode_result(record)
+            inputs[RESULT_BASE:middle] = block[:middle - RESULT_BASE]
+            await asyncio.sleep(0.002)  # the bug: requests are served between the halves
+            inputs[middle:INPUT_WORDS] = block[middle - RESULT_BASE:]
+            await asyncio.sleep(0)
+
+    def publish() -> None:
+        assert service._loop is not None
+        asyncio.run_coroutine_threadsafe(torn_writer(), service._loop).result(30)
+
+    try:
+        results = _hammer(service, publish)
+    finally:
+        service.stop()
+    print(f"torn writer: 300 results; process reader {results[0]}, thread reader {results[1]} "
+          "(reads, torn, distinct results seen)")
+    for reads, torn, _seen in results:
+        assert reads > 0 and torn > 0, (reads, torn)
+
+
+class _PlcHoldingStore(ModbusServerContext):
+    """The "PLC" of the push test: plain holding registers 0..size-1 in a list (any unit id), every
+    write request logged as (unit id, address, count) in arrival order."""
+
+    def __init__(self, size: int) -> None:  # no super().__init__(): as RegisterStore, no simulator memory
+        self.old_simulator = True
+        self.simdevices = []
+        self.holding = [0] * size
+        self.writes: list[tuple[int, int, int]] = []
+
+    def device_ids(self) -> list[int]:
+        return [0]
+
+    async def async_getValues(  # noqa: N802 - pymodbus names it
+            self, device_id: int, func_code: int, address: int, count: int = 1) -> list[int] | ExcCodes:
+        if func_code != READ_HOLDING or address < 0 or address + count > len(self.holding):
+            return ExcCodes.ILLEGAL_ADDRESS
+        return self.holding[address:address + count]
+
+    async def async_setValues(  # noqa: N802 - pymodbus names it
+            self, device_id: int, func_code: int, address: int,
+            values: Sequence[int] | Sequence[bool]) -> ExcCodes | None:
+        if address < 0 or address + len(values) > len(self.holding):
+            return ExcCodes.ILLEGAL_ADDRESS
+        self.holding[address:address + len(values)] = [int(v) for v in values]
+        self.writes.append((device_id, address, len(values)))
+        return None
+
+
+class _FakePlc:
+    """A plain pymodbus Modbus TCP server on 127.0.0.1:port, in a thread and loop of its own; start and
+    stop it as often as needed (same port, same registers)."""
+
+    def __init__(self, port: int, size: int) -> None:
+        self.port = port
+        self.store = _PlcHoldingStore(size)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: ModbusTcpServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._server = ModbusTcpServer(self.store, address=("127.0.0.1", self.port))
+            await self._server.serve_forever(background=True)
+            ready.set()
+            await self._server.serving
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="fake-plc", daemon=True)
+        self._thread.start()
+        assert ready.wait(10), "the fake PLC did not start"
+
+    def stop(self) -> None:
+        if self._loop is None or self._server is None or self._thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop).result(10)
+        self._thread.join(10)
+        self._loop = self._server = self._thread = None
+
+    def words(self, base: int) -> list[int]:
+        return list(self.store.holding[base:base + INPUT_WORDS])
+
+    def snapshot(self, base: int) -> tuple[list[int], tuple[int, int, int] | None]:
+        """The block and the last write request, taken in the server's loop (between two requests)."""
+        def take() -> tuple[list[int], tuple[int, int, int] | None]:
+            return self.words(base), (self.store.writes[-1] if self.store.writes else None)
+
+        if self._loop is None:
+            return take()
+
+        async def in_loop() -> tuple[list[int], tuple[int, int, int] | None]:
+            return take()
+
+        return asyncio.run_coroutine_threadsafe(in_loop(), self._loop).result(5)
+
+
+def test_push_mode_writes_the_block_into_a_plc_and_survives_it_going_away() -> None:
+    base, port = 400, free_port()
+    fake = _FakePlc(port, base + INPUT_WORDS + 100)  # room on both sides of the block, to see stray writes
+    fake.start()
+    config = PlcSection(enabled=True, host="127.0.0.1", port=0, word_order="little",
+                        push=PlcPushSection(enabled=True, host="127.0.0.1", port=port, unit_id=3,
+                                            base_address=base))
+    service = PlcService(config)
+    service.start()
+    c = client(service)
+    big = 0x12345  # ids above 65535: the 32-bit word order shows in the pushed words
+
+    def vision_inputs() -> list[int]:
+        return list(c.read_input_registers(0, count=INPUT_WORDS, device_id=1).registers)
+
+    def pushed_matches(iid: int) -> list[int] | None:
+        """The PLC's block, once it holds result ``iid`` with the status that went with it."""
+        words, last_write = fake.snapshot(base)
+        vision = vision_inputs()
+        if last_write is None or last_write[1] != base:  # mid-push: result block written, status not yet
+            return None
+        if get(words, BY_NAME["inspection_id"], word_order="little") != iid:
+            return None
+        # the status words are pushed with each result: all equal the server's now except the vision
+        # heartbeat, a snapshot at push time (the server's keeps counting at 2 Hz)
+        assert words[RESULT_BASE:] == vision[RESULT_BASE:], "result block differs"
+        assert words[:RESULT_BASE][2:] == vision[2:RESULT_BASE] and words[STATUS] == vision[STATUS]
+        assert (vision[1] - words[1]) & 0xFFFF <= 2
+        return words
+
+    try:
+        # 1. pushing: the PLC's holding base + n == input n
+        for n in range(3):
+            service.offer(_hammer_record(big + n))
+            words = wait_for(functools.partial(pushed_matches, big + n), 5, 0.02, f"result {n} pushed")
+        assert words[16:18] == [0x2347, 0x0001]  # inspection id 0x12347: low word first
+        assert words[RESULT_BASE:] == encode_result(_hammer_record(big + 2), word_order="little")
+        assert words[STATUS] & STAT["results_valid"]
+        holding = fake.store.holding
+        assert not any(holding[:base]) and not any(holding[base + INPUT_WORDS:])  # nothing outside the block
+        writes = list(fake.store.writes)
+        assert writes and len(writes) % 2 == 0
+        # every push, to unit id 3: the result block first, then the status block
+        assert set(zip(writes[::2], writes[1::2], strict=True)) == {
+            ((3, base + RESULT_BASE, INPUT_WORDS - RESULT_BASE), (3, base, RESULT_BASE))}
+        assert service.stats().push_errors == 0
+
+        # 2. the PLC goes away: pushes fail and are counted; the server goes on
+        fake.stop()
+        service.offer(_hammer_record(big + 3))
+        wait_for(lambda: service.stats().push_errors >= 1, 5, 0.02, "a push error counted")
+        service.offer(_hammer_record(big + 4))  # while the pusher backs off: replaced by the next (latest wins)
+        service.offer(_hammer_record(big + 5))
+        wait_for(lambda: service.stats().push_errors >= 2, 5, 0.02, "the push of the latest result failed too")
+        assert service.results_written == 6
+        assert get(vision_inputs(), BY_NAME["inspection_id"], word_order="little") == big + 5
+        assert get(fake.words(base), BY_NAME["inspection_id"], word_order="little") == big + 2
+        errors = service.stats().push_errors
+
+        # 3. the PLC is back on the same port: the latest result, published while it was away, is
+        # delivered without a new one, and later results go on being pushed
+        fake.start()
+        wait_for(lambda: pushed_matches(big + 5), 5, 0.02, "the result missed during the outage pushed")
+        for n in range(6, 8):
+            service.offer(_hammer_record(big + n))
+            wait_for(functools.partial(pushed_matches, big + n), 5, 0.02, f"result {n} pushed after the restart")
+        stats = service.stats()
+        assert stats.results_written == 8 and stats.push_errors >= errors
+        assert not status(c) & STAT["error"]
+    finally:
+        c.close()
+        service.stop()
+        fake.stop()
+
+
+def test_push_mode_delivers_the_fail_safe(line: FakeLine) -> None:
+    """A PLC that only receives pushes still sees a camera loss: NO_FRAME and the error bit arrive."""
+    base, port = 200, free_port()
+    fake = _FakePlc(port, base + INPUT_WORDS)
+    fake.start()
+    config = PlcSection(enabled=True, host="127.0.0.1", port=0,
+                        push=PlcPushSection(enabled=True, host="127.0.0.1", port=port, base_address=base))
+    service = PlcService(config, trigger=line.trigger, health=lambda: line.health)
+    service.start()
+    try:
+        service.offer(_hammer_record(7))
+        wait_for(lambda: get(fake.words(base), BY_NAME["inspection_id"]) == 7, 5, 0.02, "a result pushed")
+        line.health = Health(False, True)  # the camera goes
+
+        def pushed_fault() -> bool:
+            words = fake.words(base)
+            return bool(words[STATUS] & STAT["error"]) and get(words, BY_NAME["verdict"]) == Verdict.NO_FRAME
+
+        wait_for(pushed_fault, 5, 0.02, "the fail-safe NO_FRAME pushed")
+        assert get(fake.words(base), BY_NAME["error_code"]) == 1
+    finally:
+        service.stop()
+        fake.stop()
 
 
 def test_real_daemon_end_to_end(tmp_path: Path, tiny_bundle_master: Path) -> None:

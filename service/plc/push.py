@@ -2,9 +2,10 @@
 holding registers (``plc.push``). Input register n lands in holding ``base_address + n``.
 
 Latest value wins: while the PLC is slow or unreachable, newer results replace unsent ones (and
-the loss is counted in ``errors``/``skipped``). Each push writes the result block first and the
-status block (with its inspection-completed toggle) last, so the PLC sees the toggle only after
-the data. Runs in the PLC service's loop; never blocks the register writer.
+the loss is counted in ``errors``/``skipped``); the newest unsent one is retried every 0.5 s until
+it lands, so a PLC that comes back gets the current result without waiting for the next. Each push
+writes the result block first and the status block (with its inspection-completed toggle) last, so
+the PLC sees the toggle only after the data. Runs in the PLC service's loop; never blocks the register writer.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ class Pusher:
                     log.warning("plc push to %s:%d failed (%d so far): %s", self.config.host, self.config.port,
                                 self.errors, exc)
                 await asyncio.sleep(0.5)
+                if self._latest is None:  # nothing newer came: retry this one, or the PLC never gets it
+                    self._latest = words
+                    self._event.set()
 
     async def _send(self, words: list[int]) -> None:
         if not self._client.connected and not await self._client.connect():

@@ -28,6 +28,7 @@ from engines.errors import DefectsamError
 from service.config.models import PlcSection
 from service.metrics import PlcSnapshot
 from service.pipeline.record import InspectionRecord
+from service.plc.push import Pusher
 from service.plc.registers import (
     BY_NAME,
     CTRL,
@@ -85,7 +86,7 @@ class PlcService:
         self._thread: threading.Thread | None = None
         self._server: object | None = None
         self._stats: ServerStats | None = None
-        self._push: object | None = None
+        self._push: Pusher | None = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
         self._stop_event: asyncio.Event | None = None
@@ -164,8 +165,6 @@ class PlcService:
         self._server = server
         self._stats = server.stats
         if self.config.push.enabled:
-            from service.plc.push import Pusher
-
             self._push = Pusher(self.config.push, self.config.word_order)
         self._tick()
         self._started.set()
@@ -176,7 +175,7 @@ class PlcService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._push is not None:
-            await self._push.close()  # type: ignore[attr-defined]
+            await self._push.close()
         await stop(server)
 
     async def _writer(self) -> None:
@@ -229,8 +228,7 @@ class PlcService:
             self.latencies.append(now - record.times.captured)
             if record.times.post_done:
                 self.publish_latencies.append(now - record.times.post_done)
-        if self._push is not None:
-            self._push.offer(list(inputs))  # type: ignore[attr-defined]
+        self._offer_push()
 
     def _release_buffer(self) -> None:
         if self._buffer and not self._status & STAT["results_valid"] and not self._control & CTRL["results_ack"]:
@@ -357,6 +355,11 @@ class PlcService:
             self._status &= ~STAT["results_valid"]
         self._fault = code
         self._publish_status()
+        self._offer_push()  # a PLC that only receives pushes must see the NO_FRAME and the error too
+
+    def _offer_push(self) -> None:
+        if self._push is not None:
+            self._push.offer(list(self.store.inputs))
 
     # ------------------------------------------------------------------ stats (any thread)
     def stats(self) -> PlcSnapshot:
@@ -382,7 +385,7 @@ class PlcService:
             "triggers_taken": self.triggers_taken,
             "triggers_missed": self.triggers_missed,
             "fail_safe_writes": self.fail_safe_writes,
-            "push_errors": getattr(self._push, "errors", 0),
+            "push_errors": self._push.errors if self._push is not None else 0,
             "capture_to_register_p50_ms": pct(0.5),
             "capture_to_register_p99_ms": pct(0.99),
         })
