@@ -17,12 +17,17 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
-def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """NxHxW bool/float masks -> NxH'xW' float coverage in [0, 1] (area average when shrinking)."""
-    masks = masks.float()
-    if tuple(masks.shape[-2:]) == tuple(size):
-        return masks
-    return F.adaptive_avg_pool2d(masks.unsqueeze(1), size).squeeze(1)
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Mask logits Nxhxw (stride s) -> NxHxW, bilinear edge to edge: how the runtime's postprocess
+    (engines.postprocess.upsample_cells) turns them into masks before thresholding at 0.
+
+    Ground-truth losses are taken at input resolution on these, not at stride s on area-averaged
+    targets: a 1-2 px scratch covers a fifth of a stride-8 cell, so a coverage target would teach
+    the model a probability below 0.5 there, a mask that never survives the threshold.
+    """
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:

@@ -38,8 +38,8 @@ from training.losses import (
     iou_prediction_loss,
     mse_embedding_loss,
     perceptual_loss,
-    resize_masks,
     soft_mask_bce,
+    upsample_logits,
 )
 from training.model.neck import EmbeddingAdapter
 from training.model.segmenter import DefectSegmenter
@@ -107,8 +107,12 @@ class Recipe(nn.Module):
         logits, iou = self.student.decode(embedding.index_select(0, index), per_skip, coords, labels)
         return logits, iou
 
-    def gt(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return resize_masks(batch["targets"], tuple(logits.shape[-2:]))  # type: ignore[arg-type]
+    def at_input_resolution(
+        self, logits: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask logits upsampled to the input as the runtime does, binary targets), both MxHxW."""
+        targets = batch["targets"].float()
+        return upsample_logits(logits, (targets.shape[-2], targets.shape[-1])), targets
 
     def adapted(self, embedding: torch.Tensor) -> torch.Tensor:
         return self.adapter(embedding) if self.adapter is not None else embedding
@@ -131,11 +135,11 @@ class Supervised(Recipe):
         c = self.config
         embedding, skip = self.student.embed(batch["image"])
         logits, iou = self.masks(embedding, skip, batch)
-        gt = self.gt(logits, batch)
+        full, gt = self.at_input_resolution(logits, batch)
         parts = {
-            "bce": bce_loss(logits, gt),
-            "dice": dice_loss(logits, gt),
-            "iou": iou_prediction_loss(iou, logits, gt),
+            "bce": bce_loss(full, gt),
+            "dice": dice_loss(full, gt),
+            "iou": iou_prediction_loss(iou, full, gt),
             "saliency": self.saliency(embedding, batch),
         }
         # dice_weight's default (0.3) is the blog's share; alone with BCE, dice weighs 1 unless set.
@@ -156,13 +160,13 @@ class Blog(Recipe):
         c = self.config
         embedding, skip = self.student.embed(batch["image"])
         logits, iou = self.masks(embedding, skip, batch)
-        gt = self.gt(logits, batch)
+        full, gt = self.at_input_resolution(logits, batch)
         parts: dict[str, torch.Tensor] = {}
         if self.use_feature:
             parts["feature"] = cosine_embedding_loss(self.adapted(embedding), batch["teacher_embedding"])
         parts["soft_mask"] = soft_mask_bce(logits, batch["teacher_logits"], c.temperature)
-        parts["dice"] = dice_loss(logits, gt)
-        parts["iou"] = iou_prediction_loss(iou, logits, gt)
+        parts["dice"] = dice_loss(full, gt)
+        parts["iou"] = iou_prediction_loss(iou, full, gt)
         parts["saliency"] = self.saliency(embedding, batch)
         weights = {
             "feature": c.feature_weight, "soft_mask": c.soft_mask_weight, "dice": c.dice_weight,
@@ -235,10 +239,10 @@ class KdSam(Recipe):
         with torch.no_grad():
             embedding, skip = self.student.embed(batch["image"])
         logits, iou = self.masks(embedding, skip, batch)
-        gt = self.gt(logits, batch)
+        full, gt = self.at_input_resolution(logits, batch)
         parts = {
-            "dice": dice_loss(logits, gt),
-            "iou": iou_prediction_loss(iou, logits, gt),
+            "dice": dice_loss(full, gt),
+            "iou": iou_prediction_loss(iou, full, gt),
             "saliency": self.saliency(embedding, batch),
         }
         return self.total(parts, {"dice": 1.0, "iou": c.iou_weight, "saliency": c.saliency_weight}), parts

@@ -21,7 +21,7 @@ import torch
 from engines.atomic import replace_dir
 from training.config import TrainConfig
 from training.data.prepare import PreparedDataset, collate
-from training.losses import bce_loss, dice_loss, resize_masks
+from training.losses import bce_loss, dice_loss, upsample_logits
 from training.model.checkpoint import read_checkpoint
 from training.teachers.base import TeacherError
 
@@ -80,8 +80,9 @@ def finetune_sam2(config: TrainConfig, log: Any = None) -> Path:
             if batch["prompts"].shape[0] == 0:
                 continue
             logits = teacher.predict(batch["image"], batch["prompts"], batch["image_index"]).mask_logits
-            gt = resize_masks(batch["targets"], tuple(logits.shape[-2:]))  # type: ignore[arg-type]
-            loss = config.recipe.bce_weight * bce_loss(logits, gt) + config.recipe.dice_weight * dice_loss(logits, gt)
+            gt = batch["targets"].float()
+            full = upsample_logits(logits, (gt.shape[-2], gt.shape[-1]))
+            loss = config.recipe.bce_weight * bce_loss(full, gt) + config.recipe.dice_weight * dice_loss(full, gt)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
