@@ -33,7 +33,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 
 demo: $(RUN_VENV)/.installed
 	DEFECTSAM__STORE__PATH=$(DEMO_OUT)/store DEFECTSAM__API__HOST=127.0.0.1 DEFECTSAM__API__PORT=$(DEMO_PORT) \
-		DEFECTSAM__PLC__PORT=$(DEMO_PLC_PORT) \
+		DEFECTSAM__PLC__HOST=127.0.0.1 DEFECTSAM__PLC__PORT=$(DEMO_PLC_PORT) \
 		$(RUN_VENV)/bin/defectsam serve
 
 # The one-shot job: inspect sample images, an overlay PNG and a JSON per image into out/demo/infer.
