@@ -274,3 +274,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def update_metrics(bundle_dir: Path | str, key: str, value: Any) -> Bundle:
+    """Record ``value`` as ``metrics[key]`` in a bundle's manifest; the graphs stay byte for byte.
+
+    The bundle is verified first and rewritten atomically (write_bundle), so a measurement is
+    recorded only in the bundle that was measured, and a reader never sees a half-written manifest.
+    """
+    bundle = load_bundle(bundle_dir)
+    if not key:
+        raise BundleError(bundle.path / MANIFEST_NAME, "a metrics key must not be empty")
+    fields = bundle.manifest.model_dump(mode="json", by_alias=True)
+    fields.pop("files")
+    fields["metrics"] = {**fields["metrics"], key: value}
+    return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})

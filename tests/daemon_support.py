@@ -18,6 +18,7 @@ from engines.results import Defect, InspectionResult, Verdict
 from service.config import DaemonConfig
 from service.ops import SystemdNotifier
 from service.pipeline.record import InspectionRecord, StageTimes
+
 from .support import wait_for  # noqa: F401 - re-exported for the daemon tests
 
 TOKEN = "test-token-123"

@@ -27,6 +27,7 @@ from service.capture import (
     create_worker,
     parse_camera_config,
 )
+
 from .support import wait_for
 
 EMULATED = "0815-0000"

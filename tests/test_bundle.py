@@ -134,3 +134,18 @@ def test_inspector_on_a_real_defect_image(tiny_bundle: Path, dataset_images: lis
     for defect in result.defects:
         x, y, w, h = defect.bbox
         assert x >= 0 and x + w <= frame.shape[1] and y >= 0 and y + h <= frame.shape[0]
+
+
+def test_update_metrics_records_figures_and_keeps_the_graphs(tiny_bundle: Path) -> None:
+    from engines.bundle import update_metrics
+
+    before = load_bundle(tiny_bundle).manifest
+    graph = (tiny_bundle / "model.onnx").read_bytes()
+    updated = update_metrics(tiny_bundle, "synthetic_test", {"prompted": {"miou": 0.5}})
+    assert updated.manifest.metrics["synthetic_test"] == {"prompted": {"miou": 0.5}}
+    assert updated.manifest.files == before.files  # same checksums: the graphs were not touched
+    assert (tiny_bundle / "model.onnx").read_bytes() == graph
+    again = update_metrics(tiny_bundle, "magnetic_tile_test", {"n_images": 3})
+    assert set(again.manifest.metrics) >= {"synthetic_test", "magnetic_tile_test"}
+    with pytest.raises(BundleError, match="must not be empty"):
+        update_metrics(tiny_bundle, "", 1)

@@ -30,6 +30,7 @@ from service.capture import (
     parse_camera_config,
 )
 from service.capture.backoff import Backoff
+
 from .support import wait_for
 
 FAST_RECONNECT = {"initial_s": 0.05, "max_s": 0.4, "factor": 2.0}

@@ -10,7 +10,6 @@ import pytest
 
 from engines.preprocess import Letterbox, Preprocessor
 from tests.conftest import DATASETS
-from .support import run_command_module
 from training.data.errors import DatasetError
 from training.data.folder import FolderDataset
 from training.data.magnetic_tile import MagneticTileDataset
@@ -25,6 +24,8 @@ from training.data.prepare import (
 from training.data.registry import MergedDataset, build_dataset, parse_spec
 from training.data.sample import Sample
 from training.data.synthetic import SyntheticDataset
+
+from .support import run_command_module
 
 MAGNETIC_TILE = DATASETS / "magnetic_tile"
 NEU_SEG = DATASETS / "neu_seg"

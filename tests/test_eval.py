@@ -11,12 +11,13 @@ import pytest
 
 from engines.postprocess import PostprocessConfig
 from engines.preprocess import Letterbox
-from .support import run_command_module
 from training.commands import eval as eval_command
 from training.data.prepare import collate, prepare_example
 from training.data.registry import build_dataset
 from training.eval.evaluate import logits_to_region
 from training.eval.metrics import DetectionScores, PromptedScores, Region, dice, iou, match
+
+from .support import run_command_module
 
 torch = pytest.importorskip("torch", reason="evaluating a model needs the 'train' extra (torch)")
 
@@ -217,6 +218,33 @@ def test_eval_command_prints_a_table_and_writes_json(
     assert "mean over classes" in out and "image OK/NG accuracy" in out
     written = json.loads(report.read_text())
     assert written["n_images"] == 3 and set(written) >= {"prompted", "automatic", "dataset"}
+
+
+def test_eval_command_records_its_figures_in_the_bundle(
+    calibrated: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from engines.bundle import load_bundle
+
+    _, master = calibrated
+    bundle = tmp_path / "bundle"
+    shutil.copytree(master, bundle)
+    files = load_bundle(bundle).manifest.files
+    code, _, err = run_command_module(eval_command,
+        ["eval", "--bundle", str(bundle), "--data", "synthetic,n=2,seed=1,width=384,height=216",
+         "--record", "synthetic_test"], capsys,
+    )
+    assert code == 0, err
+    manifest = load_bundle(bundle).manifest
+    recorded = manifest.metrics["synthetic_test"]
+    assert recorded["n_images"] == 2 and recorded["prompted"]["miou"] is not None
+    assert set(recorded["automatic"]) >= {"precision", "recall", "image_accuracy"}
+    assert "--record synthetic_test" in recorded["command"]
+    assert manifest.files == files  # what was measured is what ships
+    code, _, err = run_command_module(eval_command,
+        ["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", "synthetic,n=1", "--record", "k"], capsys)
+    assert code == 2 and "--record needs --bundle" in err
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.atomic import write_text_atomic
+from engines.bundle import utc_now
 from engines.errors import DefectsamError
 from engines.postprocess import PostprocessConfig
 from training.data.registry import build_dataset
@@ -43,6 +44,11 @@ def add_parser(commands: Any) -> None:
         help="saliency score at which a peak becomes a defect (default: the runtime's, 0.5)",
     )
     parser.add_argument("--no-prompted", action="store_true", help="skip prompted mode (automatic mode only)")
+    parser.add_argument(
+        "--record", metavar="KEY", default=None,
+        help="with --bundle: store the report's figures as metrics.KEY in the bundle's manifest "
+        "(the graphs are untouched; the manifest is rewritten atomically)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -142,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         raise DefectsamError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.json is not None and args.json.is_dir():
         raise DefectsamError(f"{args.json}: --json is a directory; give a file name")
+    if args.record is not None and args.bundle is None:
+        raise DefectsamError("--record needs --bundle: only a bundle's manifest can carry its measured figures")
     postprocess = _postprocess(args.score_threshold)
     dataset = build_dataset(args.data)
     report: EvalReport
@@ -163,4 +171,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"report written to {args.json}", file=sys.stderr)
+    if args.record is not None:
+        from engines.bundle import update_metrics
+
+        update_metrics(args.bundle, args.record, recorded_figures(report, args))
+        print(f"recorded as metrics.{args.record} in {args.bundle}/manifest.json", file=sys.stderr)
     return 0
+
+
+def recorded_figures(report: EvalReport, args: argparse.Namespace) -> dict[str, Any]:
+    """The part of a report worth keeping in a manifest: headline figures per mode, and how measured."""
+    prompted = report["prompted"]
+    auto = report["automatic"]
+    keep_auto = ("precision", "recall", "f1", "image_accuracy", "tp", "fp", "fn")
+    return {
+        "dataset": report["dataset"],
+        "n_images": report["n_images"],
+        "prompted": None if prompted is None else {
+            "miou": prompted.get("miou"), "mdice": prompted.get("mdice"),
+            "per_class_iou": {name: row.get("iou") for name, row in prompted.get("per_class", {}).items()},
+        },
+        "automatic": {key: auto.get(key) for key in keep_auto if key in auto},
+        "measured": utc_now(),
+        "command": f"defectsam-train eval --bundle BUNDLE --data {args.data}"
+        + (f" --limit {args.limit}" if args.limit else "") + f" --record {args.record}",
+    }
