@@ -158,6 +158,20 @@ def test_kdsam_phases(teacher: FamilyTeacher) -> None:
 def test_supervised_needs_no_teacher() -> None:
     recipe = build_recipe("supervised", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig())
     loss, parts = recipe(_batch())
-    assert set(parts) == {"bce", "dice", "iou", "saliency"} and loss.isfinite()
+    assert set(parts) == {"focal", "dice", "iou", "saliency"} and loss.isfinite()
     with pytest.raises(TeacherError, match="needs a teacher"):
         build_recipe("blog", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig())
+
+
+def test_focal_mask_loss_stops_pushing_confident_background() -> None:
+    """Why GT masks use focal, not BCE: a background pixel already at p=0.007 (logit -5) is left alone,
+    so logits do not saturate near -30 where dice has no gradient left (what BCE did)."""
+    from training.losses import bce_loss, focal_mask_loss
+
+    confident = torch.full((1, 8, 8), -5.0, requires_grad=True)
+    target = torch.zeros(1, 8, 8)
+    focal_grad = torch.autograd.grad(focal_mask_loss(confident, target), confident)[0].abs().max()
+    bce_grad = torch.autograd.grad(bce_loss(confident, target), confident)[0].abs().max()
+    assert focal_grad < 1e-3 * bce_grad
+    wrong = torch.full((1, 8, 8), -5.0)
+    assert focal_mask_loss(wrong, torch.ones(1, 8, 8)) > 100 * focal_mask_loss(confident.detach(), target)

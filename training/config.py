@@ -75,7 +75,10 @@ class RecipeConfig(_Strict):
     feature_weight: float = Field(default=0.4, ge=0, description="blog: weight of 1 - cosine(student, teacher)")
     soft_mask_weight: float = Field(default=0.3, ge=0, description="blog: weight of BCE to sigmoid(teacher / T)")
     dice_weight: float = Field(default=0.3, ge=0, description="dice against ground truth (supervised: 1.0 unless set)")
-    bce_weight: float = Field(default=1.0, ge=0, description="supervised/finetune: weight of BCE against ground truth")
+    focal_weight: float = Field(
+        default=20.0, ge=0,
+        description="supervised/finetune: weight of focal loss against ground truth (SAM's 20:1 to dice)",
+    )
     temperature: float = Field(default=2.0, gt=0, description="blog: soft-mask temperature T")
     saliency_weight: float = Field(default=1.0, ge=0, description="focal loss of the heatmap (every recipe)")
     iou_weight: float = Field(default=0.1, ge=0, description="MSE of the decoder's predicted IoU")

@@ -30,6 +30,26 @@ def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(logits.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
+def focal_mask_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, alpha: float = 0.25
+) -> torch.Tensor:
+    """SAM's sigmoid focal loss on mask pixels, mean over pixels. logits, target: NxHxW.
+
+    Plain BCE over a whole frame is >99.9% background and pushes those logits towards -inf without
+    end: within a few hundred steps every logit sat near -30, where the sigmoid has no gradient
+    left for dice to pull a defect up. The focal factor (1 - p_t)^gamma stops pushing a pixel once
+    it is confidently right.
+    """
+    if logits.numel() == 0:
+        return logits.sum()
+    logits, target = logits.float(), target.float()
+    prob = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    weight = alpha * target + (1 - alpha) * (1 - target)
+    return (weight * ce * (1 - p_t) ** gamma).mean()
+
+
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
     """Soft dice, 1 - 2|P∩T| / (|P| + |T|), per instance then averaged. logits, target: NxHxW."""
     if logits.numel() == 0:

@@ -31,10 +31,10 @@ from torch import nn
 
 from training.config import RecipeConfig
 from training.losses import (
-    bce_loss,
     cosine_embedding_loss,
     dice_loss,
     focal_heatmap_loss,
+    focal_mask_loss,
     iou_prediction_loss,
     mse_embedding_loss,
     perceptual_loss,
@@ -127,7 +127,7 @@ class Recipe(nn.Module):
 
 
 class Supervised(Recipe):
-    """Dice + BCE against ground truth, saliency focal: no teacher (and the teacher's own fine-tuning)."""
+    """Dice + focal against ground truth, saliency focal: no teacher (and the teacher's own fine-tuning)."""
 
     name = "supervised"
 
@@ -137,14 +137,14 @@ class Supervised(Recipe):
         logits, iou = self.masks(embedding, skip, batch)
         full, gt = self.at_input_resolution(logits, batch)
         parts = {
-            "bce": bce_loss(full, gt),
+            "focal": focal_mask_loss(full, gt),
             "dice": dice_loss(full, gt),
             "iou": iou_prediction_loss(iou, full, gt),
             "saliency": self.saliency(embedding, batch),
         }
-        # dice_weight's default (0.3) is the blog's share; alone with BCE, dice weighs 1 unless set.
+        # dice_weight's default (0.3) is the blog's share; alone with focal, dice weighs 1 unless set.
         dice = c.dice_weight if "dice_weight" in c.model_fields_set else 1.0
-        weights = {"bce": c.bce_weight, "dice": dice, "iou": c.iou_weight, "saliency": c.saliency_weight}
+        weights = {"focal": c.focal_weight, "dice": dice, "iou": c.iou_weight, "saliency": c.saliency_weight}
         return self.total(parts, weights), parts
 
 

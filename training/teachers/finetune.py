@@ -21,7 +21,7 @@ import torch
 from engines.atomic import replace_dir
 from training.config import TrainConfig
 from training.data.prepare import PreparedDataset, collate
-from training.losses import bce_loss, dice_loss, upsample_logits
+from training.losses import dice_loss, focal_mask_loss, upsample_logits
 from training.model.checkpoint import read_checkpoint
 from training.teachers.base import TeacherError
 
@@ -82,7 +82,8 @@ def finetune_sam2(config: TrainConfig, log: Any = None) -> Path:
             logits = teacher.predict(batch["image"], batch["prompts"], batch["image_index"]).mask_logits
             gt = batch["targets"].float()
             full = upsample_logits(logits, (gt.shape[-2], gt.shape[-1]))
-            loss = config.recipe.bce_weight * bce_loss(full, gt) + config.recipe.dice_weight * dice_loss(full, gt)
+            recipe = config.recipe
+            loss = recipe.focal_weight * focal_mask_loss(full, gt) + recipe.dice_weight * dice_loss(full, gt)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
