@@ -173,3 +173,14 @@ def _update_docs() -> None:  # pragma: no cover - run by hand: python -m tests.t
 
 if __name__ == "__main__":  # pragma: no cover
     _update_docs()
+
+
+def test_the_config_view_masks_a_camera_url_password() -> None:
+    from service.config import DaemonConfig, redacted
+
+    config = DaemonConfig.model_validate(
+        {"camera": {"type": "opencv", "device": "rtsp://line4:s3cret@10.0.5.20:554/stream1"}}
+    )
+    shown = redacted(config)
+    assert shown["camera"]["device"] == "rtsp://line4:***@10.0.5.20:554/stream1"
+    assert "s3cret" not in repr(shown)

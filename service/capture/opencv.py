@@ -64,11 +64,16 @@ class Config(CameraConfigBase):
         return value
 
 
+def mask_url_password(text: str) -> str:
+    """``rtsp://user:secret@host/...`` -> ``rtsp://user:***@host/...``; other text unchanged."""
+    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+
+
 def describe(device: int | str) -> str:
     """The device for logs and frame sources, with any password in a URL masked."""
     if isinstance(device, int):
         return f"opencv:/dev/video{device}"
-    return "opencv:" + re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", device)
+    return "opencv:" + mask_url_password(device)
 
 
 class OpenCVSource:

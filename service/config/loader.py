@@ -182,5 +182,17 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
 
 
 def redacted(config: DaemonConfig) -> dict[str, Any]:
-    """The config as JSON-able data, secrets shown as '***' (set) or null (unset)."""
-    return config.model_dump(mode="json", by_alias=True)  # SecretStr dumps as '**********'
+    """The config as JSON-able data: secrets (SecretStr) dump as '**********', and a password in any
+    URL (an RTSP camera's, a GStreamer pipeline's) is masked as '***'."""
+    from service.capture.opencv import mask_url_password
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, str):
+            return mask_url_password(value)
+        if isinstance(value, dict):
+            return {key: scrub(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        return value
+
+    return scrub(config.model_dump(mode="json", by_alias=True))
