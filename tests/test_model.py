@@ -116,7 +116,7 @@ def test_prompt_encoder_handles_padding_labels() -> None:
     coords = torch.tensor([[[10.0, 20.0], [200.0, 100.0], [0.0, 0.0], [50.0, 60.0]]])
     labels = torch.tensor([[1.0, 0.0, -1.0, -1.0]])
     sparse, dense = encoder(coords, labels)
-    assert sparse.shape == (1, 4, 32) and dense.shape == (1, 32, 1, 1)
+    assert sparse.shape == (1, 4, 32) and dense.shape == (1, 32, 8, 16)
     pad = encoder.not_a_point_embed.weight[0]
     # Padding tokens carry no position: the same embedding wherever they are.
     torch.testing.assert_close(sparse[0, 2], pad)
@@ -127,6 +127,21 @@ def test_prompt_encoder_handles_padding_labels() -> None:
     # Integer labels give the same result as float labels (the decoder graph feeds float32).
     torch.testing.assert_close(encoder(coords, labels.long())[0], sparse)
     assert encoder.get_dense_pe().shape == (1, 32, 8, 16)
+
+
+def test_click_map_marks_the_cells_at_each_point() -> None:
+    """The dense prompt adds each point's label vector around its cell; padding adds nothing."""
+    torch.manual_seed(0)
+    encoder = PointPromptEncoder(embed_dim=32, input_size=(128, 256), embedding_size=(8, 16))
+    coords = torch.tensor([[[40.0, 24.0], [200.0, 104.0]]])  # cell (2, 1); the centre of cell (12, 6)
+    no_mask = encoder.no_mask_embed.weight.view(1, -1, 1, 1)
+    fg_only = encoder(coords, torch.tensor([[1.0, -1.0]]))[1] - no_mask  # 1xDxhxw
+    strength = fg_only[0].norm(dim=0)  # hxw
+    assert divmod(int(strength.argmax()), 16) == (1, 2)  # (row, col) of the first point's cell
+    assert strength[6, 12] < 1e-3 * strength.max()  # the padded second point adds nothing there
+    both = encoder(coords, torch.tensor([[1.0, 0.0]]))[1] - no_mask
+    bg = encoder.click_embeddings[0]
+    torch.testing.assert_close(both[0, :, 6, 12], bg * 1.0 + fg_only[0, :, 6, 12], atol=1e-4, rtol=1e-4)
 
 
 def test_decode_with_padded_prompts_and_shared_embedding() -> None:

@@ -62,6 +62,22 @@ class PointPromptEncoder(nn.Module):
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))  # bg, fg
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+        # Click map: each point adds its label's vector to the dense embedding, spread over the grid by
+        # a Gaussian one cell wide, so the image tokens at a click are marked directly (as interactive
+        # segmenters encode clicks). Through positional encodings alone, a decoder trained from scratch
+        # on a few hundred panels never learned to use the prompt: it drew the same mask for every point.
+        self.click_embeddings = nn.Parameter(torch.randn(2, embed_dim) * 0.5)  # bg, fg: 2xD
+        h, w = embedding_size
+        cell_x, cell_y = input_size[1] / w, input_size[0] / h
+        ys = (torch.arange(h, dtype=torch.float32) + 0.5) * cell_y
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * cell_x
+        self.cell_centres: torch.Tensor  # (h*w)x2 buffer: (x, y) of each embedding cell in input pixels
+        self.register_buffer(
+            "cell_centres",
+            torch.stack((xs.view(1, w).expand(h, w), ys.view(h, 1).expand(h, w)), dim=-1).reshape(h * w, 2),
+            persistent=False,
+        )
+        self.click_sigma = (cell_x + cell_y) / 2.0
 
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image embedding grid: -> 1xDxhxw."""
@@ -70,7 +86,7 @@ class PointPromptEncoder(nn.Module):
     def forward(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """point_coords: BxPx2 pixels, point_labels: BxP (float or int).
 
-        Returns sparse embeddings BxPxD and the dense embedding 1xDx1x1 (broadcast over the grid).
+        Returns sparse embeddings BxPxD and the dense embedding BxDxhxw (no-mask embedding + click map).
         """
         pe = self.pe_layer.forward_with_coords(point_coords, self.input_size)  # BxPxD
         labels = point_labels.unsqueeze(-1)  # BxP -> BxPx1
@@ -84,5 +100,16 @@ class PointPromptEncoder(nn.Module):
             + is_bg * bg_embed.weight
             + is_fg * fg_embed.weight
         )
-        dense = self.no_mask_embed.weight.view(1, -1, 1, 1)  # 1xD -> 1xDx1x1
+        dense = self.no_mask_embed.weight.view(1, -1, 1, 1) + self.click_map(point_coords, is_bg, is_fg)
         return sparse, dense
+
+    def click_map(self, point_coords: torch.Tensor, is_bg: torch.Tensor, is_fg: torch.Tensor) -> torch.Tensor:
+        """point_coords BxPx2 pixels, is_bg/is_fg BxPx1 -> BxDxhxw: sum over points of label vector x Gaussian."""
+        b = point_coords.shape[0]
+        h, w = self.embedding_size
+        # Bx1xPx2 - (hw)x1x2 -> Bx(hw)xPx2 -> squared distance in cells: Bx(hw)xP
+        offset = (point_coords.unsqueeze(1) - self.cell_centres.view(1, h * w, 1, 2)) / self.click_sigma
+        weight = torch.exp(-0.5 * (offset * offset).sum(-1))
+        vectors = is_bg * self.click_embeddings[0] + is_fg * self.click_embeddings[1]  # BxPxD (0 for padding)
+        spread = weight @ vectors  # Bx(hw)xP @ BxPxD -> Bx(hw)xD
+        return spread.transpose(1, 2).reshape(b, -1, h, w)  # Bx(hw)xD -> BxDxhxw
