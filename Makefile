@@ -2,7 +2,8 @@
 #   make demo   sets up the runtime (base install, no torch) and starts the daemon on the synthetic camera
 #               with the embedded default bundle; the live page is at http://127.0.0.1:8080/
 #   make test   sets up the development environment and runs lint and the tests
-# make peers installs the Debian programs the integration tests talk to (root; CI runs it).
+# make peers installs the Debian programs the integration tests talk to or check deploy/ with
+# (prometheus's promtool, shellcheck; root; CI runs it).
 PYTHON ?= python3
 RUN_VENV := .venv-run
 DEV_VENV := .venv
@@ -12,7 +13,7 @@ REFERENCE := .cache/reference/mobilesam
 
 DEMO_PORT ?= 8080
 DEMO_PLC_PORT ?= 5020
-PEERS := prometheus chromium mbpoll
+PEERS := prometheus chromium mbpoll shellcheck
 
 .PHONY: demo demo-infer test lint peers bench default-bundle train-quickstart clean
 

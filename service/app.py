@@ -3,8 +3,10 @@ live view, the metrics registry and the HTTP server, and starts and stops them i
 
 Start: store (open, sweep, retention; a store that cannot be used stops start-up) -> camera ->
 live view -> HTTP server (the port is bound here: a taken port stops start-up) -> engine, loaded
-in the background (a TensorRT build can take minutes) -> pipeline. An engine that fails to load
-leaves the daemon up and not ready, with the reason in /readyz, /api/status and the live page.
+in the background (a TensorRT build can take minutes) -> pipeline. While the backend builds its
+engine the daemon is up and not ready, saying "engine building" in /readyz, /api/status, /metrics
+and the systemd STATUS (and extending systemd's start timeout). An engine that fails to load leaves
+the daemon up and not ready, with the reason in /readyz, /api/status and the live page.
 
 Stop (SIGTERM, SIGINT): STOPPING=1 -> the pipeline stops taking frames and finishes the ones
 inside -> the store writes everything queued -> camera -> live view -> HTTP server.
@@ -18,13 +20,13 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import uvicorn
 
-from engines.backends import open_engine
-from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from engines.backends import BackendConfig, StateCallback, open_engine
+from engines.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
 from engines.engine import Engine
 from engines.errors import DefectsamError
 from engines.postprocess import Postprocessor
@@ -50,12 +52,23 @@ from service.store import RecordStore, StoreError, disabled_stats
 
 log = logging.getLogger(__name__)
 
+# While an engine builds, systemd's start timeout is extended by this much (EXTEND_TIMEOUT_USEC) at
+# each build step: a first TensorRT build on a Jetson Orin Nano takes minutes, a normal start seconds.
+ENGINE_BUILD_BUDGET_S = 30 * 60
+
+
+class EngineOpener(Protocol):
+    """How the daemon opens its engine: engines.backends.open_engine (tests may wrap it)."""
+
+    def __call__(self, bundle: Bundle, config: BackendConfig, *, on_state: StateCallback | None = None) -> Engine:
+        ...
+
 
 class Daemon:
     """Implements service.api.context.DaemonContext for the HTTP API."""
 
     def __init__(self, config: DaemonConfig, *, camera: CameraWorker | None = None,
-                 notifier: SystemdNotifier | None = None) -> None:
+                 notifier: SystemdNotifier | None = None, engine_opener: EngineOpener | None = None) -> None:
         self.config = config
         self.camera = camera if camera is not None else create_worker(config.camera)
         self.store: RecordStore | None = RecordStore(config.store) if config.store.enabled else None
@@ -66,7 +79,9 @@ class Daemon:
         self.notifier = notifier if notifier is not None else SystemdNotifier()
         self.pipeline: Pipeline | None = None
         self._engine: Engine | None = None
-        self._engine_state = "loading"
+        self._open_engine: EngineOpener = engine_opener if engine_opener is not None else open_engine
+        self._engine_state = "loading"  # -> building (a plan compiles) -> ready | failed
+        self._build_started: float | None = None
         self._engine_error: str | None = None
         self._first_id = 1
         self._started_at = time.monotonic()
@@ -135,7 +150,7 @@ class Daemon:
         try:
             bundle = load_bundle(path)
             log.info("engine: loading bundle %s (%s) on %s", bundle.manifest.name, path, engine_config.backend.type)
-            engine = open_engine(bundle, engine_config.backend)
+            engine = self._open_engine(bundle, engine_config.backend, on_state=self._on_engine_state)
             manifest = bundle.manifest
             post = Postprocessor(manifest.classes, manifest.mask_stride, engine_config.postprocess)
             pipeline = Pipeline(engine, post, self.camera.slot, self.config.pipeline, self.counters,
@@ -165,6 +180,19 @@ class Daemon:
         log.info("engine: ready (%s, %s, input %dx%d)", manifest.name, engine.backend_name,
                  manifest.input.height, manifest.input.width)
         self.notifier.notify("READY=1", f"STATUS=inspecting ({self.config.pipeline.mode}) with {manifest.name}")
+
+    def _on_engine_state(self, state: str) -> None:
+        """The backend's state callback (engine-loader thread): a build shows in /readyz and in systemd."""
+        if state != "building" or self._engine_state not in ("loading", "building"):
+            return
+        if self._build_started is None:
+            self._build_started = time.monotonic()
+            log.warning("engine: building the %s engine for this device; minutes on a Jetson, cached for the next "
+                        "starts (build it before the line starts with 'defectsam engine build')",
+                        self.config.engine.backend.type)
+        self._engine_state = "building"
+        self.notifier.notify(f"STATUS=building the {self.config.engine.backend.type} engine (minutes on a first start)",
+                             f"EXTEND_TIMEOUT_USEC={ENGINE_BUILD_BUDGET_S * 1_000_000}")
 
     def wait_engine(self, timeout: float) -> str:
         """Wait until the engine is loaded or failed; returns the state (tests, the serve command)."""
@@ -227,6 +255,11 @@ class Daemon:
             reasons.append(f"camera {stats.state.value}{detail}")
         if self._engine_state == "loading":
             reasons.append("engine loading")
+        elif self._engine_state == "building":
+            since = time.monotonic() - (self._build_started or time.monotonic())
+            kind = self.config.engine.backend.type
+            reasons.append(f"engine building (a {kind} engine for this device, {since:.0f} s so far; "
+                           f"a first build takes minutes, later starts load it from the cache)")
         elif self._engine_state == "failed":
             reasons.append(f"engine failed to load: {self._engine_error}")
         if self._stop_requested.is_set():

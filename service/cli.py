@@ -1,4 +1,4 @@
-"""The ``defectsam`` command: run bundles on images, inspect bundles, benchmark engines, run the daemon.
+"""The ``defectsam`` command: run bundles on images, inspect bundles, benchmark and build engines, run the daemon.
 
 Bad input (a file, a flag, a bundle) ends in one line on stderr naming it and the cause,
 and exit status 2; never a traceback.
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from engines.errors import DefectsamError
-from service.commands import bench, bundle, infer, plc_sim, serve
+from service.commands import bench, bundle, engine, infer, plc_sim, serve
 from service.commands import config as config_command
 
 EXIT_BAD_INPUT = 2
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_parser(commands)
     bundle.add_parser(commands)
     bench.add_parser(commands)
+    engine.add_parser(commands)
     serve.add_parser(commands)
     config_command.add_parser(commands)
     plc_sim.add_parser(commands)

@@ -36,6 +36,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.
 FPS_WINDOW_S = 5.0
 _RECENT = 256  # latencies kept per stage for the status page's recent percentiles
 CAMERA_STATES = ("starting", "connected", "reconnecting", "stopped")
+ENGINE_STATES = ("loading", "building", "ready", "failed")
+PIPELINE_MODES = ("free_run", "triggered")
 
 
 class _Model(BaseModel):
@@ -82,7 +84,7 @@ class CameraSnapshot(_Model):
 
 
 class EngineSnapshot(_Model):
-    state: str = Field(description="loading, ready or failed")
+    state: str = Field(description="loading, building (a TensorRT plan compiles: minutes), ready or failed")
     error: str | None = Field(description="why the engine failed to load")
     bundle: str | None
     bundle_path: str | None
@@ -256,6 +258,10 @@ class SnapshotCollector(Collector):
         yield _counter(f"{n}_inspection_errors", "frames whose inspection raised", s.pipeline.errors)
         yield _gauge(f"{n}_pipeline_fps", "frames inspected per second over the last 5 s", s.pipeline.fps)
         yield _gauge(f"{n}_camera_fps", "frames captured per second over the last 5 s", s.camera.fps)
+        mode = GaugeMetricFamily(f"{n}_pipeline_mode", "1 for the inspection mode (pipeline.mode)", labels=["mode"])
+        for name in PIPELINE_MODES:
+            mode.add_metric([name], int(s.pipeline.mode == name))
+        yield mode
 
         hist = HistogramMetricFamily(f"{n}_latency_seconds",
                                      "time per pipeline stage; end_to_end is capture to published result",
@@ -286,7 +292,7 @@ class SnapshotCollector(Collector):
         yield state
 
         engine_state = GaugeMetricFamily(f"{n}_engine_state", "1 for the engine's current state", labels=["state"])
-        for name in ("loading", "ready", "failed"):
+        for name in ENGINE_STATES:
             engine_state.add_metric([name], int(s.engine.state == name))
         yield engine_state
         info = InfoMetricFamily(f"{n}_engine", "the loaded engine bundle")

@@ -228,6 +228,15 @@ def _open_device(cuda: Any, index: int) -> tuple[Any, str, tuple[int, int]]:
     return device.retain_primary_context(), str(device.name()), (int(major), int(minor))
 
 
+def device_identity(index: int = 0) -> tuple[str, str, tuple[int, int]]:
+    """(TensorRT version, GPU name, compute capability) of CUDA device ``index``: what a plan's
+    cache name is keyed by (``plan_path``). Raises BackendUnavailableError without TensorRT/pycuda/GPU."""
+    trt, cuda = _import_runtime()
+    context, name, capability = _open_device(cuda, index)
+    context.detach()
+    return str(trt.__version__), name, capability
+
+
 class _Plan:
     """One deserialized TensorRT engine, its execution context, stream and I/O buffers.
 
