@@ -145,13 +145,11 @@ def run_build(args: argparse.Namespace) -> int:
             _say(f"building a TensorRT {trt_config.precision} plan of {bundle.manifest.name} "
                  f"(minutes on a Jetson) ...")
 
+    if args.force:  # drop this device's cached plans (other GPUs' and precisions' stay)
+        version, gpu, capability = trt_backend.device_identity(trt_config.device)
+        for graph in graphs_of(bundle):
+            trt_backend.plan_path(bundle, trt_config, version, gpu, capability, graph).unlink(missing_ok=True)
     engine = trt_backend.open_engine(bundle, trt_config, on_state=on_state)
-    if args.force and not built:
-        paths = [engine.plan_path(graph) for graph in graphs_of(bundle)]
-        engine.close()
-        for path in paths:
-            path.unlink(missing_ok=True)
-        engine = trt_backend.open_engine(bundle, trt_config, on_state=on_state)
     try:
         for graph in graphs_of(bundle):
             print(engine.plan_path(graph), flush=True)
