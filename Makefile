@@ -15,7 +15,7 @@ DEMO_PORT ?= 8080
 DEMO_PLC_PORT ?= 5020
 PEERS := prometheus chromium mbpoll shellcheck
 
-.PHONY: demo demo-infer test lint peers bench default-bundle train-quickstart clean
+.PHONY: demo demo-infer test lint peers deploy-check bench default-bundle train-quickstart clean
 
 # The runtime as a line box gets it: engines + service, no torch.
 $(RUN_VENV)/.installed: pyproject.toml
@@ -49,6 +49,12 @@ peers:
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	else echo "not root: install $$missing yourself (sudo apt-get install $$missing); their tests skip"; fi
+
+# The Prometheus files of deploy/ through Debian's promtool (tests/test_deploy.py runs these too, and more).
+deploy-check:
+	promtool check config deploy/prometheus/prometheus.yml
+	promtool check rules deploy/prometheus/defectsam.rules.yml
+	promtool test rules deploy/prometheus/tests/defectsam.rules.test.yml
 
 test: $(DEV_VENV)/.installed lint
 	$(DEV_VENV)/bin/python -m pytest -q
