@@ -1,5 +1,8 @@
 """Engine-only benchmark: latency of the fused graph on one preprocessed frame, several bundles in one run.
 
+A bundle with an INT8 variant is timed at each precision as two entries (``configs``), so FP32 and
+INT8 of the same model come from one run on the same machine state.
+
 Bundles are timed in alternating blocks (A A A B B B A A A ...) so that drift in a shared
 machine's speed falls on all of them alike; FPS is quoted from the median latency.
 """
@@ -9,7 +12,9 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,7 @@ from engines.engine import Engine
 @dataclass(frozen=True)
 class EngineBenchResult:
     name: str
+    path: str
     arch: str
     precision: str
     weights: str
@@ -70,14 +76,27 @@ def bench_bundles(
     bundles: list[Bundle],
     config: BackendConfig | None = None,
     *,
+    configs: Sequence[BackendConfig] | None = None,
     warmup: int = 3,
     iterations: int = 30,
     rounds: int = 5,
     seed: int = 0,
 ) -> list[EngineBenchResult]:
+    """Time each bundle's engine; ``configs`` (one per bundle) overrides ``config``, e.g. to time the FP32
+    and the INT8 graphs of one bundle side by side (the same bundle twice, ``precision`` fp32 and int8)."""
     if iterations < 1 or warmup < 0:
         raise ValueError("iterations must be >= 1 and warmup >= 0")
-    engines = [open_engine(bundle, config) for bundle in bundles]
+    if configs is not None and len(configs) != len(bundles):
+        raise ValueError("configs must hold one backend config per bundle")
+    per_bundle = list(configs) if configs is not None else [config] * len(bundles)
+    engines: list[Engine] = []
+    try:
+        for bundle, bundle_config in zip(bundles, per_bundle, strict=True):
+            engines.append(open_engine(bundle, bundle_config))
+    except BaseException:
+        for engine in engines:
+            engine.close()
+        raise
     backends = [engine.backend_name for engine in engines]
     inputs = [_bench_input(engine, seed) for engine in engines]
     latencies: list[list[float]] = [[] for _ in engines]
@@ -104,15 +123,17 @@ def bench_bundles(
         manifest = engine.bundle.manifest
         ms = np.asarray(times) * 1000.0
         p50 = float(np.percentile(ms, 50))
+        graph: Path = getattr(engine, "graph_path", engine.bundle.fused_graph)
         results.append(
             EngineBenchResult(
                 name=manifest.name,
+                path=str(engine.bundle.path),
                 arch=manifest.arch,
-                precision=manifest.precision,
+                precision=str(getattr(engine, "precision", manifest.precision)),
                 weights=manifest.provenance.weights,
                 backend=backend,
                 parameters=manifest.parameters,
-                graph_bytes=engine.bundle.fused_graph.stat().st_size,
+                graph_bytes=graph.stat().st_size,
                 input_hw=(manifest.input.height, manifest.input.width),
                 k=manifest.k,
                 iterations=iterations,
@@ -140,3 +161,24 @@ def markdown_table(results: list[EngineBenchResult]) -> str:
             f"{r.fps_median:.1f} | {base / r.fps_median:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def precision_ratios(results: list[EngineBenchResult]) -> list[str]:
+    """One line per bundle timed at more than one precision: each precision's FPS over the first's."""
+    lines = []
+    by_path: dict[str, list[EngineBenchResult]] = {}
+    for r in results:
+        by_path.setdefault(r.path, []).append(r)
+    names = [rows[0].name for rows in by_path.values()]
+    for path, rows in by_path.items():
+        base = rows[0]
+        label = base.name if names.count(base.name) == 1 else f"{base.name} ({path})"
+        for other in rows[1:]:
+            if other.precision == base.precision:
+                continue
+            lines.append(
+                f"{label}: {other.precision} / {base.precision} = {other.fps_median / base.fps_median:.2f}x FPS "
+                f"(median latency {other.latency_ms_p50:.1f} ms vs {base.latency_ms_p50:.1f} ms; graph "
+                f"{other.graph_bytes / 1e6:.2f} MB vs {base.graph_bytes / 1e6:.2f} MB)"
+            )
+    return lines

@@ -5,6 +5,8 @@ A bundle is a directory::
     manifest.json    what the graphs are and how to feed them (``Manifest`` below)
     model.onnx       the fused graph (engines.contract), FP32
     decoder.onnx     the decoder-only graph for interactive point prompts (optional)
+    model.int8.onnx  an INT8 (QDQ) variant of the fused graph, with decoder.int8.onnx (optional;
+                     ``variants`` in the manifest, written by ``defectsam-train quantize``)
     model.*.plan     TensorRT engines built on the target device: a cache, never listed in files
 
 ``load_bundle`` checks the schema and the SHA-256 of every listed file before anything runs;
@@ -31,7 +33,13 @@ from engines.atomic import replace_dir
 from engines.contract import FUSED_OUTPUT_NAMES, GraphShape
 from engines.errors import BundleError
 
+# What exporters write: a bundle with FP32 graphs only stays at version 1, so that runtimes which
+# predate version 2 keep reading it. Version 2 adds ``variants`` (quantized graphs); a manifest
+# that carries variants must say 2, so an older runtime refuses it with a clear message instead
+# of an unknown-key error.
 SCHEMA_VERSION = 1
+VARIANTS_SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default"
 
@@ -66,6 +74,24 @@ class Graphs(_Strict):
     decoder: str | None = Field(default=None, description="file name of the decoder-only graph")
 
 
+class Variant(_Strict):
+    """Another precision of the same model: its graphs, how they were made, whether they passed the gate."""
+
+    fused: str = Field(description="file name of the fused graph at this precision")
+    decoder: str | None = Field(default=None, description="file name of the decoder-only graph at this precision")
+    mode: Literal["static", "weight_only"] = Field(
+        description="static: weights and activations INT8 (QDQ, calibrated); weight_only: INT8 weights, FP32 compute"
+    )
+    target: Literal["cpu", "tensorrt"] = Field(
+        description="cpu: uint8 asymmetric activations (ONNX Runtime CPU kernels); "
+        "tensorrt: int8 symmetric activations (TensorRT explicit quantization)"
+    )
+    gate: Literal["passed", "pending"] = Field(
+        description="passed: measured against the FP32 graphs within the bound (metrics.quantization); "
+        "pending: not measured (never selected automatically)"
+    )
+
+
 class Provenance(_Strict):
     weights: Literal["trained", "untrained"]
     notes: str = ""
@@ -93,14 +119,18 @@ class Manifest(_Strict):
     parameters: int = Field(ge=0, description="trainable parameters of the exported model")
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: Provenance
+    variants: dict[Literal["int8"], Variant] = Field(
+        default_factory=dict, description="quantized variants of the graphs, by precision (schema_version 2)"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @field_validator("schema_version")
     @classmethod
     def _known_schema(cls, value: int) -> int:
-        if value != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {value} is not supported (this runtime reads {SCHEMA_VERSION})")
+        if value not in SUPPORTED_SCHEMA_VERSIONS:
+            known = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
+            raise ValueError(f"schema_version {value} is not supported (this runtime reads {known})")
         return value
 
     @model_validator(mode="after")
@@ -108,6 +138,16 @@ class Manifest(_Strict):
         for graph in (self.graphs.fused, self.graphs.decoder):
             if graph is not None and graph not in self.files:
                 raise ValueError(f"graph file {graph!r} is not listed in 'files'")
+        if self.variants and self.schema_version < VARIANTS_SCHEMA_VERSION:
+            raise ValueError(f"'variants' needs schema_version {VARIANTS_SCHEMA_VERSION} (got {self.schema_version})")
+        for precision, variant in self.variants.items():
+            if precision == self.precision:
+                raise ValueError(f"variants.{precision}: the main graphs already are {precision}")
+            if (variant.decoder is None) != (self.graphs.decoder is None):
+                raise ValueError(f"variants.{precision}: has a decoder graph exactly when 'graphs' has one")
+            for graph in (variant.fused, variant.decoder):
+                if graph is not None and graph not in self.files:
+                    raise ValueError(f"variants.{precision}: graph file {graph!r} is not listed in 'files'")
         for name in self.files:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"file name {name!r} must be a plain name inside the bundle")
@@ -134,7 +174,25 @@ class Manifest(_Strict):
         )
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2) + "\n"
+        fields = self.model_dump(mode="json", by_alias=True)
+        if not fields["variants"]:
+            del fields["variants"]  # a version-1 manifest stays readable by runtimes that predate 'variants'
+        return json.dumps(fields, indent=2) + "\n"
+
+    def graph_files(self, precision: str | None = None) -> tuple[str, str | None]:
+        """(fused, decoder) file names at ``precision`` (default: the main graphs' own)."""
+        if precision is None or precision == self.precision:
+            return self.graphs.fused, self.graphs.decoder
+        variant = self.variants.get(precision)  # type: ignore[call-overload]
+        if variant is None:
+            have = ", ".join([self.precision, *self.variants])
+            raise KeyError(f"no {precision} graphs (the bundle has {have})")
+        return variant.fused, variant.decoder
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Every precision the bundle carries graphs for, the main one first."""
+        return (self.precision, *self.variants)
 
 
 def outputs_for(shape: GraphShape) -> dict[str, OutputSpec]:
@@ -161,6 +219,14 @@ class Bundle:
     def decoder_graph(self) -> Path | None:
         name = self.manifest.graphs.decoder
         return None if name is None else self.path / name
+
+    def graphs_at(self, precision: str | None = None) -> tuple[Path, Path | None]:
+        """(fused, decoder) paths at ``precision`` (default: the main graphs). BundleError if absent."""
+        try:
+            fused, decoder = self.manifest.graph_files(precision)
+        except KeyError as exc:
+            raise BundleError(self.path, str(exc.args[0])) from None
+        return self.path / fused, None if decoder is None else self.path / decoder
 
     def size_bytes(self, name: str | None = None) -> int:
         """Size of one file, or of every listed file together."""

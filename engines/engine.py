@@ -59,3 +59,9 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release the backend's resources. The engine is unusable afterwards."""
         ...
+
+
+def running_precision(engine: Engine) -> str:
+    """The precision of the graphs ``engine`` runs: its own ``precision`` where the backend chooses among a
+    bundle's graphs (ONNX Runtime: FP32 or the gated INT8 variant), else the manifest's."""
+    return str(getattr(engine, "precision", None) or engine.bundle.manifest.precision)

@@ -27,7 +27,7 @@ import uvicorn
 
 from engines.backends import BackendConfig, StateCallback, open_engine
 from engines.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
-from engines.engine import Engine
+from engines.engine import Engine, running_precision
 from engines.errors import DefectsamError
 from engines.postprocess import Postprocessor
 from service.api import VERSION, create_fastapi_app
@@ -304,7 +304,8 @@ class Daemon:
                 state=self._engine_state, error=self._engine_error,
                 bundle=manifest.name if manifest else None,
                 bundle_path=str(engine.bundle.path) if engine is not None else None,
-                arch=manifest.arch if manifest else None, precision=manifest.precision if manifest else None,
+                arch=manifest.arch if manifest else None,
+                precision=running_precision(engine) if engine is not None else None,
                 backend=engine.backend_name if engine is not None else None,
                 weights=manifest.provenance.weights if manifest else None,
                 input=f"{manifest.input.height}x{manifest.input.width}" if manifest else None,

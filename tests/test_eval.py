@@ -214,7 +214,7 @@ def test_eval_command_prints_a_table_and_writes_json(
          "--json", str(report)], capsys,
     )
     assert code == 0
-    assert "bundle:calibrated on synthetic(n=3,seed=1,384x216): 3 image(s)" in out
+    assert "bundle:calibrated (fp32) on synthetic(n=3,seed=1,384x216): 3 image(s)" in out
     assert "mean over classes" in out and "image OK/NG accuracy" in out
     written = json.loads(report.read_text())
     assert written["n_images"] == 3 and set(written) >= {"prompted", "automatic", "dataset"}

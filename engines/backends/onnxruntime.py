@@ -2,6 +2,10 @@
 
 With the TensorRT execution provider, ONNX Runtime compiles TensorRT engines while the session is
 created (minutes on a Jetson), so the engine reports ``building`` through ``on_state`` first.
+
+``precision`` picks which of a bundle's graphs run: the FP32 graphs, or the INT8 (QDQ) variant
+that ``defectsam-train quantize`` adds (docs/quantization.md). ``auto`` takes the INT8 variant
+only when it passed the precision gate and was quantized for the provider that runs it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from engines.backends.base import BackendConfigBase, EngineState, StateCallback
-from engines.bundle import Bundle
+from engines.bundle import Bundle, Variant
 from engines.contract import (
     DECODER_INPUT_NAMES,
     DECODER_OUTPUT_NAMES,
@@ -54,6 +58,15 @@ class Config(BackendConfigBase):
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", title="ONNX Runtime graph optimisation level"
     )
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        default="auto",
+        title="Graph precision",
+        description=(
+            "auto: the bundle's INT8 graphs when they passed the precision gate and were quantized for the "
+            "first provider (target cpu on CPU, tensorrt on the TensorRT EP), else FP32; fp32; int8: the "
+            "INT8 graphs (an error when the bundle has none)"
+        ),
+    )
 
     @field_validator("providers")
     @classmethod
@@ -93,6 +106,27 @@ def resolve_providers(config: Config, available: list[str]) -> list[str]:
     return chosen
 
 
+# Which provider runs which quantization target's graphs well (engines.bundle.Variant.target).
+_TARGET_PROVIDER = {"cpu": "CPUExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+def choose_precision(bundle: Bundle, requested: str, first_provider: str) -> str:
+    """The precision whose graphs run: ``requested``, or for ``auto`` the gated INT8 variant when it suits."""
+    manifest = bundle.manifest
+    if requested != "auto":
+        if requested not in manifest.precisions:
+            raise BundleError(
+                bundle.path,
+                f"backend.precision {requested!r}: the bundle has no {requested} graphs (it has "
+                f"{', '.join(manifest.precisions)}); run 'defectsam-train quantize' or use fp32",
+            )
+        return requested
+    variant: Variant | None = manifest.variants.get("int8")
+    if variant is not None and variant.gate == "passed" and _TARGET_PROVIDER.get(variant.target) == first_provider:
+        return "int8"
+    return manifest.precision
+
+
 def _check_io(path: Any, got: list[Any], want: tuple[TensorSpec, ...], what: str) -> None:
     """Compare a session's inputs or outputs with the contract; a mismatch is a BundleError."""
     got_by_name = {arg.name: arg for arg in got}
@@ -126,10 +160,16 @@ class OnnxRuntimeEngine:
         if PROVIDERS["tensorrt"] in self._providers:
             self._set_state("building")
         try:
-            self._session: Any = self._open(ort, bundle.fused_graph)
+            self.precision = choose_precision(bundle, config.precision, self._providers[0])
+            self.graph_path, self._decoder_path = bundle.graphs_at(self.precision)
+            variant = bundle.manifest.variants.get(self.precision)  # type: ignore[call-overload]
+            # Weight-only INT8 is a storage form: with QDQ handling off, ONNX Runtime folds each weight's
+            # DequantizeLinear into an FP32 initializer when the session is created, so it runs as fast as FP32.
+            self._fold_weights = variant is not None and variant.mode == "weight_only"
+            self._session: Any = self._open(ort, self.graph_path)
             shape = bundle.manifest.graph_shape
-            _check_io(bundle.fused_graph, self._session.get_inputs(), (shape.input_spec(),), "input")
-            _check_io(bundle.fused_graph, self._session.get_outputs(), shape.fused_outputs(), "output")
+            _check_io(self.graph_path, self._session.get_inputs(), (shape.input_spec(),), "input")
+            _check_io(self.graph_path, self._session.get_outputs(), shape.fused_outputs(), "output")
         except BaseException:
             self._session = None
             self._set_state("failed")
@@ -157,6 +197,8 @@ class OnnxRuntimeEngine:
             "all": runtime.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.config.graph_optimization]
         options.log_severity_level = 3
+        if self._fold_weights:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:
             return runtime.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as exc:  # ORT raises its own exception types for bad graphs
@@ -188,7 +230,7 @@ class OnnxRuntimeEngine:
     def _decoder_session(self) -> Any:
         with self._decoder_lock:
             if self._decoder is None:
-                path = self.bundle.decoder_graph
+                path = self._decoder_path
                 if path is None:
                     raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
                 session = self._open(self._ort, path)

@@ -1,5 +1,8 @@
 """``defectsam bench engine``: engine-only FPS and latency of bundles, side by side, in one run.
 
+A bundle with an INT8 variant (``defectsam-train quantize``) is timed at FP32 and at INT8 in the same
+run by default (``--precision all``), with the INT8 / FP32 ratio printed under the table.
+
 The ``mobilesam`` reference is a bundle like any other; build it once with
 ``defectsam-train export --arch mobilesam --random-init --out .cache/reference/mobilesam``
 (random weights time the same as trained ones) and pass it with ``--reference``.
@@ -14,7 +17,7 @@ from typing import Any
 
 from engines.atomic import write_text_atomic
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
-from engines.benchmark import bench_bundles, machine_description, markdown_table
+from engines.benchmark import bench_bundles, machine_description, markdown_table, precision_ratios
 from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from engines.errors import BundleError, DefectsamError
 
@@ -33,6 +36,9 @@ def add_parser(commands: Any) -> None:
     engine.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
     engine.add_argument("--providers", default="cpu",
                         help="ONNX Runtime providers, comma-separated (cpu, cuda, tensorrt) or 'auto' (default cpu)")
+    engine.add_argument("--precision", default="all",
+                        help="graphs to time, comma-separated: fp32, int8, or 'all' (default): every precision "
+                             "each bundle carries, e.g. its FP32 graph and its INT8 variant side by side")
     engine.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     engine.set_defaults(run=run_engine)
     add_plc_parser(kinds)
@@ -60,9 +66,14 @@ def run_engine(args: argparse.Namespace) -> int:
         raise DefectsamError("--iterations must be >= 1, --warmup and --threads >= 0")
     providers: Any = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",")]
     try:
-        config = OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads)
+        OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads)
     except ValueError as exc:
         raise DefectsamError(f"--providers {args.providers!r}: expected cpu, cuda, tensorrt or auto") from exc
+    requested = [p.strip() for p in args.precision.split(",") if p.strip()]
+    if not requested or any(p not in ("all", "fp32", "int8") for p in requested) or (
+        "all" in requested and len(requested) > 1
+    ):
+        raise DefectsamError(f"--precision {args.precision!r}: expected 'all', or fp32 and/or int8 comma-separated")
     bundles = [load_bundle(args.bundle)]
     for reference in args.reference:
         try:
@@ -81,11 +92,26 @@ def run_engine(args: argparse.Namespace) -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
           f"threads {args.threads or 'auto'}; {args.iterations} timed runs per bundle in alternating blocks "
           f"after {args.warmup} warm-up")
-    results = bench_bundles(bundles, config, warmup=args.warmup, iterations=args.iterations)
+    entries, configs = [], []
+    for bundle in bundles:
+        have = bundle.manifest.precisions
+        for precision in have if requested == ["all"] else requested:
+            if precision not in have:
+                raise DefectsamError(f"{bundle.path}: --precision {precision}: the bundle has {', '.join(have)} "
+                                     "graphs only (defectsam-train quantize adds int8)")
+            entries.append(bundle)
+            configs.append(OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads,
+                                             precision=precision))  # type: ignore[arg-type]
+    results = bench_bundles(entries, configs=configs, warmup=args.warmup, iterations=args.iterations)
     print(markdown_table(results))
+    for line in precision_ratios(results):
+        print(line)
     first = results[0]
     for other in results[1:]:
-        print(f"{first.name} / {other.name}: {first.fps_median / other.fps_median:.2f}x FPS (median latency "
+        if other.name == first.name:
+            continue
+        print(f"{first.name} ({first.precision}) / {other.name} ({other.precision}): "
+              f"{first.fps_median / other.fps_median:.2f}x FPS (median latency "
               f"{first.latency_ms_p50:.1f} ms vs {other.latency_ms_p50:.1f} ms)")
     if args.json is not None:
         payload = {"machine": machine, "iterations": args.iterations, "warmup": args.warmup,

@@ -41,6 +41,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     print(f"prompts    K={m.k} peaks, masks at stride {m.mask_stride}")
     print(f"classes    {', '.join(f'{i}:{c}' for i, c in enumerate(m.classes))}")
     print(f"graphs     fused {m.graphs.fused}" + (f", decoder {m.graphs.decoder}" if m.graphs.decoder else ""))
+    for precision, variant in m.variants.items():
+        graphs = variant.fused + (f" + {variant.decoder}" if variant.decoder else "")
+        print(f"variant    {precision}: {graphs} ({variant.mode}, target {variant.target}, gate {variant.gate})")
     print("files      (sha256 verified)")
     for name, digest in m.files.items():
         print(f"  {name:<20} {bundle.size_bytes(name) / 1e6:8.2f} MB  {digest[:16]}")

@@ -45,6 +45,11 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--no-prompted", action="store_true", help="skip prompted mode (automatic mode only)")
     parser.add_argument(
+        "--precision", choices=("auto", "fp32", "int8"), default="auto",
+        help="with --bundle: which graphs run (auto: as the daemon picks, the gated INT8 variant on a CPU when "
+        "the bundle has one; docs/quantization.md)",
+    )
+    parser.add_argument(
         "--record", metavar="KEY", default=None,
         help="with --bundle: store the report's figures as metrics.KEY in the bundle's manifest "
         "(the graphs are untouched; the manifest is rewritten atomically)",
@@ -150,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         raise DefectsamError(f"{args.json}: --json is a directory; give a file name")
     if args.record is not None and args.bundle is None:
         raise DefectsamError("--record needs --bundle: only a bundle's manifest can carry its measured figures")
+    if args.precision != "auto" and args.bundle is None:
+        raise DefectsamError("--precision needs --bundle: a checkpoint runs in PyTorch at FP32")
     postprocess = _postprocess(args.score_threshold)
     dataset = build_dataset(args.data)
     report: EvalReport
@@ -157,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
         from training.eval.evaluate import evaluate_bundle
 
         report = evaluate_bundle(
-            args.bundle, dataset, limit=args.limit, postprocess=postprocess, prompted=not args.no_prompted
+            args.bundle, dataset, limit=args.limit, postprocess=postprocess, prompted=not args.no_prompted,
+            precision=args.precision,
         )
     else:
         from training.eval.evaluate import evaluate_model
@@ -193,6 +201,8 @@ def recorded_figures(report: EvalReport, args: argparse.Namespace) -> dict[str, 
         },
         "automatic": {key: auto.get(key) for key in keep_auto if key in auto},
         "measured": utc_now(),
+        "model": report["model"],
         "command": f"defectsam-train eval --bundle BUNDLE --data {args.data}"
-        + (f" --limit {args.limit}" if args.limit else "") + f" --record {args.record}",
+        + (f" --limit {args.limit}" if args.limit else "")
+        + (f" --precision {args.precision}" if args.precision != "auto" else "") + f" --record {args.record}",
     }

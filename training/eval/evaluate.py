@@ -95,7 +95,7 @@ class _EngineRunner:
         self.spec = manifest.input
         self.classes = tuple(manifest.classes)
         self.mask_stride = int(manifest.mask_stride)
-        self.label = f"bundle:{manifest.name}"
+        self.label = f"bundle:{manifest.name} ({getattr(engine, 'precision', manifest.precision)})"
         self.has_decoder = engine.bundle.decoder_graph is not None
 
     def infer(self, images: Sequence[np.ndarray]) -> list[tuple[EngineOutputs, Any]]:
@@ -293,18 +293,21 @@ def evaluate_bundle(
     postprocess: PostprocessConfig | None = None,
     iou_threshold: float = 0.5,
     prompted: bool = True,
+    precision: str = "auto",
 ) -> EvalReport:
     """Evaluate an engine bundle through engines/: its fused graph, postprocessing, decoder-only graph.
 
-    Opens the bundle on ONNX Runtime (default backend config) unless an open ``engine`` is given.
-    Prompted mode is None in the report when the bundle has no decoder-only graph.
+    Opens the bundle on ONNX Runtime (default backend config, ``precision``: auto, fp32 or int8, as the
+    daemon's ``backend.precision``) unless an open ``engine`` is given. Prompted mode is None in the
+    report when the bundle has no decoder-only graph.
     """
     from engines.backends import open_engine
+    from engines.backends.onnxruntime import Config
 
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
     own = engine is None
-    engine = engine or open_engine(bundle)
+    engine = engine or open_engine(bundle, Config(precision=precision))  # type: ignore[arg-type]
     try:
         return _evaluate(
             _EngineRunner(engine), dataset, limit=limit, batch_size=1,
