@@ -9,6 +9,7 @@
     export            export a model or a trained checkpoint to an engine bundle
     models            print the model family's parameters
     config            print every key of the training config
+    judge             the judge loop's cases offline: re-judge, review page, decisions, audit (training.judge.cli)
 
 Bad input (a flag, a file, a config key) is reported as one line on stderr naming it, with exit
 status 2; a config error names the dotted key.
@@ -141,6 +142,10 @@ def _add_training_commands(sub: Any) -> None:
 
     reference = sub.add_parser("config", help="print every training config key with its default and meaning")
     reference.set_defaults(run=_cmd_config_reference)
+
+    from training.judge.cli import add_parser as add_judge_parser
+
+    add_judge_parser(sub)
 
 
 def _load(args: argparse.Namespace) -> Any:

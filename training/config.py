@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from engines.errors import DefectsamError
 from training.data.registry import DatasetSpec
+from training.judge.config import JUDGED_RECIPES, JudgeConfig
 from training.model.build import list_models
 
 RECIPES = ("supervised", "blog", "nofeature", "mobilesam", "kdsam")
@@ -122,9 +123,17 @@ class TrainConfig(_Strict):
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig, description="the judge loop for teacher mistakes (docs/judge.md)"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
+        if self.judge.kind != "none" and (self.recipe.name not in JUDGED_RECIPES or self.data.augment):
+            raise ValueError(
+                f"judge.kind {self.judge.kind!r} needs recipe blog or nofeature (teacher mask logits per instance) "
+                "and data.augment false"
+            )
         if self.recipe.name in TEACHER_RECIPES and self.teacher is None:
             raise ValueError(f"recipe {self.recipe.name!r} needs a 'teacher' section")
         if self.teacher is not None and self.teacher.cache is not None and self.data.augment:

@@ -271,6 +271,12 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
         if config.teacher.cache is not None:
             cache = ensure_cache(config, teacher, train_samples, classes, runtime, say)
     recipe = build_recipe(config.recipe.name, student, config.recipe, teacher)
+    judge = None
+    if config.judge.kind != "none":  # the judge loop for teacher mistakes (docs/judge.md)
+        from training.judge.loop import JudgeLoop
+
+        judge = JudgeLoop(config, classes, fresh=fresh, log=say)
+        recipe = judge.wrap_recipe(recipe)
     if cache is not None:
         teacher = None  # every target comes from the cache: free the teacher
     elif teacher is not None:
@@ -282,6 +288,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
         augment=config.data.augment, heatmap_sigma=config.data.heatmap_sigma, seed=config.seed,
     )
     dataset: Any = WithTeacherTargets(prepared, cache) if cache is not None else prepared
+    collate_fn: Any = collate_with_targets if cache is not None else collate
+    if judge is not None:
+        dataset, collate_fn = judge.wrap_data(dataset, collate_fn)
     sampler: Any
     if runtime.distributed:
         sampler = DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=True, seed=config.seed)
@@ -289,7 +298,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(config.seed))
     loader = DataLoader(
         dataset, batch_size=sched.batch_size, sampler=sampler, num_workers=config.data.workers,
-        collate_fn=collate_with_targets if cache is not None else collate, drop_last=False,
+        collate_fn=collate_fn, drop_last=False,
         pin_memory=runtime.device.type == "cuda",
     )
     steps_per_epoch = len(loader)
@@ -400,6 +409,9 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
                 improved = metrics["score"] > best
                 best = max(best, metrics["score"])
                 record.update({f"val_{k}": v for k, v in metrics.items()})
+            if judge is not None and judge.due(epoch + 1, sched.epochs) and not last_epoch:
+                record.update(judge.run(epoch + 1, student, train_samples, cache=cache, teacher=teacher,
+                                        device=runtime.device))
             state = {
                 **common, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if needs_scaler else None, "epoch": epoch + 1, "step": step,
@@ -413,6 +425,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
                 f.write(json.dumps(record) + "\n")
             say(_line(record))
         runtime.barrier()
+        if judge is not None and not runtime.is_main:
+            judge.reload()
         summary.update(record)
     if runtime.is_main and not best_path.exists() and last_path.exists():
         _copy_checkpoint(last_path, best_path)
