@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engines.errors import DefectsamError
 from training.data.registry import DatasetSpec
@@ -83,6 +83,21 @@ class RecipeConfig(_Strict):
     temperature: float = Field(default=2.0, gt=0, description="blog: soft-mask temperature T")
     saliency_weight: float = Field(default=1.0, ge=0, description="focal loss of the heatmap (every recipe)")
     iou_weight: float = Field(default=0.1, ge=0, description="MSE of the decoder's predicted IoU")
+    grow_targets_px: int = Field(
+        default=1, ge=1, le=15,
+        description="supervised: grow GT masks by this odd max-filter size in the mask losses (1: as drawn)",
+    )
+    dice_full_weight_area: float = Field(
+        default=0.0, ge=0,
+        description="supervised: weight each instance's dice by min(1, GT pixels / this) (0: equal weights)",
+    )
+
+    @field_validator("grow_targets_px")
+    @classmethod
+    def _odd(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"must be odd (a centred max filter), got {value}")
+        return value
     mse_weight: float = Field(default=1.0, ge=0, description="mobilesam/kdsam: weight of the embedding MSE")
     perceptual_weight: float = Field(default=0.5, ge=0, description="kdsam phase 1: weight of the perceptual term")
     phase1_epochs: int | None = Field(

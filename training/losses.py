@@ -50,14 +50,38 @@ def focal_mask_loss(
     return (weight * ce * (1 - p_t) ** gamma).mean()
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft dice, 1 - 2|P∩T| / (|P| + |T|), per instance then averaged. logits, target: NxHxW."""
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0, *, full_weight_area: float = 0.0
+) -> torch.Tensor:
+    """Soft dice, 1 - 2|P∩T| / (|P| + |T|), per instance then averaged. logits, target: NxHxW.
+
+    ``full_weight_area`` > 0 weights each instance by min(1, |T| / full_weight_area) in the average:
+    an instance far below the mask grid's resolution cannot be overlapped, so all its dice gradient
+    says is "predict less", and many of them outvote the few defects the model can draw.
+    """
     if logits.numel() == 0:
         return logits.sum()
     prob = torch.sigmoid(logits.float()).flatten(1)
     target = target.float().flatten(1)
     inter = (prob * target).sum(1)
-    return (1 - (2 * inter + eps) / (prob.sum(1) + target.sum(1) + eps)).mean()
+    area = target.sum(1)
+    per_instance = 1 - (2 * inter + eps) / (prob.sum(1) + area + eps)
+    if full_weight_area <= 0:
+        return per_instance.mean()
+    weight = (area / full_weight_area).clamp(max=1.0)
+    return (weight * per_instance).sum() / weight.sum().clamp(min=1e-6)
+
+
+def grow_targets(target: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary masks NxHxW grown by a ``size`` x ``size`` max filter (``size`` odd; 1 or less: unchanged).
+
+    A 1 px scratch is a fifth of a stride-8 mask cell: no bilinear upsampling of stride-8 logits
+    draws it, so a loss against it teaches the decoder nothing but to shrink. Grown to a few pixels,
+    the same scratch is a band the mask grid can represent.
+    """
+    if size <= 1 or target.numel() == 0:
+        return target
+    return F.max_pool2d(target.float().unsqueeze(1), size, stride=1, padding=size // 2).squeeze(1)
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

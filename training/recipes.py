@@ -12,7 +12,8 @@ sees every parameter the loss touches. Batches are ``training.data.prepare.colla
 Every recipe trains the saliency head with CenterNet's focal loss against the Gaussian heatmap
 of ground-truth defect locations. Recipes (weights from RecipeConfig):
 
-    supervised  bce x BCE(mask, GT) + dice x dice(mask, GT), dice 1 unless set  (no teacher; finetune-teacher)
+    supervised  focal x focal(mask, GT) + dice x dice(mask, GT), dice 1 unless set; GT optionally grown
+                (grow_targets_px) and dice weighted by area (dice_full_weight_area)  (no teacher; finetune-teacher)
     blog        0.4 x (1 - cos(adapter(student emb), teacher emb)) + 0.3 x BCE(mask, sigmoid(teacher / 2))
                 + 0.3 x dice(mask, GT)                                   (the field report)
     nofeature   blog without the cosine term                             (ablation)
@@ -35,6 +36,7 @@ from training.losses import (
     dice_loss,
     focal_heatmap_loss,
     focal_mask_loss,
+    grow_targets,
     iou_prediction_loss,
     mse_embedding_loss,
     perceptual_loss,
@@ -136,9 +138,10 @@ class Supervised(Recipe):
         embedding, skip = self.student.embed(batch["image"])
         logits, iou = self.masks(embedding, skip, batch)
         full, gt = self.at_input_resolution(logits, batch)
+        grown = grow_targets(gt, c.grow_targets_px)
         parts = {
-            "focal": focal_mask_loss(full, gt),
-            "dice": dice_loss(full, gt),
+            "focal": focal_mask_loss(full, grown),
+            "dice": dice_loss(full, grown, full_weight_area=c.dice_full_weight_area),
             "iou": iou_prediction_loss(iou, full, gt),
             "saliency": self.saliency(embedding, batch),
         }

@@ -94,9 +94,12 @@ class LiveView:
                 if self._pending is None:
                     self._cond.wait(period if self.frames.count else 0.5)
                 record, self._pending = self._pending, None
-            if self.frames.count == 0:
-                continue
             now = time.monotonic()
+            if self.frames.count == 0:
+                # A viewer who just connected gets the first result (a frame period away), not a
+                # "waiting for results" card: the raw-frame fallback starts _IDLE_S after watching began.
+                last_result = now
+                continue
             try:
                 if record is not None:
                     last_result = now
