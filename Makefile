@@ -15,7 +15,7 @@ DEMO_PORT ?= 8080
 DEMO_PLC_PORT ?= 5020
 PEERS := prometheus chromium mbpoll shellcheck
 
-.PHONY: demo demo-infer test lint peers deploy-check bench default-bundle train-quickstart clean
+.PHONY: demo demo-screenshot demo-infer test lint peers deploy-check bench default-bundle train-quickstart clean
 
 # The runtime as a line box gets it: engines + service, no torch.
 $(RUN_VENV)/.installed: pyproject.toml
@@ -36,6 +36,22 @@ demo: $(RUN_VENV)/.installed
 	DEFECTSAM__STORE__PATH=$(DEMO_OUT)/store DEFECTSAM__API__HOST=127.0.0.1 DEFECTSAM__API__PORT=$(DEMO_PORT) \
 		DEFECTSAM__PLC__HOST=127.0.0.1 DEFECTSAM__PLC__PORT=$(DEMO_PLC_PORT) \
 		$(RUN_VENV)/bin/defectsam serve
+
+# The demo daemon in the background, then headless Chromium's screenshot of its live page:
+# $(DEMO_OUT)/live-page.png (what an operator sees after about 10 s of watching).
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome)
+demo-screenshot: $(RUN_VENV)/.installed
+	@test -n "$(CHROMIUM)" || { echo "chromium not found (make peers)"; exit 2; }
+	@mkdir -p $(DEMO_OUT)
+	@DEFECTSAM__STORE__PATH=$(DEMO_OUT)/store DEFECTSAM__API__HOST=127.0.0.1 DEFECTSAM__API__PORT=$(DEMO_PORT) \
+		DEFECTSAM__PLC__HOST=127.0.0.1 DEFECTSAM__PLC__PORT=$(DEMO_PLC_PORT) \
+		$(RUN_VENV)/bin/defectsam serve > $(DEMO_OUT)/serve.log 2>&1 & pid=$$!; \
+	for i in $$(seq 180); do $(RUN_VENV)/bin/python -c "import urllib.request as u; \
+		u.urlopen('http://127.0.0.1:$(DEMO_PORT)/readyz', timeout=2)" 2>/dev/null && break; sleep 1; done; \
+	$(CHROMIUM) --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+		--disable-sync --no-first-run --user-data-dir=$$(mktemp -d) --window-size=1280,900 --timeout=10000 \
+		--screenshot=$(abspath $(DEMO_OUT))/live-page.png http://127.0.0.1:$(DEMO_PORT)/ 2>/dev/null; \
+	kill $$pid; wait $$pid; echo "screenshot: $(DEMO_OUT)/live-page.png"
 
 # The one-shot job: inspect sample images, an overlay PNG and a JSON per image into out/demo/infer.
 demo-infer: $(RUN_VENV)/.installed
