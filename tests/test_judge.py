@@ -397,21 +397,28 @@ def test_audit_stratifies_and_counts_agreement() -> None:
 
 
 # -- the weighted recipe and the trainer hook -------------------------------------------------------
-torch = pytest.importorskip("torch")
+@pytest.fixture()
+def torch() -> Iterator[Any]:
+    """torch (the 'train' extra), on one thread for the test: on a busy 2-core machine, two threads per
+    operation made these tests ten times slower."""
+    module = pytest.importorskip("torch")
+    threads = module.get_num_threads()
+    module.set_num_threads(1)
+    try:
+        yield module
+    finally:
+        module.set_num_threads(threads)
 
-from training.cli import main  # noqa: E402
-from training.config import ConfigError, load_config, parse_config, reference  # noqa: E402
-from training.model.build import build_model  # noqa: E402
-from training.model.checkpoint import save_checkpoint  # noqa: E402
 
 SYNTH = {"name": "synthetic", "width": 128, "height": 72, "pixel_scale": 0.5, "defect_free_prob": 0.0}
 
 
-def test_judged_recipe_equals_blog_at_weight_one_and_reweights_per_instance() -> None:
+def test_judged_recipe_equals_blog_at_weight_one_and_reweights_per_instance(torch: Any) -> None:
     from training.config import RecipeConfig
     from training.data.prepare import PreparedDataset, collate
     from training.data.synthetic import SyntheticDataset
     from training.judge.weighting import judged_recipe
+    from training.model.build import build_model
     from training.recipes import build_recipe
     from training.teachers.family import FamilyTeacher
     from training.trainer import flatten_prompts
@@ -450,6 +457,12 @@ def test_judged_recipe_equals_blog_at_weight_one_and_reweights_per_instance() ->
 
 
 def _config(tmp_path: Path, **judge: Any) -> dict[str, Any]:
+    """A tiny blog run with a cached family teacher (random weights) and the contour judge at threshold 0."""
+    import torch
+
+    from training.model.build import build_model
+    from training.model.checkpoint import save_checkpoint
+
     teacher = tmp_path / "teacher.pt"
     if not teacher.exists():
         torch.manual_seed(0)
@@ -464,7 +477,9 @@ def _config(tmp_path: Path, **judge: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_judge_config_keys_and_errors(tmp_path: Path) -> None:
+def test_judge_config_keys_and_errors(tmp_path: Path, torch: Any) -> None:
+    from training.config import ConfigError, load_config, parse_config, reference
+
     assert parse_config({**_config(tmp_path), "judge": {}}).judge.kind == "none"
     text = reference()
     for key in ("judge.kind", "judge.threshold", "judge.weight", "judge.vlm.base_url", "judge.vlm.models",
@@ -486,8 +501,10 @@ def test_judge_config_keys_and_errors(tmp_path: Path) -> None:
 
 
 def test_trainer_hook_writes_weights_and_the_next_epochs_use_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], torch: Any
 ) -> None:
+    from training.cli import main
+    from training.config import parse_config
     from training.judge import loop
     from training.judge.base import Verdict
     from training.trainer import train
@@ -547,7 +564,12 @@ def test_trainer_hook_writes_weights_and_the_next_epochs_use_them(
     assert err.count("\n") == 1 and "unknown case ids 'e001:nope#0'" in err
 
 
-def test_judge_is_off_by_default_and_the_cli_has_help(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_judge_is_off_by_default_and_the_cli_has_help(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], torch: Any
+) -> None:
+    from training.cli import main
+    from training.config import parse_config
+
     config = parse_config({k: v for k, v in _config(tmp_path).items() if k != "judge"})
     assert config.judge.kind == "none"
     with pytest.raises(SystemExit) as info:
