@@ -92,6 +92,24 @@ class Variant(_Strict):
     )
 
 
+class Thresholds(_Strict):
+    """Post-processing thresholds calibrated for this model on held-out data (``defectsam-train calibrate``).
+
+    The runtime uses them wherever its own configuration leaves a threshold unset: a service config,
+    ``--score-threshold`` or an API caller that names a value wins.
+    """
+
+    score_threshold: float = Field(ge=0.0, le=1.0, description="saliency peak probability that makes a defect")
+    uncertain_threshold: float = Field(ge=0.0, le=1.0, description="with no defect, a peak at or above it: UNCERTAIN")
+    calibration: dict[str, Any] = Field(default_factory=dict, description="data, objective and the sweep behind them")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        if self.uncertain_threshold > self.score_threshold:
+            raise ValueError("uncertain_threshold must not exceed score_threshold")
+        return self
+
+
 class Provenance(_Strict):
     weights: Literal["trained", "untrained"]
     notes: str = ""
@@ -122,6 +140,9 @@ class Manifest(_Strict):
     variants: dict[Literal["int8"], Variant] = Field(
         default_factory=dict, description="quantized variants of the graphs, by precision (schema_version 2)"
     )
+    thresholds: Thresholds | None = Field(
+        default=None, description="calibrated post-processing thresholds (schema_version 2)"
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -140,6 +161,8 @@ class Manifest(_Strict):
                 raise ValueError(f"graph file {graph!r} is not listed in 'files'")
         if self.variants and self.schema_version < VARIANTS_SCHEMA_VERSION:
             raise ValueError(f"'variants' needs schema_version {VARIANTS_SCHEMA_VERSION} (got {self.schema_version})")
+        if self.thresholds is not None and self.schema_version < VARIANTS_SCHEMA_VERSION:
+            raise ValueError(f"'thresholds' needs schema_version {VARIANTS_SCHEMA_VERSION} (got {self.schema_version})")
         for precision, variant in self.variants.items():
             if precision == self.precision:
                 raise ValueError(f"variants.{precision}: the main graphs already are {precision}")
@@ -177,6 +200,8 @@ class Manifest(_Strict):
         fields = self.model_dump(mode="json", by_alias=True)
         if not fields["variants"]:
             del fields["variants"]  # a version-1 manifest stays readable by runtimes that predate 'variants'
+        if fields["thresholds"] is None:
+            del fields["thresholds"]
         return json.dumps(fields, indent=2) + "\n"
 
     def graph_files(self, precision: str | None = None) -> tuple[str, str | None]:
@@ -354,4 +379,14 @@ def update_metrics(bundle_dir: Path | str, key: str, value: Any) -> Bundle:
     fields = bundle.manifest.model_dump(mode="json", by_alias=True)
     fields.pop("files")
     fields["metrics"] = {**fields["metrics"], key: value}
+    return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})
+
+
+def update_thresholds(bundle_dir: Path | str, thresholds: Thresholds) -> Bundle:
+    """Store calibrated thresholds in a bundle's manifest (schema_version 2); the graphs stay byte for byte."""
+    bundle = load_bundle(bundle_dir)
+    fields = bundle.manifest.model_dump(mode="json", by_alias=True)
+    fields.pop("files")
+    fields["thresholds"] = thresholds.model_dump(mode="json")
+    fields["schema_version"] = max(int(fields["schema_version"]), VARIANTS_SCHEMA_VERSION)
     return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})

@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from engines.engine import Engine
-from engines.postprocess import PostprocessConfig, Postprocessor
+from engines.postprocess import PostprocessConfig, Postprocessor, with_calibrated
 from engines.preprocess import Preprocessor
 from engines.results import InspectionResult
 
@@ -21,7 +21,8 @@ class Inspector:
         manifest = engine.bundle.manifest
         self.engine = engine
         self.preprocess = Preprocessor(manifest.input)
-        self.postprocess = Postprocessor(manifest.classes, manifest.mask_stride, config)
+        resolved = with_calibrated(config, manifest.thresholds)
+        self.postprocess = Postprocessor(manifest.classes, manifest.mask_stride, resolved)
 
     def inspect(self, frame: np.ndarray) -> InspectionResult:
         """uint8 frame (mono or BGR) -> InspectionResult with timings (seconds) per stage."""

@@ -10,6 +10,7 @@ A 4 MP frame is never upsampled whole.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import cv2
 import numpy as np
@@ -81,6 +82,23 @@ class PostprocessConfig(BaseModel):
                 f"score_threshold ({self.score_threshold})"
             )
         return self
+
+
+def with_calibrated(config: PostprocessConfig | None, calibrated: Any | None) -> PostprocessConfig:
+    """``config`` with a bundle's calibrated thresholds (manifest ``thresholds``) wherever ``config``
+    leaves them unset. A threshold set in the config (YAML, environment, a flag) always wins; an
+    unset uncertain threshold never exceeds the score threshold."""
+    config = config or PostprocessConfig()
+    if calibrated is None:
+        return config
+    explicit = config.model_fields_set
+    values = config.model_dump()
+    for key in ("score_threshold", "uncertain_threshold"):
+        if key not in explicit:
+            values[key] = float(getattr(calibrated, key))
+    if "uncertain_threshold" not in explicit:
+        values["uncertain_threshold"] = min(values["uncertain_threshold"], values["score_threshold"])
+    return PostprocessConfig(**values)
 
 
 class Postprocessor:

@@ -29,7 +29,7 @@ from engines.backends import BackendConfig, StateCallback, open_engine
 from engines.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
 from engines.engine import Engine, running_precision
 from engines.errors import DefectsamError
-from engines.postprocess import Postprocessor
+from engines.postprocess import Postprocessor, with_calibrated
 from service.api import VERSION, create_fastapi_app
 from service.capture import CameraState, CameraWorker, create_worker
 from service.config.models import DaemonConfig
@@ -152,7 +152,8 @@ class Daemon:
             log.info("engine: loading bundle %s (%s) on %s", bundle.manifest.name, path, engine_config.backend.type)
             engine = self._open_engine(bundle, engine_config.backend, on_state=self._on_engine_state)
             manifest = bundle.manifest
-            post = Postprocessor(manifest.classes, manifest.mask_stride, engine_config.postprocess)
+            post = Postprocessor(manifest.classes, manifest.mask_stride,
+                                 with_calibrated(engine_config.postprocess, manifest.thresholds))
             pipeline = Pipeline(engine, post, self.camera.slot, self.config.pipeline, self.counters,
                                 request_frame=self.camera.trigger, first_id=self._first_id)
         except Exception as exc:

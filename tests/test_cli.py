@@ -144,7 +144,7 @@ def test_bench_engine_compares_bundles_in_one_run(tiny_bundle: Path, tmp_path: P
     proc = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tiny_bundle,
                      "--iterations", "3", "--warmup", "1", "--json", report)
     assert proc.returncode == 0, proc.stderr
-    assert "FPS (median)" in proc.stdout and "tiny-student / tiny-student" in proc.stdout
+    assert "FPS (median)" in proc.stdout and "tiny-student (fp32) / tiny-student (fp32)" in proc.stdout
     results = json.loads(report.read_text())["results"]
     assert len(results) == 2
     assert all(r["fps_median"] > 0 and r["latency_ms_p99"] >= r["latency_ms_p50"] for r in results)

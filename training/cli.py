@@ -5,6 +5,7 @@
     cache-teacher     compute a teacher's embeddings and mask logits once, on disk
     distill           train a student with a recipe from a YAML config (resumable; runs under torchrun)
     eval              evaluate a checkpoint or a bundle (training.commands.eval)
+    calibrate         choose a bundle's score threshold on held-out data (training.commands.calibrate)
     quantize          add a gated INT8 variant to a bundle (training.commands.quantize)
     export            export a model or a trained checkpoint to an engine bundle
     models            print the model family's parameters
@@ -109,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # Command modules of the data and evaluation half (each has add_parser(subparsers) setting run=).
-_OPTIONAL_COMMANDS = ("training.commands.synth", "training.commands.eval", "training.commands.quantize")
+_OPTIONAL_COMMANDS = (
+    "training.commands.synth", "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
+)
 
 
 def _add_training_commands(sub: Any) -> None:

@@ -108,7 +108,7 @@ def run_engine(args: argparse.Namespace) -> int:
         print(line)
     first = results[0]
     for other in results[1:]:
-        if other.name == first.name:
+        if other.name == first.name and other.precision != first.precision:  # precision_ratios has it
             continue
         print(f"{first.name} ({first.precision}) / {other.name} ({other.precision}): "
               f"{first.fps_median / other.fps_median:.2f}x FPS (median latency "

@@ -28,7 +28,7 @@ from engines.bundle import Bundle, InputSpec, load_bundle
 from engines.contract import LABEL_FOREGROUND
 from engines.engine import Engine, EngineOutputs
 from engines.errors import DefectsamError
-from engines.postprocess import PostprocessConfig, Postprocessor, upsample_cells
+from engines.postprocess import PostprocessConfig, Postprocessor, upsample_cells, with_calibrated
 from engines.preprocess import Letterbox, Preprocessor
 from engines.results import Verdict
 from training.data.errors import DatasetError
@@ -311,7 +311,8 @@ def evaluate_bundle(
     try:
         return _evaluate(
             _EngineRunner(engine), dataset, limit=limit, batch_size=1,
-            postprocess=postprocess, iou_threshold=iou_threshold, prompted=prompted,
+            postprocess=with_calibrated(postprocess, bundle.manifest.thresholds),
+            iou_threshold=iou_threshold, prompted=prompted,
         )
     finally:
         if own:
