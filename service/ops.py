@@ -46,6 +46,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+def lower_thread_priority(increment: int) -> bool:
+    """Raise the calling thread's nice value by ``increment`` (Linux: a thread has its own).
+
+    For background work that must not take the cores from inference when they are scarce (the
+    record store's JPEG encoding on a 2-core box): the kernel runs it only on time the pipeline
+    leaves. Returns False where the platform has no per-thread priority or it was refused.
+    """
+    if increment <= 0 or sys.platform != "linux":
+        return False
+    import os
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def tune_allocator() -> bool:
     """Keep a months-long process's heap from creeping: glibc only, a no-op elsewhere.
 

@@ -40,6 +40,7 @@ from engines.atomic import write_bytes_atomic
 from engines.overlay import render_overlay
 from engines.results import Defect, InspectionResult, Verdict
 from service.config.models import StoreSection
+from service.ops import lower_thread_priority
 from service.pipeline.record import InspectionRecord
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,7 @@ class RecordStore:
 
     # ------------------------------------------------------------------ the writer thread
     def _run(self) -> None:
+        lower_thread_priority(self.config.writer_nice)
         conn = self._connect()
         self._conn = conn
         try:

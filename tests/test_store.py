@@ -176,3 +176,30 @@ def test_a_crash_never_leaves_a_row_without_its_files(tmp_path: Path) -> None:
     assert all((path / name).is_file() for name in referenced)
     on_disk = {p.relative_to(path).as_posix() for p in (path / "files").rglob("*") if p.is_file()}
     assert on_disk == referenced  # no orphans, no temporary files
+
+
+def test_background_threads_can_run_nicer_than_the_pipeline() -> None:
+    """The store writer lowers its own thread's priority (Linux keeps one per thread), not the process's."""
+    import os
+    import sys
+    import threading
+
+    from service.ops import lower_thread_priority
+
+    if sys.platform != "linux":
+        pytest.skip("per-thread nice values are Linux's")
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        assert lower_thread_priority(5)
+        seen["delta"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+
+    thread = threading.Thread(target=worker)
+    process_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    thread.start()
+    thread.join()
+    assert seen["delta"] == min(5, 19 - process_before)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == process_before
+    assert not lower_thread_priority(0)

@@ -55,6 +55,13 @@ class Config(BackendConfigBase):
         default=0, ge=0, title="Threads inside an operator", description="0 lets ONNX Runtime choose (one per core)"
     )
     inter_op_threads: int = Field(default=1, ge=1, title="Threads across operators")
+    spin_wait: bool = Field(
+        default=False, title="Spin-wait between operators",
+        description=(
+            "true: ONNX Runtime's worker threads busy-wait for the next operator (a little faster on an idle "
+            "machine); false: they sleep, leaving the cores to the camera, pre/postprocess and HTTP threads"
+        ),
+    )
     graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", title="ONNX Runtime graph optimisation level"
     )
@@ -197,6 +204,9 @@ class OnnxRuntimeEngine:
             "all": runtime.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.config.graph_optimization]
         options.log_severity_level = 3
+        spin = "1" if self.config.spin_wait else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if self._fold_weights:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         try:

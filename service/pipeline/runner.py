@@ -157,23 +157,36 @@ class Pipeline:
         self._latest_lock = threading.Lock()
         self._last_acquisition = 0
         self._subscriber_errors = 0
+        self._inline = False
 
     # ------------------------------------------------------------------ control
     def subscribe(self, name: str, subscriber: Subscriber) -> None:
         """Add a fan-out consumer. It runs on the publishing thread: it must return at once."""
         self._subscribers.append((name, subscriber))
 
+    @property
+    def overlapped(self) -> bool:
+        """Whether preprocessing runs on its own thread (``pipeline.overlap_preprocess``; auto: GPU backends)."""
+        setting = self.config.overlap_preprocess
+        if setting == "auto":
+            return not self.engine.backend_name.endswith("CPUExecutionProvider")
+        return setting == "on"
+
     def start(self) -> None:
         self._stop.clear()
-        for name, target in (("select+preprocess", self._run_preprocess), ("infer", self._run_infer),
-                             ("postprocess", self._run_post)):
+        self._inline = not self.overlapped
+        self._heartbeat.clear()
+        stages: list[tuple[str, Callable[[], None]]] = [("infer", self._run_infer), ("postprocess", self._run_post)]
+        if not self._inline:
+            stages.insert(0, ("select+preprocess", self._run_preprocess))
+        for name, target in stages:
             thread = threading.Thread(target=self._guard, args=(name, target), name=f"pipeline:{name}", daemon=True)
             self._heartbeat[name] = time.monotonic()
             self._threads.append(thread)
             thread.start()
         self.counters.running = True
-        log.info("pipeline started (%s, engine %s on %s)", self.config.mode, self._bundle_name,
-                 self.engine.backend_name)
+        log.info("pipeline started (%s, engine %s on %s, preprocess %s)", self.config.mode, self._bundle_name,
+                 self.engine.backend_name, "inline" if self._inline else "overlapped")
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking frames; frames already inside finish and are published."""
@@ -277,29 +290,35 @@ class Pipeline:
                 ticket = self._pending.popleft()
         return _Job(frame, ticket)
 
+    def _prepare(self) -> _Job | None:
+        """Select the next frame and preprocess it; None when there is none (or it failed, and was reported)."""
+        job = self._next_job()
+        if job is None or job.frame is None:
+            return None
+        self._last_acquisition = job.frame.acquisition_id
+        job.times["preprocess_start"] = time.monotonic()
+        try:
+            job.tensor, job.box = self._preprocess(job.frame.image)
+        except Exception as exc:
+            self._failed(job, "preprocess", exc)
+            return None
+        job.times["preprocess_done"] = time.monotonic()
+        return job
+
     def _run_preprocess(self) -> None:
         while not self._stop.is_set():
             self._beat("select+preprocess")
             if not self._to_infer.wait_empty(_POLL_S):
                 continue  # inference is still busy with the previous frame: take a fresh one later
-            job = self._next_job()
-            if job is None or job.frame is None:
-                continue
-            self._last_acquisition = job.frame.acquisition_id
-            job.times["preprocess_start"] = time.monotonic()
-            try:
-                job.tensor, job.box = self._preprocess(job.frame.image)
-            except Exception as exc:
-                self._failed(job, "preprocess", exc)
-                continue
-            job.times["preprocess_done"] = time.monotonic()
-            self._to_infer.put(job)
+            job = self._prepare()
+            if job is not None:
+                self._to_infer.put(job)
 
     def _run_infer(self) -> None:
-        while not (self._stop.is_set() and self._to_infer.wait_empty(0)):
+        while not (self._stop.is_set() and (self._inline or self._to_infer.wait_empty(0))):
             self._beat("infer")
-            job = self._to_infer.get(_POLL_S)
-            if job is None:
+            job: _Job | None = self._prepare() if self._inline else self._to_infer.get(_POLL_S)
+            if job is None or job.tensor is None:
                 continue
             try:
                 job.outputs = self.engine.infer(job.tensor)
@@ -315,7 +334,7 @@ class Pipeline:
             self._beat("postprocess")
             job = self._to_post.get(_POLL_S)
             if job is None:
-                if self._stop.is_set() and not any(t.is_alive() for t in self._threads[:2]):
+                if self._stop.is_set() and not any(t.is_alive() for t in self._threads[:-1]):
                     return
                 continue
             try:
