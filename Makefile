@@ -84,12 +84,22 @@ bench: $(DEV_VENV)/.installed
 	test -f $(REFERENCE)/manifest.json || $(DEV_VENV)/bin/defectsam-train export --arch mobilesam --random-init --out $(REFERENCE)
 	$(DEV_VENV)/bin/defectsam bench engine --reference $(REFERENCE) --json out/bench/engine.json
 
-# Train and export the embedded default bundle: synthetic data only (licence-clean), about an hour on 2 CPU
-# cores; docs/training.md has the teacher route for a GPU box.
+# Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only
+# (licence-clean), about an hour on 2 CPU cores; docs/training.md has the teacher route for a GPU box.
 default-bundle: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train distill --config training/configs/default_synthetic.yaml
 	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic/best.pt \
 		--name defectsam-student-cnn-synthetic --out engines/default
+	$(DEV_VENV)/bin/defectsam-train calibrate engines/default --data synthetic,n=40,seed=1000000,width=1024,height=576
+	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision fp32 --record synthetic_test \
+		--data synthetic,n=60,seed=2000000,width=1024,height=576
+	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision fp32 --record magnetic_tile_test \
+		--data magnetic_tile:test
+	$(DEV_VENV)/bin/defectsam-train quantize engines/default --calib synthetic --n 32
+	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision int8 --record synthetic_test_int8 \
+		--data synthetic,n=60,seed=2000000,width=1024,height=576
+	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision int8 --record magnetic_tile_test_int8 \
+		--data magnetic_tile:test
 
 # The worked example of docs/training.md: synthetic data to a bundle on a CPU in minutes.
 train-quickstart: $(DEV_VENV)/.installed
