@@ -12,11 +12,12 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from engines.bundle import DEFAULT_BUNDLE_DIR, MANIFEST_NAME, load_bundle, sha256_file
+from engines.bundle import DEFAULT_BUNDLE_DIR, MANIFEST_NAME, load_bundle, sha256_file, write_bundle
 from engines.errors import BundleError
 
 from .conftest import TINY_HW
@@ -268,6 +269,10 @@ def test_ranking_puts_groups_with_clipping_ranges_first(tiny_bundle_master: Path
     assert sqnr["image"] > 30.0  # a real calibration quantizes the input well
 
 
+def _variant_files(manifest: Any) -> set[str]:
+    return {name for variant in manifest.variants.values() for name in (variant.fused, variant.decoder) if name}
+
+
 @pytest.fixture(scope="module")
 def default_copy_with_pseudo_truth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A copy of the default bundle, and a held-out folder whose masks are its own FP32 detections.
@@ -287,8 +292,13 @@ def default_copy_with_pseudo_truth(tmp_path_factory: pytest.TempPathFactory) -> 
 
     root = tmp_path_factory.mktemp("default")
     bundle_dir = root / "bundle"
-    shutil.copytree(DEFAULT_BUNDLE_DIR, bundle_dir, ignore=shutil.ignore_patterns("*.plan"))
-    bundle = load_bundle(bundle_dir)
+    # The FP32 graphs only: the default bundle ships its own gated INT8 variant, which this test makes anew.
+    source = load_bundle(DEFAULT_BUNDLE_DIR)
+    fields = source.manifest.model_dump(mode="json", by_alias=True)
+    fields.pop("files")
+    fields["variants"] = {}
+    fp32 = [name for name in source.manifest.files if name not in _variant_files(source.manifest)]
+    bundle = write_bundle(bundle_dir, fields, {name: source.path / name for name in fp32})
     spec = bundle.manifest.input
     folder = root / "pseudo"
     (folder / "images").mkdir(parents=True)
