@@ -34,6 +34,9 @@ def add_parser(commands: Any) -> None:
     engine.add_argument("--iterations", type=int, default=30, help="timed runs per bundle (default 30)")
     engine.add_argument("--warmup", type=int, default=3, help="untimed runs per bundle first (default 3)")
     engine.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    engine.add_argument("--spin-wait", action="store_true",
+                        help="let ONNX Runtime's workers busy-wait between operators (backend.spin_wait; off in the "
+                             "daemon by default: it costs engine-only time, gains the pipeline more; docs/service.md)")
     engine.add_argument("--providers", default="cpu",
                         help="ONNX Runtime providers, comma-separated (cpu, cuda, tensorrt) or 'auto' (default cpu)")
     engine.add_argument("--precision", default="all",
@@ -89,8 +92,9 @@ def run_engine(args: argparse.Namespace) -> int:
     if len(shapes) > 1:
         raise DefectsamError(f"bundles have different input sizes {sorted(shapes)}; compare at one size")
     machine = machine_description()
+    spin = ", spin-wait" if args.spin_wait else ""
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
-          f"threads {args.threads or 'auto'}; {args.iterations} timed runs per bundle in alternating blocks "
+          f"threads {args.threads or 'auto'}{spin}; {args.iterations} timed runs per bundle in alternating blocks "
           f"after {args.warmup} warm-up")
     entries, configs = [], []
     for bundle in bundles:
@@ -101,7 +105,7 @@ def run_engine(args: argparse.Namespace) -> int:
                                      "graphs only (defectsam-train quantize adds int8)")
             entries.append(bundle)
             configs.append(OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads,
-                                             precision=precision))  # type: ignore[arg-type]
+                                             spin_wait=args.spin_wait, precision=precision))  # type: ignore[arg-type]
     results = bench_bundles(entries, configs=configs, warmup=args.warmup, iterations=args.iterations)
     print(markdown_table(results))
     for line in precision_ratios(results):
@@ -115,7 +119,7 @@ def run_engine(args: argparse.Namespace) -> int:
               f"{first.latency_ms_p50:.1f} ms vs {other.latency_ms_p50:.1f} ms)")
     if args.json is not None:
         payload = {"machine": machine, "iterations": args.iterations, "warmup": args.warmup,
-                   "threads": args.threads, "results": [r.to_dict() for r in results]}
+                   "threads": args.threads, "spin_wait": args.spin_wait, "results": [r.to_dict() for r in results]}
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
     return 0
 
