@@ -181,6 +181,22 @@ def profile_shapes(
     return shapes
 
 
+def checked_graph(
+    bundle: Bundle, source: Path, graph: Literal["fused", "decoder"], max_points: int
+) -> tuple[OnnxCheckReport, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
+    """Check ``source`` (the bundle's ``graph`` at some precision) against the contract for TensorRT
+    and derive its optimisation profile: (report, profile shapes). Raises on a graph TensorRT cannot take."""
+    shape = bundle.manifest.graph_shape
+    inputs: tuple[TensorSpec, ...]
+    if graph == "fused":
+        inputs, outputs = (shape.input_spec(),), shape.fused_outputs()
+    else:
+        inputs, outputs = shape.decoder_inputs(), shape.decoder_outputs()
+    report = check_onnx_for_tensorrt(source, inputs, outputs)
+    report.raise_if_problems()
+    return report, profile_shapes(report, {s.name: s.shape for s in inputs}, max_points)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -417,22 +433,13 @@ class TensorRTEngine:
 
     def _build(self, source: Path, graph: Literal["fused", "decoder"]) -> bytes:
         trt = self._trt
-        shape = self.bundle.manifest.graph_shape
-        inputs: tuple[TensorSpec, ...]
-        if graph == "fused":
-            inputs, outputs = (shape.input_spec(),), shape.fused_outputs()
-        else:
-            inputs, outputs = shape.decoder_inputs(), shape.decoder_outputs()
-        report = check_onnx_for_tensorrt(source, inputs, outputs)
-        report.raise_if_problems()
+        report, profiles = checked_graph(self.bundle, source, graph, self.config.max_points)
         precision = self.config.precision
         if precision == "int8" and graph == "fused" and not report.quantized:
             raise DefectsamError(
                 f"{source}: backend.precision 'int8' is explicit quantization and needs a QDQ graph, "
                 f"but this graph has no QuantizeLinear/DequantizeLinear nodes"
             )
-        profiles = profile_shapes(report, {s.name: s.shape for s in inputs}, self.config.max_points)
-
         builder = trt.Builder(self._logger)
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
         parser = trt.OnnxParser(network, self._logger)

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 from engines.backends import tensorrt as trt_backend
 from engines.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
-from engines.contract import TensorSpec
 from engines.errors import DefectsamError
 from service.config import load_config
 from service.config.loader import config_path_from_env
@@ -99,18 +98,8 @@ def trtexec_command(source: Path, plan: Path, config: trt_backend.Config,
 
 def graph_profiles(bundle: Bundle, graph: Graph, config: trt_backend.Config) -> dict[str, tuple[Shape, Shape, Shape]]:
     """The optimisation profile TensorRTEngine._build gives ``graph`` (reads the graph: needs onnx)."""
-    from engines.backends.onnx_checks import check_onnx_for_tensorrt
-
-    source = source_of(bundle, graph, config)
-    shape = bundle.manifest.graph_shape
-    inputs: tuple[TensorSpec, ...]
-    if graph == "fused":
-        inputs, outputs = (shape.input_spec(),), shape.fused_outputs()
-    else:
-        inputs, outputs = shape.decoder_inputs(), shape.decoder_outputs()
-    report = check_onnx_for_tensorrt(source, inputs, outputs)
-    report.raise_if_problems()
-    return trt_backend.profile_shapes(report, {s.name: s.shape for s in inputs}, config.max_points)
+    _, profiles = trt_backend.checked_graph(bundle, source_of(bundle, graph, config), graph, config.max_points)
+    return profiles
 
 
 def print_trtexec(bundle: Bundle, config: trt_backend.Config) -> int:
