@@ -19,7 +19,7 @@ from service.config import DaemonConfig
 from service.ops import SystemdNotifier
 from service.pipeline.record import InspectionRecord, StageTimes
 
-from .support import wait_for  # noqa: F401 - re-exported for the daemon tests
+from .support import wait_for
 
 TOKEN = "test-token-123"
 AUTH_HEADER = {"Authorization": f"Bearer {TOKEN}"}
@@ -101,6 +101,16 @@ def running_daemon(config: DaemonConfig, **kwargs: Any) -> Iterator[Any]:
         yield daemon
     finally:
         daemon.stop()
+
+
+@contextlib.contextmanager
+def ng_daemon(master: Path, tmp_path_factory: Any, name: str) -> Iterator[Any]:
+    """A daemon on the always-NG tiny bundle, yielded once it has published two results."""
+    tmp = tmp_path_factory.mktemp(name)
+    config = make_config(tmp, ng_bundle(master, tmp_path_factory.getbasetemp()))
+    with running_daemon(config) as running:
+        wait_for(lambda: running.counters.snapshot().frames_processed >= 2, what="results")
+        yield running
 
 
 def base_url(daemon: Any) -> str:

@@ -27,7 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import DaemonConfig, load_config
 
 from .conftest import REPO
-from .daemon_support import base_url, free_port, get_json, http, make_config, ng_bundle, running_daemon, wait_for
+from .daemon_support import (
+    base_url,
+    free_port,
+    get_json,
+    http,
+    ng_daemon,
+    wait_for,
+)
 
 DEPLOY = REPO / "deploy"
 RULES = DEPLOY / "prometheus" / "defectsam.rules.yml"
@@ -83,10 +90,7 @@ def _concrete(expr: str) -> str:
 
 @pytest.fixture(scope="module")
 def daemon(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tmp = tmp_path_factory.mktemp("deploy-daemon")
-    config = make_config(tmp, ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp()))
-    with running_daemon(config) as running:
-        wait_for(lambda: running.counters.snapshot().frames_processed >= 2, what="results")
+    with ng_daemon(tiny_bundle_master, tmp_path_factory, "deploy-daemon") as running:
         yield running
 
 

@@ -12,7 +12,14 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .daemon_support import base_url, free_port, get_json, http, make_config, ng_bundle, running_daemon, wait_for
+from .daemon_support import (
+    base_url,
+    free_port,
+    get_json,
+    http,
+    ng_daemon,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 PROMETHEUS = shutil.which("prometheus")
@@ -20,10 +27,7 @@ PROMETHEUS = shutil.which("prometheus")
 
 @pytest.fixture(scope="module")
 def daemon(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    tmp = tmp_path_factory.mktemp("prom-daemon")
-    config = make_config(tmp, ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp()))
-    with running_daemon(config) as running:
-        wait_for(lambda: running.counters.snapshot().frames_processed >= 2, what="results")
+    with ng_daemon(tiny_bundle_master, tmp_path_factory, "prom-daemon") as running:
         yield running
 
 
