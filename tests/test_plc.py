@@ -472,7 +472,9 @@ def test_push_mode_writes_the_block_into_a_plc_and_survives_it_going_away() -> N
         # heartbeat, a snapshot at push time (the server's keeps counting at 2 Hz)
         assert words[RESULT_BASE:] == vision[RESULT_BASE:], "result block differs"
         assert words[:RESULT_BASE][2:] == vision[2:RESULT_BASE] and words[STATUS] == vision[STATUS]
-        assert (vision[1] - words[1]) & 0xFFFF <= 2
+        # pushed heartbeat: the live one or an earlier value, never a later one (how much earlier depends
+        # on how long this poll took on a loaded machine: a bound of 2 beats failed once under a full test run)
+        assert (vision[1] - words[1]) & 0xFFFF < 0x8000
         return words
 
     try:
