@@ -1,15 +1,20 @@
-"""Pipeline benchmark: does the daemon keep up with its engine? One run, two measurements.
+"""Pipeline benchmark: does the daemon keep up with its engine? One run, two measurements, interleaved.
 
-1. Engine only: the bundle on the configured backend, fed one preprocessed 2688x1520 synthetic
-   frame over and over; FPS from the median latency.
-2. The daemon itself (``service.app.Daemon``: camera thread, pipeline threads, HTTP server,
-   live view and store as configured), with the synthetic camera streaming 4 MP frames faster
-   than the engine can take them, so the engine is the bottleneck; inspected FPS over a window
-   after a warm-up, capture-to-result latency from each published record's stage stamps, and
-   the process's resident memory and CPU sampled once a second.
+The daemon (``service.app.Daemon``: camera thread, pipeline threads, HTTP server, live view and
+store as configured) starts once, with the synthetic camera streaming 4 MP frames faster than the
+engine can take them, so the engine is the bottleneck. After a warm-up the run alternates
+``rounds`` times between
 
-The ratio pipeline FPS / engine FPS says how much the overlapped stages cost the engine
-(1.0: nothing). Both run in this process, one after the other, on the same bundle and backend.
+1. a pipeline window: inspected FPS, capture-to-result latency from each published record's
+   stage stamps, the process's CPU; and
+2. an engine-only slice: the pipeline held (``Pipeline.hold``: the engine idle, the camera still
+   capturing), the daemon's own engine fed one preprocessed 2688x1520 synthetic frame
+   ``engine_iterations`` times; FPS from the median latency.
+
+The ratio pipeline FPS / engine FPS says how much the overlapped stages cost the engine (1.0:
+nothing). It is taken pair by pair and the median quoted, so a shared machine whose speed drifts
+over the run (the 2-core CI box swings by a third within a minute) moves both sides of each pair
+together instead of deciding the figure. Resident memory is sampled once a minute.
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.backends import open_engine
-from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from engines.engine import Engine
 from engines.errors import DefectsamError
 from engines.preprocess import Preprocessor
 from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
@@ -41,7 +45,8 @@ class PipelineBenchResult:
     engine_latency_ms_p50: float
     engine_latency_ms_p99: float
     pipeline_fps: float
-    ratio: float
+    ratio: float  # median over the rounds of pipeline FPS / engine FPS
+    rounds: list[tuple[float, float, float]]  # (pipeline FPS, engine FPS, ratio) per round
     camera_fps: float
     frames_captured: int
     frames_dropped: int
@@ -53,7 +58,9 @@ class PipelineBenchResult:
     rss_mb_start: float
     rss_mb_end: float
     rss_mb_peak: float
-    cpu_percent: float  # of one core, averaged over the window
+    cpu_percent: float  # of one core, averaged over the pipeline windows
+    store_written: int  # records the store wrote, warm-up and engine slices included
+    store_dropped: int  # and dropped (queue full, disk full, error)
     rss_mb_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB), one a minute
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,31 +78,21 @@ def _rss_mb() -> tuple[float, float]:
     return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
 
 
-def _engine_only(config: DaemonConfig, iterations: int) -> tuple[str, str, list[float]]:
-    bundle = load_bundle(config.engine.bundle or DEFAULT_BUNDLE_DIR)
-    engine = open_engine(bundle, config.engine.backend)
-    try:
-        frame = render_frame(0, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image
-        tensor, _ = Preprocessor(bundle.manifest.input)(frame)
-        for _ in range(3):
-            engine.infer(tensor)
-        times = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            engine.infer(tensor)
-            times.append(time.perf_counter() - start)
-        return bundle.manifest.name, engine.backend_name, times
-    finally:
-        engine.close()
+def _engine_slice(engine: Engine, tensor: np.ndarray, iterations: int) -> list[float]:
+    times = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        engine.infer(tensor)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def bench_pipeline(
-    config: DaemonConfig, *, duration_s: float = 60.0, warmup_s: float = 10.0, engine_iterations: int = 30
+    config: DaemonConfig, *, duration_s: float = 60.0, warmup_s: float = 10.0, engine_iterations: int = 30,
+    rounds: int = 6,
 ) -> PipelineBenchResult:
-    if duration_s <= 0 or warmup_s < 0 or engine_iterations < 1:
-        raise DefectsamError("--duration must be > 0, --warmup >= 0 and --engine-iterations >= 1")
-    name, backend, engine_times = _engine_only(config, engine_iterations)
-    engine_ms = np.asarray(engine_times) * 1000.0
+    if duration_s <= 0 or warmup_s < 0 or engine_iterations < 1 or rounds < 1:
+        raise DefectsamError("--duration must be > 0, --warmup >= 0, --engine-iterations and --rounds >= 1")
 
     # Stage stamps only: keeping whole records (their masks) grew this process by ~7 MB a minute in a
     # 10-minute run on defect-rich frames, which the memory figure would have blamed on the daemon.
@@ -111,29 +108,51 @@ def bench_pipeline(
     try:
         if daemon.wait_engine(120.0) != "ready" or daemon.pipeline is None:
             raise DefectsamError(f"the daemon's engine did not load: {'; '.join(daemon.not_ready())}")
-        daemon.pipeline.subscribe("bench", collect)
+        pipeline = daemon.pipeline
+        engine = pipeline.engine
+        frame = render_frame(0, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image
+        tensor, _ = Preprocessor(engine.bundle.manifest.input)(frame)
+        with pipeline.hold():
+            _engine_slice(engine, tensor, 3)  # the engine's own warm-up
+        pipeline.subscribe("bench", collect)
         time.sleep(warmup_s)
-        before = daemon.snapshot()
-        cpu_before, t_before = sum(os.times()[:2]), time.monotonic()
         rss_start, _ = _rss_mb()
         series = [(0.0, round(rss_start, 1))]
-        collecting.set()
-        next_sample = t_before + 60.0
-        while (now := time.monotonic()) < t_before + duration_s:
-            time.sleep(min(1.0, t_before + duration_s - now))
-            if time.monotonic() >= next_sample:
-                series.append((round(time.monotonic() - t_before, 1), round(_rss_mb()[0], 1)))
-                next_sample += 60.0
-        collecting.clear()
-        window = time.monotonic() - t_before
-        cpu = sum(os.times()[:2]) - cpu_before
-        after = daemon.snapshot()
+        engine_times: list[float] = []
+        pairs: list[tuple[float, float]] = []  # (pipeline FPS, engine FPS) per round
+        inspected = captured = dropped = 0
+        window = cpu = 0.0
+        begun = next_sample = time.monotonic()
+        next_sample += 60.0
+        slice_s = duration_s / rounds
+        for _ in range(rounds):
+            before = daemon.snapshot()
+            cpu_before, t_before = sum(os.times()[:2]), time.monotonic()
+            collecting.set()
+            while (now := time.monotonic()) < t_before + slice_s:
+                time.sleep(min(1.0, t_before + slice_s - now))
+                if now >= next_sample:
+                    series.append((round(now - begun, 1), round(_rss_mb()[0], 1)))
+                    next_sample += 60.0
+            collecting.clear()
+            after = daemon.snapshot()
+            elapsed = time.monotonic() - t_before
+            cpu += sum(os.times()[:2]) - cpu_before
+            window += elapsed
+            done = after.pipeline.frames_processed - before.pipeline.frames_processed
+            inspected += done
+            captured += after.camera.frames_captured - before.camera.frames_captured
+            dropped += after.camera.frames_dropped - before.camera.frames_dropped
+            with pipeline.hold():
+                times = _engine_slice(engine, tensor, engine_iterations)
+            engine_times += times
+            pairs.append((done / elapsed, 1.0 / float(np.median(times))))
+        store = daemon.snapshot().store
         rss_end, rss_peak = _rss_mb()
+        name, backend = engine.bundle.manifest.name, engine.backend_name
     finally:
         daemon.stop()
 
-    inspected = after.pipeline.frames_processed - before.pipeline.frames_processed
-    pipeline_fps = inspected / window
     latencies = [times.latencies() for times in stamps]
     latencies = [lat for lat in latencies if lat]
     if not latencies:
@@ -141,20 +160,21 @@ def bench_pipeline(
     end_to_end = np.asarray([lat["end_to_end"] for lat in latencies]) * 1000.0
     stages = {key: round(float(np.median([lat[key] for lat in latencies])) * 1000.0, 1)
               for key in latencies[0] if key != "end_to_end"}
-    engine_fps = 1000.0 / float(np.median(engine_ms))
-    series.append((round(window, 1), round(rss_end, 1)))
+    engine_ms = np.asarray(engine_times) * 1000.0
+    series.append((round(time.monotonic() - begun, 1), round(rss_end, 1)))
     return PipelineBenchResult(
         bundle=name,
         backend=backend,
         frame=_frame_size(config),
-        engine_fps_median=round(engine_fps, 2),
+        engine_fps_median=round(1000.0 / float(np.median(engine_ms)), 2),
         engine_latency_ms_p50=round(float(np.percentile(engine_ms, 50)), 1),
         engine_latency_ms_p99=round(float(np.percentile(engine_ms, 99)), 1),
-        pipeline_fps=round(pipeline_fps, 2),
-        ratio=round(pipeline_fps / engine_fps, 3),
-        camera_fps=round((after.camera.frames_captured - before.camera.frames_captured) / window, 2),
-        frames_captured=after.camera.frames_captured - before.camera.frames_captured,
-        frames_dropped=after.camera.frames_dropped - before.camera.frames_dropped,
+        pipeline_fps=round(inspected / window, 2),
+        ratio=round(float(np.median([fps / engine for fps, engine in pairs])), 3),
+        rounds=[(round(fps, 2), round(engine, 2), round(fps / engine, 3)) for fps, engine in pairs],
+        camera_fps=round(captured / window, 2),
+        frames_captured=captured,
+        frames_dropped=dropped,
         inspected=inspected,
         window_s=round(window, 1),
         latency_ms_p50=round(float(np.percentile(end_to_end, 50)), 1),
@@ -164,6 +184,8 @@ def bench_pipeline(
         rss_mb_end=round(rss_end, 1),
         rss_mb_peak=round(rss_peak, 1),
         cpu_percent=round(100.0 * cpu / window, 1),
+        store_written=store.written,
+        store_dropped=sum(store.dropped.values()),
         rss_mb_series=series,
     )
 
@@ -182,13 +204,16 @@ def markdown_report(result: PipelineBenchResult) -> str:
         "",
         "| measure | value |",
         "|---|---:|",
-        f"| engine-only FPS (median of the run) | {r.engine_fps_median:.2f} |",
+        f"| engine-only FPS (median of {len(r.rounds)} slices) | {r.engine_fps_median:.2f} |",
         f"| engine latency p50 / p99 ms | {r.engine_latency_ms_p50:.1f} / {r.engine_latency_ms_p99:.1f} |",
-        f"| pipeline FPS (inspected, {r.window_s:.0f} s window) | {r.pipeline_fps:.2f} |",
-        f"| pipeline / engine | {r.ratio:.3f} |",
+        f"| pipeline FPS (inspected, {r.window_s:.0f} s in {len(r.rounds)} windows) | {r.pipeline_fps:.2f} |",
+        f"| pipeline / engine (median of the {len(r.rounds)} pairs) | {r.ratio:.3f} |",
+        "| each pair: pipeline / engine FPS = ratio | "
+        + ", ".join(f"{p:.1f}/{e:.1f}={q:.2f}" for p, e, q in r.rounds) + " |",
         f"| camera FPS, frames dropped at the slot | {r.camera_fps:.1f}, {r.frames_dropped} |",
         f"| capture -> result p50 / p99 ms | {r.latency_ms_p50:.1f} / {r.latency_ms_p99:.1f} |",
         "| stage p50 ms | " + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_ms_p50.items()) + " |",
         f"| resident memory start / end / peak MB | {r.rss_mb_start:.0f} / {r.rss_mb_end:.0f} / {r.rss_mb_peak:.0f} |",
         f"| CPU (% of one core) | {r.cpu_percent:.0f} |",
+        f"| records stored / dropped | {r.store_written} / {r.store_dropped} |",
     ])

@@ -184,7 +184,7 @@ class RecordStore:
 
     # ------------------------------------------------------------------ the writer thread
     def _run(self) -> None:
-        lower_thread_priority(self.config.writer_nice)
+        lower_thread_priority(self.config.writer_nice, idle_class=self.config.writer_idle_class)
         conn = self._connect()
         self._conn = conn
         try:
@@ -393,6 +393,13 @@ def _public(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+# A label image is flat runs of a few values: no PNG row filter and run-length deflate encode a 4 MP one in
+# 4 ms to about 5 KB, where OpenCV's default (adaptive filters) took 22 ms for 19 KB, more than the frame's JPEG.
+_LABEL_PNG = [cv2.IMWRITE_PNG_COMPRESSION, 3, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # not in every OpenCV build
+    _LABEL_PNG += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+
+
 def encode_label_mask(result: InspectionResult) -> bytes:
     dtype = np.uint8 if len(result.defects) < 256 else np.uint16
     labels = np.zeros((result.frame_height, result.frame_width), dtype=dtype)
@@ -400,7 +407,7 @@ def encode_label_mask(result: InspectionResult) -> bytes:
         x, y, w, h = defect.bbox
         region = labels[y : y + h, x : x + w]
         region[defect.mask[: region.shape[0], : region.shape[1]]] = index + 1
-    ok, buf = cv2.imencode(".png", labels, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    ok, buf = cv2.imencode(".png", labels, _LABEL_PNG)
     if not ok:  # pragma: no cover - encoding a valid array does not fail
         raise ValueError("mask could not be PNG-encoded")
     return bytes(buf.tobytes())

@@ -243,3 +243,97 @@ def test_in_process_shutdown_is_prompt_with_clients_connected(bundle: Path, tmp_
         started = time.monotonic()
     assert time.monotonic() - started < 15
     assert not daemon.pipeline.healthy()
+
+
+def test_a_held_pipeline_inspects_nothing_and_then_resumes(bundle: Path, tmp_path: Path) -> None:
+    """Pipeline.hold() (the pipeline benchmark's engine-only slices): the engine is idle inside, the
+    camera keeps capturing, the stage threads stay healthy, and inspection resumes afterwards."""
+    config = make_config(tmp_path, bundle, camera={"fps": 20.0})
+    with running_daemon(config) as daemon:
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 2, what="results")
+        with daemon.pipeline.hold():
+            held_at = daemon.counters.snapshot().frames_processed
+            captured = daemon.camera.stats().frames_captured
+            time.sleep(1.0)
+            assert daemon.counters.snapshot().frames_processed == held_at
+            assert daemon.camera.stats().frames_captured > captured
+            assert daemon.pipeline.healthy()
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= held_at + 2, what="results after the hold")
+
+
+def test_bench_pipeline_alternates_daemon_windows_and_engine_slices(bundle: Path, tmp_path: Path) -> None:
+    """`defectsam bench pipeline` as a user runs it, on the tiny bundle: every figure present and consistent."""
+    data = config_data(tmp_path, bundle, camera={"fps": 20.0})
+    config_file = tmp_path / "defectsam.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "service.cli", "bench", "pipeline", "--config", str(config_file), "--duration", "3",
+         "--warmup", "0.5", "--rounds", "3", "--engine-iterations", "4", "--camera-fps", "20", "--json", str(out)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| pipeline / engine (median of the 3 pairs) |" in done.stdout
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 3 and result["inspected"] > 0 and result["engine_fps_median"] > 0
+    ratios = sorted(round(fps / engine, 3) for fps, engine, _ in result["rounds"])
+    assert result["ratio"] == pytest.approx(ratios[1], abs=2e-3)  # the median pair
+    assert 0 < result["latency_ms_p50"] <= result["latency_ms_p99"]
+    assert set(result["stage_ms_p50"]) >= {"preprocess", "infer", "postprocess"}
+    assert result["store_written"] > 0 and result["store_dropped"] == 0
+    assert result["window_s"] == pytest.approx(3.0, abs=1.0)
+
+
+@pytest.mark.parametrize(("priority", "policy"), [("auto", os.SCHED_IDLE), ("normal", os.SCHED_OTHER)])
+def test_overlapped_preprocess_priority_on_a_cpu_engine(bundle: Path, tmp_path: Path, priority: str,
+                                                        policy: int) -> None:
+    """auto on a CPU engine: the preprocess thread is in SCHED_IDLE and OpenCV on one thread while the
+    pipeline runs, restored when it stops; normal: ordinary priority, OpenCV untouched."""
+    import cv2
+
+    if sys.platform != "linux":
+        pytest.skip("SCHED_IDLE is Linux's")
+    threads_before = cv2.getNumThreads()
+    config = make_config(tmp_path, bundle, pipeline={"preprocess_priority": priority})
+    with running_daemon(config) as daemon:
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 3, what="results")
+        preprocess = next(t for t in threading.enumerate() if t.name == "pipeline:select+preprocess")
+        assert os.sched_getscheduler(preprocess.native_id) == policy
+        infer = next(t for t in threading.enumerate() if t.name == "pipeline:infer")
+        assert os.sched_getscheduler(infer.native_id) == os.SCHED_OTHER
+        assert cv2.getNumThreads() == (1 if policy == os.SCHED_IDLE else threads_before)
+    assert cv2.getNumThreads() == threads_before
+
+
+def test_inline_preprocess_has_no_thread_of_its_own(bundle: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, bundle, pipeline={"overlap_preprocess": "off"})
+    with running_daemon(config) as daemon:
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 3, what="results")
+        names = {t.name for t in threading.enumerate()}
+        assert "pipeline:infer" in names and "pipeline:select+preprocess" not in names
+        with daemon.pipeline.hold():  # a hold works inline too
+            held_at = daemon.counters.snapshot().frames_processed
+            time.sleep(0.5)
+            assert daemon.counters.snapshot().frames_processed == held_at
+
+
+def test_overlapped_preprocess_takes_its_frame_just_in_time(bundle: Path, tmp_path: Path) -> None:
+    """The preprocess thread waits until the running inference is about to end (less the expected
+    preprocess time), so it takes the freshest frame; with no inference running it does not wait."""
+    config = make_config(tmp_path, bundle)
+    with running_daemon(config) as daemon:
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 5, what="results")
+        with daemon.pipeline.hold():
+            pipeline = daemon.pipeline
+            assert pipeline._infer_s.ready and pipeline._preprocess_s.ready  # running means of real frames
+            pipeline._infer_s.value, pipeline._preprocess_s.value = 0.5, 0.01
+            pipeline._infer_started = time.monotonic()  # an inference of ~0.5 s just started
+            start = time.monotonic()
+            while pipeline._wait_until_due():
+                pass
+            waited = time.monotonic() - start
+            assert 0.45 < waited < 1.5, waited  # due 0.5 - 1.5 x 0.01 - 0.002 s after the start
+            pipeline._infer_started = time.monotonic() - 1.0  # overdue: take a frame now
+            assert not pipeline._wait_until_due()
+            pipeline._infer_started = 0.0  # the engine is idle: take a frame now
+            assert not pipeline._wait_until_due()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -81,3 +82,41 @@ def test_shrinking_a_4mp_frame_keeps_a_one_pixel_scratch() -> None:
     assert depth_fast[line_columns].mean() > 0.85 * depth_area[line_columns].mean()
     assert depth_fast[line_columns].min() > 0.4 * depth_area[line_columns].min()  # never vanishes
     assert depth_linear[line_columns].min() == 0  # plain bilinear loses it in places: what shrink avoids
+
+
+@pytest.mark.parametrize(("width", "height"), [(2688, 1520), (700, 900)])  # pads on the right; at the bottom
+def test_opencv_and_numpy_normalisation_give_the_same_tensor(width: int, height: int) -> None:
+    """The fast BGR path (OpenCV's blob) and the NumPy path agree on real synthetic frames."""
+    from engines.synthetic import render_frame
+
+    preprocess = Preprocessor(SPEC)
+    if preprocess._blob_params is None:
+        pytest.skip("this OpenCV has no cv2.dnn.Image2BlobParams (before 4.8): only the NumPy path runs")
+    frame = render_frame(3, width, height, with_masks=False).image
+    fast, box = preprocess(frame)
+    resized = cv2.resize(frame, (box.content_width, box.content_height), interpolation=cv2.INTER_AREA)
+    np.testing.assert_allclose(preprocess._normalise_bgr(resized), preprocess._normalise_numpy(resized), atol=1e-5)
+    assert fast.shape == (1, 3, 576, 1024) and fast.dtype == np.float32 and fast.flags.c_contiguous
+    assert np.all(fast[0, :, :, box.content_width :] == SPEC.pad_value)
+    assert np.all(fast[0, :, box.content_height :, :] == SPEC.pad_value)
+
+
+@pytest.mark.parametrize(("width", "height"), [(2688, 1520), (700, 900), (1024, 576)])
+def test_buffered_preprocessing_matches_and_reuses_its_buffers(width: int, height: int) -> None:
+    """The pipeline's ring of buffers: the same tensors as a fresh preprocess, written in place in turn."""
+    from engines.synthetic import render_frame
+
+    fresh, ring = Preprocessor(SPEC), Preprocessor(SPEC, buffers=2)
+    if ring._blob_params is None:
+        pytest.skip("this OpenCV has no cv2.dnn.Image2BlobParams (before 4.8): no buffered path")
+    frames = [render_frame(seed, width, height, with_masks=False).image for seed in (1, 2, 3)]
+    outputs = []
+    for frame in frames:
+        tensor, box = ring(frame)
+        np.testing.assert_allclose(tensor, fresh(frame)[0], atol=1e-5)
+        assert box == fresh(frame)[1]
+        outputs.append(tensor)
+    assert outputs[0] is outputs[2] and outputs[0] is not outputs[1]  # two buffers, taken in turn
+    assert not np.shares_memory(outputs[0], frames[2])
+    mono, _ = ring(frames[0][:, :, 0])  # mono frames take the unbuffered path
+    assert all(mono is not out for out in outputs)

@@ -203,3 +203,54 @@ def test_background_threads_can_run_nicer_than_the_pipeline() -> None:
     assert seen["delta"] == min(5, 19 - process_before)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == process_before
     assert not lower_thread_priority(0)
+
+
+def test_the_writer_can_run_in_the_idle_scheduling_class() -> None:
+    """SCHED_IDLE is per thread too: the writer's thread gets it, the pipeline's threads keep theirs."""
+    import os
+    import sys
+    import threading
+
+    from service.ops import lower_thread_priority
+
+    if sys.platform != "linux":
+        pytest.skip("SCHED_IDLE is Linux's")
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        assert lower_thread_priority(0, idle_class=True)
+        seen["policy"] = os.sched_getscheduler(0)
+
+    before = os.sched_getscheduler(0)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["policy"] == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) == before
+
+
+def test_the_store_writer_runs_in_the_idle_class_by_default(tmp_path: Path) -> None:
+    import threading
+
+    if sys.platform != "linux":
+        pytest.skip("SCHED_IDLE is Linux's")
+    store = started(store_config(tmp_path))
+    try:
+        store.offer(make_record(1))  # the writer has set its class before it takes a record
+        deadline = time.monotonic() + 10
+        while store.stats().written < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        writer = next(t for t in threading.enumerate() if t.name == "store-writer")
+        assert os.sched_getscheduler(writer.native_id) == os.SCHED_IDLE
+    finally:
+        store.stop()
+    nice_only = started(store_config(tmp_path / "b", writer_idle_class=False))
+    try:
+        writer = next(t for t in threading.enumerate() if t.name == "store-writer")
+        deadline = time.monotonic() + 10
+        while os.getpriority(os.PRIO_PROCESS, writer.native_id) == os.getpriority(os.PRIO_PROCESS, 0):
+            assert time.monotonic() < deadline, "the writer never lowered its priority"
+            time.sleep(0.02)
+        assert os.sched_getscheduler(writer.native_id) == os.SCHED_OTHER
+    finally:
+        nice_only.stop()

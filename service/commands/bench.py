@@ -48,8 +48,9 @@ def add_parser(commands: Any) -> None:
 
     pipeline = kinds.add_parser(
         "pipeline", help="the daemon's inspected FPS against engine-only FPS, latency, memory, in one run",
-        description="Engine-only FPS, then the daemon itself on synthetic 4 MP frames streamed faster than the "
-                    "engine takes them: inspected FPS, their ratio, capture-to-result latency, memory and CPU.",
+        description="The daemon itself on synthetic 4 MP frames streamed faster than the engine takes them, "
+                    "its windows alternating with engine-only slices on the same engine: inspected FPS, "
+                    "engine-only FPS, their ratio pair by pair, capture-to-result latency, memory and CPU.",
     )
     pipeline.add_argument("--config", type=Path, default=None,
                           help="daemon config file (default: built-in defaults; DEFECTSAM__* variables apply)")
@@ -58,7 +59,11 @@ def add_parser(commands: Any) -> None:
     pipeline.add_argument("--warmup", type=float, default=10.0, help="seconds before the window opens (default 10)")
     pipeline.add_argument("--camera-fps", type=float, default=30.0,
                           help="synthetic camera rate, above the engine's so it is the bottleneck (default 30)")
-    pipeline.add_argument("--engine-iterations", type=int, default=30, help="engine-only timed runs (default 30)")
+    pipeline.add_argument("--engine-iterations", type=int, default=30,
+                          help="engine-only timed runs per slice (default 30)")
+    pipeline.add_argument("--rounds", type=int, default=6,
+                          help="pipeline windows, each followed by an engine-only slice; the ratio is the median "
+                               "of the pairs (default 6)")
     pipeline.add_argument("--no-store", action="store_true", help="keep no records (default: a temporary store)")
     pipeline.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     pipeline.set_defaults(run=run_pipeline)
@@ -144,7 +149,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
             changes["camera"] = config.camera.model_copy(update={"fps": args.camera_fps})
         config = config.model_copy(update=changes)
         result = bench_pipeline(config, duration_s=args.duration, warmup_s=args.warmup,
-                                engine_iterations=args.engine_iterations)
+                                engine_iterations=args.engine_iterations, rounds=args.rounds)
     print(markdown_report(result))
     if args.json is not None:
         payload = {"machine": machine_description(), **result.to_dict()}

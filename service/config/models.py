@@ -83,9 +83,18 @@ class PipelineSection(Section):
     overlap_preprocess: Literal["auto", "on", "off"] = Field(
         default="auto", title="Preprocess on its own thread",
         description=(
-            "on: frame n+1 is resized while frame n is inferred (a GPU engine leaves the CPU free for it); off: the "
-            "inference thread resizes its frame itself, so a CPU engine using every core is never preempted by it "
-            "(measured on 2 cores: pipeline/engine 0.865 overlapped); auto: on for GPU backends, off on the CPU"
+            "on (auto): frame n+1 is resized on its own thread while frame n is inferred, started just in time "
+            "for the engine (from running averages of both stages) so the frame is no older than inline; off: "
+            "the inference thread resizes its frame itself, adding the preprocess to every frame's cycle"
+        ),
+    )
+    preprocess_priority: Literal["auto", "idle", "normal"] = Field(
+        default="auto", title="Preprocess thread priority",
+        description=(
+            "idle: the overlapped preprocess runs in Linux's SCHED_IDLE class with OpenCV on one thread, on CPU "
+            "time inference leaves idle, so it never stretches an inference step (2-core benchmark: pipeline/"
+            "engine 0.78 inline, 0.86-0.94 idle); normal: ordinary priority, OpenCV on all cores; auto: idle for "
+            "CPU backends, normal where a GPU runs the engine and the cores are free"
         ),
     )
 
@@ -160,6 +169,13 @@ class StoreSection(Section):
         description=(
             "the writer (JPEG encoding, SQLite) runs this much nicer than the pipeline, on CPU time inference "
             "leaves; when it falls behind, the queue fills and records are dropped and counted. 0: same priority"
+        ),
+    )
+    writer_idle_class: bool = Field(
+        default=True, title="Writer in the idle scheduling class",
+        description=(
+            "Linux: run the writer in SCHED_IDLE, only on CPU time nothing else wants, so it never delays an "
+            "inference step (the 2-core benchmark's pipeline FPS rose by about a tenth); false: nice only"
         ),
     )
 

@@ -24,14 +24,16 @@ safe verdict a PLC rejects the part on.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 
 from engines.engine import Engine, EngineOutputs
@@ -40,12 +42,34 @@ from engines.preprocess import Letterbox, Preprocessor
 from service.capture.base import Frame, LatestFrameSlot
 from service.config.models import PipelineSection
 from service.metrics import PipelineCounters
+from service.ops import lower_thread_priority
 from service.pipeline.record import InspectionRecord, StageTimes, no_frame_result
 
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[InspectionRecord], None]
 _POLL_S = 0.25  # how often idle stage threads look at the stop flag and beat their heart
+
+
+_JIT_MARGIN_S = 0.002  # how much earlier than predicted the overlapped preprocess takes its frame
+
+
+class _RunningMean:
+    """An exponentially weighted mean of a stage's duration in seconds (the last ~20 frames)."""
+
+    def __init__(self, weight: float = 0.1, warmup: int = 3) -> None:
+        self.value = 0.0
+        self._weight = weight
+        self._warmup = warmup
+        self._count = 0
+
+    @property
+    def ready(self) -> bool:
+        return self._count >= self._warmup
+
+    def add(self, seconds: float) -> None:
+        self._count += 1
+        self.value = seconds if self._count == 1 else self.value + self._weight * (seconds - self.value)
 
 
 class PipelineError(Exception):
@@ -137,7 +161,8 @@ class Pipeline:
         self.engine = engine
         self.config = config
         self.counters = counters
-        self._preprocess = Preprocessor(engine.bundle.manifest.input)
+        # Two tensors in flight at most: one in inference, one prepared (Handoff holds one item).
+        self._preprocess = Preprocessor(engine.bundle.manifest.input, buffers=2)
         self._postprocess = postprocessor
         self._slot = slot
         self._request_frame = request_frame
@@ -158,6 +183,19 @@ class Pipeline:
         self._last_acquisition = 0
         self._subscriber_errors = 0
         self._inline = False
+        self._may_run = threading.Event()  # cleared by hold(): the infer stage takes no new frame
+        self._may_run.set()
+        self._parked = threading.Event()  # set by the infer stage once it has stopped for a hold
+        self._pre_parked = threading.Event()  # and by the overlapped preprocess stage
+        self._handed_to_post = 0  # jobs the infer stage handed on, and those the postprocess stage finished
+        self._post_finished = 0
+        self._idle_preprocess = False
+        self._opencv_threads: int | None = None  # OpenCV's thread count before an idle-class start
+        # Just-in-time preprocessing: when the running inference started (0: none running) and running
+        # averages of both stages' durations, from which the preprocess thread knows when to take a frame.
+        self._infer_started = 0.0
+        self._infer_s = _RunningMean()
+        self._preprocess_s = _RunningMean()
 
     # ------------------------------------------------------------------ control
     def subscribe(self, name: str, subscriber: Subscriber) -> None:
@@ -166,15 +204,26 @@ class Pipeline:
 
     @property
     def overlapped(self) -> bool:
-        """Whether preprocessing runs on its own thread (``pipeline.overlap_preprocess``; auto: GPU backends)."""
-        setting = self.config.overlap_preprocess
+        """Whether preprocessing runs on its own thread (``pipeline.overlap_preprocess``; auto: yes)."""
+        return self.config.overlap_preprocess != "off"
+
+    @property
+    def idle_preprocess(self) -> bool:
+        """Whether the overlapped preprocess runs in the idle scheduling class (auto: on CPU backends)."""
+        setting = self.config.preprocess_priority
         if setting == "auto":
-            return not self.engine.backend_name.endswith("CPUExecutionProvider")
-        return setting == "on"
+            return self.engine.backend_name.endswith("CPUExecutionProvider")
+        return setting == "idle"
 
     def start(self) -> None:
         self._stop.clear()
         self._inline = not self.overlapped
+        self._idle_preprocess = self.overlapped and self.idle_preprocess
+        if self._idle_preprocess:
+            # OpenCV's worker threads keep normal priority: a parallel resize would run beside inference
+            # after all, so the idle-class preprocess runs OpenCV on its own thread (restored on stop).
+            self._opencv_threads = cv2.getNumThreads()
+            cv2.setNumThreads(1)
         self._heartbeat.clear()
         stages: list[tuple[str, Callable[[], None]]] = [("infer", self._run_infer), ("postprocess", self._run_post)]
         if not self._inline:
@@ -185,8 +234,10 @@ class Pipeline:
             self._threads.append(thread)
             thread.start()
         self.counters.running = True
+        priority = "idle class" if self._idle_preprocess else "normal priority"
+        preprocess = "inline" if self._inline else f"overlapped, {priority}"
         log.info("pipeline started (%s, engine %s on %s, preprocess %s)", self.config.mode, self._bundle_name,
-                 self.engine.backend_name, "inline" if self._inline else "overlapped")
+                 self.engine.backend_name, preprocess)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking frames; frames already inside finish and are published."""
@@ -203,6 +254,34 @@ class Pipeline:
             self._publish_no_frame(ticket, "daemon stopping")
         self.counters.running = False
         self._threads.clear()
+        if self._opencv_threads is not None:
+            cv2.setNumThreads(self._opencv_threads)
+            self._opencv_threads = None
+
+    @contextlib.contextmanager
+    def hold(self, timeout: float = 30.0) -> Iterator[None]:
+        """Inspect nothing inside the block, the engine idle: the frame in inference finishes and is
+        published first. The camera keeps capturing into its slot. For ``defectsam bench pipeline``,
+        which times the engine alone on the daemon's own engine between pipeline windows."""
+        if not self._threads:
+            raise PipelineError("the pipeline is not running")
+        self._parked.clear()
+        self._pre_parked.clear()
+        self._may_run.clear()
+        try:
+            deadline = time.monotonic() + timeout
+            rested = self._parked.wait(timeout) and (self._inline or self._pre_parked.wait(timeout))
+            while rested and self._post_finished < self._handed_to_post:  # the last result is published
+                rested = time.monotonic() < deadline
+                time.sleep(0.002)
+            if not rested:
+                raise PipelineError(f"the pipeline did not come to rest within {timeout:g} s")
+            stale = self._to_infer.get(0)  # a frame preprocessed before the hold would be old after it
+            if stale is not None and stale.ticket is not None:
+                self._to_infer.put(stale)  # a trigger's frame is still its answer
+            yield
+        finally:
+            self._may_run.set()
 
     def healthy(self, stall_s: float = 10.0) -> bool:
         """Every stage thread alive and looping (none stuck in a hung engine call for ``stall_s``)."""
@@ -306,27 +385,62 @@ class Pipeline:
         return job
 
     def _run_preprocess(self) -> None:
+        if self._idle_preprocess and not lower_thread_priority(0, idle_class=True):
+            log.warning("pipeline: the preprocess thread could not enter the idle scheduling class")
         while not self._stop.is_set():
             self._beat("select+preprocess")
+            if not self._may_run.is_set():
+                self._pre_parked.set()
+                self._may_run.wait(_POLL_S)
+                continue
             if not self._to_infer.wait_empty(_POLL_S):
-                continue  # inference is still busy with the previous frame: take a fresh one later
+                continue  # inference has not taken the frame before: take a fresh one later
+            if self._wait_until_due():
+                continue
             job = self._prepare()
             if job is not None:
+                self._preprocess_s.add(job.times["preprocess_done"] - job.times["preprocess_start"])
                 self._to_infer.put(job)
+
+    def _wait_until_due(self) -> bool:
+        """Sleep (at most one poll) until the running inference is about to end, less the expected
+        preprocess time and a margin, so that the frame taken is the freshest that will be ready in
+        time. True when it slept and the caller should look again; False when it is time to take a
+        frame. A trigger meanwhile loses nothing: the engine is busy until then either way, and the
+        frame taken at the due time was captured after the trigger."""
+        started = self._infer_started
+        if not started or not self._infer_s.ready:
+            return False
+        lead = self._infer_s.value - 1.5 * self._preprocess_s.value - _JIT_MARGIN_S
+        remaining = started + lead - time.monotonic()
+        if remaining <= 0:
+            return False
+        self._stop.wait(min(remaining, _POLL_S))
+        return True
 
     def _run_infer(self) -> None:
         while not (self._stop.is_set() and (self._inline or self._to_infer.wait_empty(0))):
             self._beat("infer")
+            if not self._may_run.is_set():
+                self._parked.set()
+                self._may_run.wait(_POLL_S)
+                continue
             job: _Job | None = self._prepare() if self._inline else self._to_infer.get(_POLL_S)
             if job is None or job.tensor is None:
                 continue
+            started = time.monotonic()
+            self._infer_started = started
             try:
                 job.outputs = self.engine.infer(job.tensor)
             except Exception as exc:
+                self._infer_started = 0.0
                 self._failed(job, "infer", exc)
                 continue
+            self._infer_started = 0.0
+            self._infer_s.add(time.monotonic() - started)
             job.tensor = None
             job.times["infer_done"] = time.monotonic()
+            self._handed_to_post += 1
             self._to_post.put(job)
 
     def _run_post(self) -> None:
@@ -341,6 +455,7 @@ class Pipeline:
                 result = self._postprocess(job.outputs, job.box)
             except Exception as exc:
                 self._failed(job, "postprocess", exc)
+                self._post_finished += 1
                 continue
             frame = job.frame
             assert frame is not None  # jobs reaching this stage always carry a frame
@@ -357,6 +472,7 @@ class Pipeline:
                 trigger_id=job.ticket.trigger_id if job.ticket else None, frame=frame.image,
             )
             self._publish(record, job.ticket)
+            self._post_finished += 1
 
     def _failed(self, job: _Job, stage: str, exc: BaseException) -> None:
         """A frame whose inspection raised: log it, count it, answer its trigger with NO_FRAME."""
