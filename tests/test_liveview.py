@@ -69,3 +69,34 @@ def test_chromium_screenshot_shows_the_masks(
     assert share > 0.05, f"only {share:.1%} of the screenshot is mask-coloured"
     # the page itself is grey: the colour comes from the stream's masks
     assert _saturated_share(image[:40]) < 0.01
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found (apt-get install chromium)")
+def test_the_page_keeps_the_last_ng_frame_with_its_masks(
+    tiny_bundle_master: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Chromium's DOM after the page has run: the 'Last NG' image points at an NG result's overlay,
+    and that overlay, fetched like the browser does, is a JPEG with the mask colours on it."""
+    import re
+
+    bundle = ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp())  # every result is NG
+    config = make_config(tmp_path, bundle)
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        wait_for(lambda: daemon.counters.snapshot().frames_processed >= 2, what="results")
+        found = None
+        for budget_ms in (5000, 10000, 20000):  # a loaded machine may need longer before the first event
+            proc = subprocess.run(
+                [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", f"--timeout={budget_ms}", "--dump-dom", f"{url}/"],
+                capture_output=True, text=True, timeout=90)
+            found = re.search(r'<img id="last-ng"[^>]*src="(/api/results/(\d+)/overlay\.jpg\?width=640)"', proc.stdout)
+            if found and "hidden" not in found.group(0):
+                break
+        assert found is not None and "hidden" not in found.group(0), proc.stdout[-3000:]
+        status, headers, body = http("GET", f"{url}{found.group(1)}")
+        assert status == 200 and headers["content-type"] == "image/jpeg"
+        overlay = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        assert overlay.shape[1] == min(640, config.camera.width) and _saturated_share(overlay) > 0.01
+        assert get_json(f"{url}/api/results/{found.group(2)}")[1]["verdict"] == "NG"

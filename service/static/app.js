@@ -26,7 +26,25 @@ function showStatus(s) {
     Object.values(s.store.dropped).reduce((a, b) => a + b, 0) + ` · viewers ${s.live.viewers}`;
 }
 
+// The last NG frame with its masks stays on screen until the next NG, so an operator who looks up
+// a moment late still sees what was rejected. At most one fetch every 2 s: the daemon draws it.
+const lastNg = { shownAt: 0, loading: false };
+function showLastNg(r) {
+  const now = Date.now();
+  if (lastNg.loading || now - lastNg.shownAt < 2000) return;
+  lastNg.loading = true;
+  lastNg.shownAt = now;
+  const img = $("last-ng");
+  img.onload = () => { lastNg.loading = false; img.hidden = false; };
+  img.onerror = () => { lastNg.loading = false; };
+  img.src = `/api/results/${r.id}/overlay.jpg?width=640`;
+  $("last-ng-link").href = `/api/results/${r.id}/overlay.jpg`;
+  $("last-ng-meta").textContent = `#${r.id} · ${r.defect_count} defect(s)` + (r.part_id ? ` · part ${r.part_id}` : "") +
+    ` · ${r.captured_at}`;
+}
+
 function showResult(r) {
+  if (r.verdict === "NG") showLastNg(r);
   $("latest-verdict").textContent = r.verdict;
   $("latest-meta").textContent = `#${r.id} · frame ${r.acquisition_id}` + (r.part_id ? ` · part ${r.part_id}` : "") +
     ` · ${r.captured_at}` + (r.latency_ms.end_to_end ? ` · ${fmt(r.latency_ms.end_to_end, 0)} ms` : "") +
