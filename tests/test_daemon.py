@@ -163,6 +163,8 @@ def _read_mjpeg_parts(url: str, count: int, timeout: float = 30.0) -> list[bytes
         assert response.headers["Content-Type"] == "multipart/x-mixed-replace; boundary=frame"
         while len(parts) < count:
             line = response.readline()
+            if not line:
+                break  # the server closed the stream (looping on EOF here once burnt a core for the whole run)
             if line.startswith(b"Content-Length:"):
                 length = int(line.split(b":")[1])
                 response.readline()
@@ -190,7 +192,9 @@ def test_live_view_encodes_only_while_watched_and_events_stream(bundle: Path, tm
         with urllib.request.urlopen(f"{url}/api/events", timeout=30) as response:
             kind = None
             while len([e for e in events if e[0] == "result"]) < 2:
-                line = response.readline().decode().strip()
+                raw = response.readline()
+                assert raw, "the event stream ended early"
+                line = raw.decode().strip()
                 if line.startswith("event:"):
                     kind = line.split(":", 1)[1].strip()
                 elif line.startswith("data:"):
