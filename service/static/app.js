@@ -73,6 +73,12 @@ function showResult(r) {
   }
 }
 
+// A page opened after the last NG still shows it: the newest stored NG (none without a store).
+fetch("/api/results?verdict=NG&limit=1")
+  .then((resp) => (resp.ok ? resp.json() : { items: [] }))
+  .then((page) => { if (page.items.length && lastNg.shownAt === 0) showLastNg(page.items[0]); })
+  .catch(() => {});
+
 const events = new EventSource("/api/events");
 events.addEventListener("status", (e) => showStatus(JSON.parse(e.data)));
 events.addEventListener("result", (e) => showResult(JSON.parse(e.data)));
