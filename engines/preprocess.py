@@ -122,36 +122,28 @@ class Preprocessor:
         check_frame(frame)
         box = Letterbox.fit(frame.shape[1], frame.shape[0], self.spec.width, self.spec.height)
         size = (box.content_width, box.content_height)
-        if self._ring and frame.ndim == 3 and frame.shape[2] == 3:
-            return self._into_buffers(frame, size, box.scale), box
+        if self._blob_params is not None and frame.ndim == 3 and frame.shape[2] == 3:
+            return self._normalise_bgr(frame, size, box.scale), box
         resized = shrink(frame, size, box.scale)
         if resized.ndim == 3 and resized.shape[2] == 1:
             resized = resized[:, :, 0]
-        if resized.ndim == 3 and self._blob_params is not None:
-            return self._normalise_bgr(resized), box
         return self._normalise_numpy(resized), box
 
-    def _into_buffers(self, frame: np.ndarray, size: tuple[int, int], scale: float) -> np.ndarray:
-        assert self._blob_params is not None  # the ring exists only with it
-        padded, tensor = self._ring[self._turn]
-        self._turn = (self._turn + 1) % len(self._ring)
+    def _normalise_bgr(self, frame: np.ndarray, size: tuple[int, int], scale: float) -> np.ndarray:
+        """Shrink into a padded frame and normalise it with OpenCV: the next ring buffers, or new ones."""
+        assert self._blob_params is not None  # only called with it
+        if self._ring:
+            padded, tensor = self._ring[self._turn]
+            self._turn = (self._turn + 1) % len(self._ring)
+        else:
+            padded = np.empty((self.spec.height, self.spec.width, 3), np.uint8)
+            tensor = np.empty((1, 3, self.spec.height, self.spec.width), np.float32)
         w, h = size
         shrink(frame, size, scale, out=padded[:h, :w])
         cv2.dnn.blobFromImageWithParams(padded, tensor, self._blob_params)
-        self._pad(tensor, h, w)
-        return tensor
-
-    def _pad(self, tensor: np.ndarray, h: int, w: int) -> None:
-        """The padding holds pad_value after normalisation, as in the NumPy path."""
-        tensor[0, :, h:, :] = self.spec.pad_value
+        tensor[0, :, h:, :] = self.spec.pad_value  # the padding holds pad_value, as in the NumPy path
         tensor[0, :, :h, w:] = self.spec.pad_value
-
-    def _normalise_bgr(self, resized: np.ndarray) -> np.ndarray:
-        h, w = resized.shape[:2]
-        padded = cv2.copyMakeBorder(resized, 0, self.spec.height - h, 0, self.spec.width - w, cv2.BORDER_CONSTANT)
-        out = np.asarray(cv2.dnn.blobFromImageWithParams(padded, self._blob_params))
-        self._pad(out, h, w)
-        return out
+        return tensor
 
     def _normalise_numpy(self, resized: np.ndarray) -> np.ndarray:
         out = np.full((1, 3, self.spec.height, self.spec.width), self.spec.pad_value, dtype=np.float32)

@@ -389,9 +389,7 @@ class Pipeline:
             log.warning("pipeline: the preprocess thread could not enter the idle scheduling class")
         while not self._stop.is_set():
             self._beat("select+preprocess")
-            if not self._may_run.is_set():
-                self._pre_parked.set()
-                self._may_run.wait(_POLL_S)
+            if self._parked_for_hold(self._pre_parked):
                 continue
             if not self._to_infer.wait_empty(_POLL_S):
                 continue  # inference has not taken the frame before: take a fresh one later
@@ -401,6 +399,14 @@ class Pipeline:
             if job is not None:
                 self._preprocess_s.add(job.times["preprocess_done"] - job.times["preprocess_start"])
                 self._to_infer.put(job)
+
+    def _parked_for_hold(self, parked: threading.Event) -> bool:
+        """During a hold(): say so through ``parked``, wait (one poll) and return True to loop again."""
+        if self._may_run.is_set():
+            return False
+        parked.set()
+        self._may_run.wait(_POLL_S)
+        return True
 
     def _wait_until_due(self) -> bool:
         """Sleep (at most one poll) until the running inference is about to end, less the expected
@@ -421,9 +427,7 @@ class Pipeline:
     def _run_infer(self) -> None:
         while not (self._stop.is_set() and (self._inline or self._to_infer.wait_empty(0))):
             self._beat("infer")
-            if not self._may_run.is_set():
-                self._parked.set()
-                self._may_run.wait(_POLL_S)
+            if self._parked_for_hold(self._parked):
                 continue
             job: _Job | None = self._prepare() if self._inline else self._to_infer.get(_POLL_S)
             if job is None or job.tensor is None:
