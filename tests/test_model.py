@@ -8,6 +8,7 @@ import torch
 from engines.contract import GraphShape
 from training.model.build import build_model, list_models, parameter_counts
 from training.model.checkpoint import CheckpointError, load_weights, save_checkpoint
+from training.model.mobile_cnn import MobileCNN
 from training.model.prompt_encoder import PointPromptEncoder
 from training.model.saliency import pick_peaks
 from training.model.tiny_vit import TinyViT, TinyViTBlock
@@ -75,6 +76,7 @@ def test_window_attention_stays_inside_its_window() -> None:
 def test_parameter_budgets() -> None:
     totals = {name: parameter_counts(build_model(name, height=64, width=64, k=1))["total"] for name in list_models()}
     assert totals["student_cnn"] <= 2_400_000
+    assert totals["student_cnn_lite"] <= totals["student_cnn"]
     assert totals["student_vit"] <= 6_500_000
     assert 9_300_000 <= totals["mobilesam"] <= 10_100_000
     counts = parameter_counts(build_model("student_cnn", height=64, width=64, k=1))
@@ -181,6 +183,42 @@ def test_skip_fusion_changes_the_masks() -> None:
         without, _ = model.decode(embedding, None, coords, labels)
     assert skip.shape == (1, model.encoder.skip_channels, 8, 16)
     assert not torch.allclose(with_skip, without)
+
+
+@pytest.mark.parametrize("name", ["student_cnn", "student_cnn_s8", "student_cnn_lite"])
+def test_x2_upscaling_in_token_layout_equals_the_transposed_conv(name: str) -> None:
+    # The slim decoder computes the x2 upscaling per image token (one Linear, LayerNorm over the
+    # last axis, masks put on the grid last). The reference is SAM's form with the same
+    # parameters: transposed conv on the BxDxhxw grid, LayerNorm2d, activation, hypernetwork product.
+    torch.manual_seed(0)
+    model = build_model(name, height=64, width=128, k=3)
+    decoder = model.mask_decoder
+    for parameter in decoder.output_upscaling.parameters():  # not the identity LayerNorm of init
+        torch.nn.init.normal_(parameter, std=0.3)
+    b, h, w, dim = 3, 4, 8, decoder.transformer_dim
+    src, hyper_in = torch.randn(b, h * w, dim), torch.randn(b, 1, 32)
+    skip = torch.randn(1, model.encoder.skip_channels, 2 * h, 2 * w) if decoder.uses_skip else None
+    with torch.no_grad():
+        got = decoder._masks_x2(src, hyper_in, h, w, skip)
+        grid = decoder.output_upscaling(src.transpose(1, 2).reshape(b, dim, h, w))
+        if skip is not None:
+            grid = grid + decoder.skip_proj(skip)
+        grid = decoder.upscale_act(grid)
+        want = (hyper_in @ grid.reshape(b, 32, -1)).reshape(b, 1, 2 * h, 2 * w)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lite_encoder_patchifies_to_stride_4() -> None:
+    model = build_model("student_cnn_lite", height=64, width=128, k=1)
+    with torch.no_grad():
+        stem = model.encoder.stem(torch.randn(1, 3, 64, 128))
+        features, skip = model.encoder(torch.randn(1, 3, 64, 128))
+    assert stem.shape == (1, 24, 16, 32)
+    assert skip.shape == (1, model.encoder.skip_channels, 8, 16)
+    assert features.shape == (1, 160, 4, 8)
+    assert model.mask_decoder.transformer.layers[0].cross_attn_token_to_image.internal_dim == 32
+    with pytest.raises(ValueError, match="stem_stride"):
+        MobileCNN(stem_stride=3)
 
 
 def test_build_rejects_bad_numbers() -> None:
