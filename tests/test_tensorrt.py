@@ -122,7 +122,13 @@ def _decoder_graph(shape: GraphShape) -> Any:
 SHAPE = GraphShape(height=32, width=64, k=2, num_classes=1, mask_stride=8)
 
 
-def _bundle(tmp_path: Path, *, input_hw: tuple[int, int] | None = None, extra: dict[str, Path] | None = None) -> Bundle:
+def _bundle(
+    tmp_path: Path,
+    *,
+    input_hw: tuple[int, int] | None = None,
+    extra: dict[str, Path] | None = None,
+    manifest: dict[str, Any] | None = None,
+) -> Bundle:
     src = tmp_path / "src"
     src.mkdir(parents=True, exist_ok=True)
     fused = _save(src, _fused_graph(SHAPE, input_hw), "model.onnx")
@@ -141,6 +147,7 @@ def _bundle(tmp_path: Path, *, input_hw: tuple[int, int] | None = None, extra: d
         "graphs": {"fused": "model.onnx", "decoder": "decoder.onnx"},
         "parameters": 0,
         "provenance": {"weights": "untrained", "notes": "test"},
+        **(manifest or {}),
     }
     return write_bundle(tmp_path / "bundle", fields, {"model.onnx": fused, "decoder.onnx": decoder, **(extra or {})})
 
@@ -416,6 +423,24 @@ def test_int8_needs_a_qdq_graph(tmp_path: Path) -> None:
     quantized = _bundle(tmp_path / "quantized", extra={"model.int8.onnx": qdq})
     path = trt_backend.plan_path(quantized, trt_backend.Config(precision="int8"), "10.3", "Orin", (8, 7))
     assert path.name.startswith(f"model.int8.{quantized.manifest.files['model.int8.onnx'][:12]}.int8.trt10.3.")
+
+
+@pytest.mark.parametrize(("mode", "target"), [("static", "cpu"), ("weight_only", "tensorrt"), ("static", "tensorrt")])
+def test_int8_takes_only_a_variant_quantized_for_tensorrt(tmp_path: Path, mode: str, target: str) -> None:
+    qdq = _save(tmp_path, _relu_graph([1, 4]), "model.q.onnx")
+    decoder = _save(tmp_path, _decoder_graph(SHAPE), "decoder.q.onnx")
+    variant = {"fused": "model.q.onnx", "decoder": "decoder.q.onnx", "mode": mode, "target": target, "gate": "passed"}
+    bundle = _bundle(
+        tmp_path / mode / target,
+        extra={"model.q.onnx": qdq, "decoder.q.onnx": decoder},
+        manifest={"schema_version": 2, "variants": {"int8": variant}},
+    )
+    config = trt_backend.Config(precision="int8")
+    if (mode, target) == ("static", "tensorrt"):
+        assert trt_backend.source_graph(bundle, "int8") == bundle.path / "model.q.onnx"
+        return
+    with pytest.raises(DefectsamError, match=rf"mode '{mode}', target '{target}'.*--target tensorrt"):
+        trt_backend.plan_path(bundle, config, "10.3", "Orin", (8, 7))
 
 
 def test_write_atomic_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:

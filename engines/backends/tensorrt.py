@@ -121,14 +121,27 @@ def source_graph(bundle: Bundle, precision: str, graph: Literal["fused", "decode
     """The ONNX file a plan of ``precision`` is built from; None for a decoder the bundle lacks.
 
     INT8 wants a QDQ graph: the fused graph itself when the manifest says ``precision: int8``,
-    else ``<stem>.int8.onnx`` when the bundle lists it. The decoder is built from its FP32 graph
-    at every precision (the decoder is small; int8 builds it in FP16).
+    else the manifest's INT8 variant when it was quantized for TensorRT (``--target tensorrt``:
+    int8 symmetric activations; a ``cpu`` variant's uint8 activations or a weight-only variant
+    are refused, TensorRT's explicit quantization takes neither), else ``<stem>.int8.onnx`` when
+    a bundle without variants lists it. The decoder is built from its FP32 graph at every
+    precision (the decoder is small; int8 builds it in FP16).
     """
     if graph == "decoder":
         return bundle.decoder_graph
     fused = bundle.fused_graph
     if precision != "int8" or bundle.manifest.precision == "int8":
         return fused
+    variant = bundle.manifest.variants.get("int8")
+    if variant is not None:
+        if variant.mode != "static" or variant.target != "tensorrt":
+            raise DefectsamError(
+                f"{bundle.path}: its INT8 variant was quantized for mode {variant.mode!r}, target "
+                f"{variant.target!r}; TensorRT's explicit INT8 needs mode 'static', target 'tensorrt' "
+                f"(int8 symmetric activations): run 'defectsam-train quantize {bundle.path} --target tensorrt' "
+                f"on a copy of the bundle, or use precision fp16"
+            )
+        return bundle.path / variant.fused
     int8_name = f"{fused.stem}.int8{fused.suffix}"
     if int8_name in bundle.manifest.files:
         return bundle.path / int8_name
