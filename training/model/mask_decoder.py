@@ -138,6 +138,8 @@ class MaskDecoder(nn.Module):
         """
         b, hw, _ = src.shape
         conv, norm = self.output_upscaling[0], self.output_upscaling[1]
+        assert isinstance(conv, nn.ConvTranspose2d) and isinstance(norm, LayerNorm2d)
+        assert conv.bias is not None
         u = conv.out_channels
         # ConvTranspose2d weight DxUx2x2 -> (2*a+b, U)xD rows; its bias once per sub-pixel.
         weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * u, -1)

@@ -87,6 +87,7 @@ class MobileCNN(nn.Module):
     ) -> None:
         """stem_stride: 2 (MobileNetV2's 3x3 stride-2 conv) or 4 (a 4x4 stride-4 patchify conv)."""
         super().__init__()
+        self.stem: nn.Sequential
         if stem_stride == 2:
             self.stem = ConvBNAct(in_chans, stem_channels, 3, 2, act=nn.ReLU6)
         elif stem_stride == 4:
