@@ -9,13 +9,13 @@ RUN_VENV := .venv-run
 DEV_VENV := .venv
 DEMO_INPUT ?= ../shared/datasets/magnetic_tile/MT_Crack/Imgs
 DEMO_OUT ?= out/demo
-REFERENCE := .cache/reference/mobilesam
 
 DEMO_PORT ?= 8080
 DEMO_PLC_PORT ?= 5020
 PEERS := prometheus chromium mbpoll shellcheck
 
-.PHONY: demo demo-screenshot demo-infer test lint peers deploy-check bench default-bundle train-quickstart clean
+.PHONY: demo demo-screenshot demo-infer test lint peers deploy-check bench bench-report default-bundle train-quickstart \
+	clean
 
 # The runtime as a line box gets it: engines + service, no torch.
 $(RUN_VENV)/.installed: pyproject.toml
@@ -79,10 +79,43 @@ lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
 	$(DEV_VENV)/bin/mypy engines service training
 
-# Engine-only benchmark: the default bundle against the mobilesam reference (random weights), one run.
-bench: $(DEV_VENV)/.installed
-	test -f $(REFERENCE)/manifest.json || $(DEV_VENV)/bin/defectsam-train export --arch mobilesam --random-init --out $(REFERENCE)
-	$(DEV_VENV)/bin/defectsam bench engine --reference $(REFERENCE) --json out/bench/engine.json
+# Benchmarks (docs/benchmarks.md). The reference and scaling graphs are random-weight exports (they time
+# as trained ones do) under .cache/bench, remade when the model or export code changes.
+BENCH_CACHE := .cache/bench
+MODEL_SOURCES := $(wildcard training/model/*.py) training/export/onnx.py
+# The scaling series use the default bundle's architecture, read when make runs.
+BENCH_ARCH = $(shell $(PYTHON) -c "import json; print(json.load(open('engines/default/manifest.json'))['arch'])")
+BENCH_SIZES := 288x512 576x1024 1152x2048
+BENCH_KS := 1 4 8 16
+BENCH_SIZE_DIRS = $(foreach size,$(BENCH_SIZES),$(BENCH_CACHE)/$(BENCH_ARCH)-$(size)-k8)
+BENCH_K_DIRS = $(foreach k,$(BENCH_KS),$(BENCH_CACHE)/$(BENCH_ARCH)-576x1024-k$(k))
+# e.g. make bench-report BENCH_REPORT_FLAGS='--duration 600 --rounds 10'
+BENCH_REPORT_FLAGS ?=
+
+$(BENCH_CACHE)/mobilesam/manifest.json: $(MODEL_SOURCES) | $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/defectsam-train export --arch mobilesam --random-init --name "mobilesam (random weights)" --out $(@D)
+
+$(BENCH_CACHE)/sam2_small/reference.json: training/export/reference.py training/teachers/sam2.py | $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/defectsam-train export-reference --arch sam2_small --out $(@D)
+
+# $(BENCH_CACHE)/ARCH-HxW-kK: architecture ARCH at input HxW with K prompts.
+$(BENCH_CACHE)/%/manifest.json: $(MODEL_SOURCES) | $(DEV_VENV)/.installed
+	spec=$*; k=$${spec##*-k}; rest=$${spec%-k*}; size=$${rest##*-}; arch=$${rest%-*}; \
+	$(DEV_VENV)/bin/defectsam-train export --arch $$arch --random-init --height $${size%x*} --width $${size#*x} \
+		--k $$k --name "$$arch $$size K=$$k (random weights)" --out $(@D)
+
+# Engine-only: the default bundle (FP32 and INT8) against the mobilesam reference, one run.
+bench: $(DEV_VENV)/.installed $(BENCH_CACHE)/mobilesam/manifest.json
+	$(DEV_VENV)/bin/defectsam bench engine --reference $(BENCH_CACHE)/mobilesam --json out/bench/engine.json
+
+# Everything in one run (about 10 minutes on 2 cores): the student against mobilesam and SAM 2 small, the
+# daemon on 2688x1520 frames with its PLC latency, cost against input size and K; writes docs/benchmarks.md
+# and out/bench/report.json. Run it on a quiet machine.
+bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/mobilesam/manifest.json $(BENCH_CACHE)/sam2_small/reference.json \
+		$(addsuffix /manifest.json,$(BENCH_SIZE_DIRS) $(BENCH_K_DIRS))
+	$(DEV_VENV)/bin/defectsam bench report --mobilesam $(BENCH_CACHE)/mobilesam --teacher $(BENCH_CACHE)/sam2_small \
+		$(foreach dir,$(BENCH_SIZE_DIRS),--size-bundle $(dir)) $(foreach dir,$(BENCH_K_DIRS),--k-bundle $(dir)) \
+		--json out/bench/report.json --markdown docs/benchmarks.md $(BENCH_REPORT_FLAGS)
 
 # Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only
 # (licence-clean), about an hour on 2 CPU cores; docs/training.md has the teacher route for a GPU box.
@@ -108,6 +141,17 @@ train-quickstart: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train cache-teacher --config training/configs/quickstart.yaml
 	$(DEV_VENV)/bin/defectsam-train distill --config training/configs/quickstart.yaml
 	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/quickstart/best.pt --out runs/quickstart-bundle
+
+# The reference run (docs/reference.md): the field report's table on ../shared/datasets with this project's own
+# teacher, students, INT8 and benchmark; reduced schedule, about an hour on 2 CPU cores. Resumable: run it again
+# after an interruption (--fresh in REFERENCE_FLAGS redoes everything). On a GPU box:
+#   make reference REFERENCE_CONFIG=training/configs/reference/full.yaml REFERENCE_OUT=reports/reference-full
+REFERENCE_CONFIG ?= training/configs/reference/reduced.yaml
+REFERENCE_OUT ?= reports/reference
+REFERENCE_FLAGS ?=
+.PHONY: reference
+reference: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/defectsam-train reference --config $(REFERENCE_CONFIG) --out $(REFERENCE_OUT) $(REFERENCE_FLAGS)
 
 clean:
 	rm -rf $(RUN_VENV) $(DEV_VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from engines.errors import DefectsamError
 from service.commands import bench, bundle, engine, infer, plc_sim, serve
 from service.commands import config as config_command
+from service.commands import soak as soak_command
 
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(commands)
     config_command.add_parser(commands)
     plc_sim.add_parser(commands)
+    soak_command.add_parser(commands)
     return parser
 
 

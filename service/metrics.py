@@ -49,7 +49,8 @@ class LatencyStats(_Model):
 
     count: int = Field(description="frames measured since start")
     sum_s: float = Field(description="total seconds since start")
-    buckets: list[tuple[float, int]] = Field(description="(upper bound s, cumulative count), as Prometheus has it")
+    buckets: list[tuple[float | None, int]] = Field(
+        description="(upper bound s, cumulative count), as Prometheus has it; the last bound, +Inf, is null")
     recent_p50_ms: float | None = Field(description="median of the last frames (up to 256)")
     recent_p95_ms: float | None = Field(description="95th percentile of the last frames")
     recent_max_ms: float | None = Field(description="slowest of the last frames")
@@ -219,7 +220,7 @@ class PipelineCounters:
                 cumulative, buckets = 0, []
                 for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._hist[stage], strict=True):
                     cumulative += n
-                    buckets.append((bound, cumulative))
+                    buckets.append((None if bound == float("inf") else bound, cumulative))  # JSON has no +Inf
                 recent = sorted(self._recent[stage])
                 latency[stage] = LatencyStats(
                     count=self._count[stage], sum_s=self._sum[stage], buckets=buckets,
@@ -267,7 +268,7 @@ class SnapshotCollector(Collector):
                                      "time per pipeline stage; end_to_end is capture to published result",
                                      labels=["stage"])
         for stage, lat in s.pipeline.latency.items():
-            buckets = [("+Inf" if bound == float("inf") else _fmt(bound), count) for bound, count in lat.buckets]
+            buckets = [("+Inf" if bound is None else _fmt(bound), count) for bound, count in lat.buckets]
             hist.add_metric([stage], buckets, lat.sum_s)
         yield hist
 

@@ -14,7 +14,12 @@ engine can take them, so the engine is the bottleneck. After a warm-up the run a
 The ratio pipeline FPS / engine FPS says how much the overlapped stages cost the engine (1.0:
 nothing). It is taken pair by pair and the median quoted, so a shared machine whose speed drifts
 over the run (the 2-core CI box swings by a third within a minute) moves both sides of each pair
-together instead of deciding the figure. Resident memory is sampled once a minute.
+together instead of deciding the figure. Resident memory is sampled once a minute; its peak is
+counted from the daemon's start (the process's peak is reset there where Linux allows).
+
+With the daemon's PLC server enabled (``plc.enabled``; ``defectsam bench report`` serves it on
+loopback), the latency from capture to the result registers written is collected over the same
+windows: the figure a line's PLC sees, under full load.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.benchmark import reset_peak_rss, resident_mb
 from engines.engine import Engine
 from engines.errors import DefectsamError
 from engines.preprocess import Preprocessor
@@ -62,20 +68,14 @@ class PipelineBenchResult:
     store_written: int  # records the store wrote, warm-up and engine slices included
     store_dropped: int  # and dropped (queue full, disk full, error)
     rss_mb_series: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB), one a minute
+    precision: str = ""  # of the daemon's engine: the graphs it ran (fp32, int8)
+    peak_since_start: bool = False  # rss_mb_peak counts from the daemon's start (else from the process's)
+    plc_results: int = 0  # results written to the PLC registers during the windows
+    plc_latency_ms_p50: float | None = None  # capture -> result registers written (None: no PLC)
+    plc_latency_ms_p99: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _rss_mb() -> tuple[float, float]:
-    """(current, peak) resident memory of this process in MB, from /proc."""
-    values = {}
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, amount = line.split(":", 1)
-                values[key] = int(amount.split()[0]) / 1024.0
-    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
 
 
 def _engine_slice(engine: Engine, tensor: np.ndarray, iterations: int) -> list[float]:
@@ -103,6 +103,7 @@ def bench_pipeline(
         if collecting.is_set() and record.frame is not None:
             stamps.append(record.times)
 
+    peak_since_start = reset_peak_rss()
     daemon = Daemon(config)
     daemon.start()
     try:
@@ -110,13 +111,15 @@ def bench_pipeline(
             raise DefectsamError(f"the daemon's engine did not load: {'; '.join(daemon.not_ready())}")
         pipeline = daemon.pipeline
         engine = pipeline.engine
+        plc = daemon.plc
+        plc_latencies: list[float] = []
         frame = render_frame(0, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image
         tensor, _ = Preprocessor(engine.bundle.manifest.input)(frame)
         with pipeline.hold():
             _engine_slice(engine, tensor, 3)  # the engine's own warm-up
         pipeline.subscribe("bench", collect)
         time.sleep(warmup_s)
-        rss_start, _ = _rss_mb()
+        rss_start, _ = resident_mb()
         series = [(0.0, round(rss_start, 1))]
         engine_times: list[float] = []
         pairs: list[tuple[float, float]] = []  # (pipeline FPS, engine FPS) per round
@@ -128,13 +131,17 @@ def bench_pipeline(
         for _ in range(rounds):
             before = daemon.snapshot()
             cpu_before, t_before = sum(os.times()[:2]), time.monotonic()
+            if plc is not None:
+                plc.latencies.clear()
             collecting.set()
             while (now := time.monotonic()) < t_before + slice_s:
                 time.sleep(min(1.0, t_before + slice_s - now))
                 if now >= next_sample:
-                    series.append((round(now - begun, 1), round(_rss_mb()[0], 1)))
+                    series.append((round(now - begun, 1), round(resident_mb()[0], 1)))
                     next_sample += 60.0
             collecting.clear()
+            if plc is not None:
+                plc_latencies += list(plc.latencies)
             after = daemon.snapshot()
             elapsed = time.monotonic() - t_before
             cpu += sum(os.times()[:2]) - cpu_before
@@ -148,8 +155,9 @@ def bench_pipeline(
             engine_times += times
             pairs.append((done / elapsed, 1.0 / float(np.median(times))))
         store = daemon.snapshot().store
-        rss_end, rss_peak = _rss_mb()
+        rss_end, rss_peak = resident_mb()
         name, backend = engine.bundle.manifest.name, engine.backend_name
+        precision = str(getattr(engine, "precision", engine.bundle.manifest.precision))
     finally:
         daemon.stop()
 
@@ -162,6 +170,7 @@ def bench_pipeline(
               for key in latencies[0] if key != "end_to_end"}
     engine_ms = np.asarray(engine_times) * 1000.0
     series.append((round(time.monotonic() - begun, 1), round(rss_end, 1)))
+    plc_ms = np.asarray(plc_latencies) * 1000.0
     return PipelineBenchResult(
         bundle=name,
         backend=backend,
@@ -187,6 +196,11 @@ def bench_pipeline(
         store_written=store.written,
         store_dropped=sum(store.dropped.values()),
         rss_mb_series=series,
+        precision=precision,
+        peak_since_start=peak_since_start,
+        plc_results=len(plc_latencies),
+        plc_latency_ms_p50=round(float(np.percentile(plc_ms, 50)), 1) if plc_latencies else None,
+        plc_latency_ms_p99=round(float(np.percentile(plc_ms, 99)), 1) if plc_latencies else None,
     )
 
 
@@ -199,8 +213,11 @@ def _frame_size(config: DaemonConfig) -> str:
 
 def markdown_report(result: PipelineBenchResult) -> str:
     r = result
+    plc = ([f"| capture -> PLC result registers written p50 / p99 ms ({r.plc_results} results) | "
+            f"{r.plc_latency_ms_p50:.1f} / {r.plc_latency_ms_p99:.1f} |"]
+           if r.plc_latency_ms_p50 is not None and r.plc_latency_ms_p99 is not None else [])
     return "\n".join([
-        f"bundle {r.bundle} on {r.backend}, {r.frame} frames",
+        f"bundle {r.bundle} ({r.precision or 'fp32'}) on {r.backend}, {r.frame} frames",
         "",
         "| measure | value |",
         "|---|---:|",
@@ -212,6 +229,7 @@ def markdown_report(result: PipelineBenchResult) -> str:
         + ", ".join(f"{p:.1f}/{e:.1f}={q:.2f}" for p, e, q in r.rounds) + " |",
         f"| camera FPS, frames dropped at the slot | {r.camera_fps:.1f}, {r.frames_dropped} |",
         f"| capture -> result p50 / p99 ms | {r.latency_ms_p50:.1f} / {r.latency_ms_p99:.1f} |",
+        *plc,
         "| stage p50 ms | " + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_ms_p50.items()) + " |",
         f"| resident memory start / end / peak MB | {r.rss_mb_start:.0f} / {r.rss_mb_end:.0f} / {r.rss_mb_peak:.0f} |",
         f"| CPU (% of one core) | {r.cpu_percent:.0f} |",

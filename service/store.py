@@ -21,6 +21,7 @@ beyond 255 defects), so the overlay can be rebuilt from the stored row.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import queue
@@ -103,6 +104,7 @@ class RecordStore:
         self._deleted = {"age": 0, "disk_budget": 0, "free_space": 0}
         self._last_error: str | None = None
         self._last_retention = 0.0
+        self._full_drops = 0  # records dropped for lack of space since the last one stored
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> int:
@@ -223,32 +225,61 @@ class RecordStore:
             if record.result.defects:
                 mask_png = encode_label_mask(record.result)
         size = len(frame_jpeg or b"") + len(mask_png or b"")
-        if not self._make_room(size):
-            with self._lock:
-                self._dropped["disk_full"] += 1
-                self._last_error = f"disk full: less than {self.config.min_free_mb:g} MB free at {self.path}"
-            log.warning("store: record %d dropped, disk too full", record.inspection_id)
+        try:
+            room = self._make_room(size)
+        except (OSError, sqlite3.Error) as exc:
+            if not is_disk_full(exc):
+                raise
+            conn.rollback()  # deletes SQLite had no space to commit: none happened
+            room = False
+        if not room:
+            self._drop_disk_full(record)
             return
         day = time.strftime("%Y%m%d", time.gmtime(record.wall_time))
-        frame_file = mask_file = None
-        if frame_jpeg is not None:
-            frame_file = f"{FILES_DIR}/{day}/{record.inspection_id}.jpg"
-            write_bytes_atomic(self.path / frame_file, frame_jpeg)
-        if mask_png is not None:
-            mask_file = f"{FILES_DIR}/{day}/{record.inspection_id}.mask.png"
-            write_bytes_atomic(self.path / mask_file, mask_png)
-        body = json.dumps(record.to_dict(with_polygons=True), separators=(",", ":"))
-        conn.execute(
-            "INSERT OR REPLACE INTO records (id, wall_time, verdict, part_id, acquisition_id, defect_count,"
-            " frame_file, mask_file, bytes, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.inspection_id, record.wall_time, record.verdict.name, record.part_id, record.acquisition_id,
-             len(record.result.defects), frame_file, mask_file, size, body),
-        )
-        conn.commit()
+        frame_file = f"{FILES_DIR}/{day}/{record.inspection_id}.jpg" if frame_jpeg is not None else None
+        mask_file = f"{FILES_DIR}/{day}/{record.inspection_id}.mask.png" if mask_png is not None else None
+        try:
+            if frame_file is not None and frame_jpeg is not None:
+                write_bytes_atomic(self.path / frame_file, frame_jpeg)
+            if mask_file is not None and mask_png is not None:
+                write_bytes_atomic(self.path / mask_file, mask_png)
+            body = json.dumps(record.to_dict(with_polygons=True), separators=(",", ":"))
+            conn.execute(
+                "INSERT OR REPLACE INTO records (id, wall_time, verdict, part_id, acquisition_id, defect_count,"
+                " frame_file, mask_file, bytes, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.inspection_id, record.wall_time, record.verdict.name, record.part_id, record.acquisition_id,
+                 len(record.result.defects), frame_file, mask_file, size, body),
+            )
+            conn.commit()
+        except (OSError, sqlite3.Error) as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()  # the row is not stored, so its files must not stay either
+            for name in (frame_file, mask_file):
+                if name:
+                    (self.path / name).unlink(missing_ok=True)
+            if not is_disk_full(exc):
+                raise
+            self._drop_disk_full(record)
+            return
         with self._lock:  # counted only once committed
             self._written += 1
             self._records += 1
             self._bytes += size
+            if self._full_drops:
+                log.warning("store: writing records again, after %d dropped for lack of disk space", self._full_drops)
+                self._full_drops = 0
+
+    def _drop_disk_full(self, record: InspectionRecord) -> None:
+        """Count a record dropped for lack of space; the log says so once per episode, not per record."""
+        with self._lock:
+            self._dropped["disk_full"] += 1
+            self._last_error = f"disk full: less than {self.config.min_free_mb:g} MB free at {self.path}"
+            self._full_drops += 1
+            first = self._full_drops == 1
+        if first:
+            log.warning("store: disk full at %s (less than %g MB free even after retention): record %d and the next "
+                        "ones are dropped until there is room", self.path, self.config.min_free_mb,
+                        record.inspection_id)
 
     # ------------------------------------------------------------------ retention
     def _free_mb(self) -> float:
@@ -280,6 +311,11 @@ class RecordStore:
                 pass
             self._make_room(0)
         except (OSError, sqlite3.Error) as exc:
+            if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.rollback()
+            if is_disk_full(exc):
+                return  # no room even to delete: the writer drops (and counts) records until there is
             log.error("store: retention failed: %s", exc)
             self._last_error = f"retention: {exc}"
 
@@ -386,6 +422,14 @@ class RecordStore:
         scale = min(1.0, width / frame.shape[1]) if width else 1.0
         ok, buf = cv2.imencode(".jpg", render_overlay(frame, result, scale=scale), [cv2.IMWRITE_JPEG_QUALITY, quality])
         return buf.tobytes() if ok else None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """A write refused for lack of space: ENOSPC or EDQUOT from the OS, SQLITE_FULL from SQLite."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.Error) and (
+        getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc))
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:

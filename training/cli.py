@@ -8,9 +8,11 @@
     calibrate         choose a bundle's score threshold on held-out data (training.commands.calibrate)
     quantize          add a gated INT8 variant to a bundle (training.commands.quantize)
     export            export a model or a trained checkpoint to an engine bundle
+    export-reference  export the SAM 2 teacher (random weights) as one ONNX graph for benchmarks
     models            print the model family's parameters
     config            print every key of the training config
     judge             the judge loop's cases offline: re-judge, review page, decisions, audit (training.judge.cli)
+    reference         the reference run: teacher, students, bundles, INT8, eval, benchmark, report (training.reference)
 
 Bad input (a flag, a file, a config key) is reported as one line on stderr naming it, with exit
 status 2; a config error names the dotted key.
@@ -112,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 # Command modules of the data and evaluation half (each has add_parser(subparsers) setting run=).
 _OPTIONAL_COMMANDS = (
     "training.commands.synth", "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
+    "training.reference.command",
 )
 
 
@@ -149,6 +152,10 @@ def _add_training_commands(sub: Any) -> None:
     from training.judge.cli import add_parser as add_judge_parser
 
     add_judge_parser(sub)
+
+    from training.export.reference import add_parser as add_reference_parser
+
+    add_reference_parser(sub)
 
 
 def _load(args: argparse.Namespace) -> Any:

@@ -14,9 +14,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api import control, health, results, status
 from service.api.context import DaemonContext
 from service.api.errors import BodyLimit, http_error, reject_unknown_query, unhandled_error, validation_error
+from service.api.schemas import Problem
 from service.live import routes as live_routes
 
 VERSION = "0.1.0"
+# What every route may answer besides its own responses, with the body errors.py really sends: an unknown
+# query parameter (400) and a rejected value (422) come back as {"detail": "<one line>"}, not as
+# FastAPI's default list of errors. A route that declares one of these codes keeps its own.
+COMMON_RESPONSES: dict[int | str, dict[str, object]] = {
+    400: {"model": Problem, "description": "Bad request: an unknown query parameter, malformed JSON"},
+    422: {"model": Problem, "description": "A parameter or body field failed validation (named in 'detail')"},
+}
 
 
 def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
@@ -26,6 +34,7 @@ def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
         description="Surface-defect inspection: results, live view, triggers, health and metrics. "
                     "Mutating endpoints need 'Authorization: Bearer <api.token>'.",
         dependencies=[Depends(reject_unknown_query)],
+        responses=COMMON_RESPONSES,
     )
     for module in (health, status, results, control, live_routes):
         app.include_router(module.build_router(ctx))

@@ -21,7 +21,7 @@ def build_router(ctx: DaemonContext) -> APIRouter:
     @router.post(
         "/trigger", response_model=TriggerAccepted, status_code=202,
         responses={200: {"model": TriggerAccepted}, 401: {"model": Problem}, 403: {"model": Problem},
-                   503: {"model": Problem}, 504: {"model": TriggerAccepted}},
+                   413: {"model": Problem}, 503: {"model": Problem}, 504: {"model": TriggerAccepted}},
         summary="Inspect the next frame (triggered mode) or tag it (free run) with a part id",
     )
     def trigger(request: Annotated[TriggerRequest | None, Body()] = None) -> JSONResponse:

@@ -41,7 +41,8 @@ def build_router(ctx: DaemonContext) -> APIRouter:
         stored = ctx.store is not None and ctx.store.get(record.inspection_id) is not None
         return result_out(record.to_dict(), stored=stored)
 
-    @router.get("", response_model=ResultPage, summary="Stored results, newest first, paged with 'before'")
+    @router.get("", response_model=ResultPage, responses={404: {"model": Problem}},
+                summary="Stored results, newest first, paged with 'before'")
     def history(
         limit: Annotated[int, Query(ge=1, le=200, description="results per page")] = 50,
         before: Annotated[int | None, Query(ge=1, description="only ids below this (the 'next' link sets it)")] = None,

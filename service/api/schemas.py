@@ -23,7 +23,8 @@ class Readiness(BaseModel):
 
 
 class TriggerRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: the body is JSON as documented; 0 or "yes" is not a boolean, 17 not a part id
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     part_id: str | None = Field(
         default=None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e][\x20-\x7e]*$",

@@ -1,11 +1,12 @@
-"""``defectsam bench engine``: engine-only FPS and latency of bundles, side by side, in one run.
+"""``defectsam bench``: engine-only FPS and latency of bundles side by side, the daemon's pipeline, the PLC
+latency, and ``bench report``, all of them in one run written to JSON and docs/benchmarks.md.
 
-A bundle with an INT8 variant (``defectsam-train quantize``) is timed at FP32 and at INT8 in the same
-run by default (``--precision all``), with the INT8 / FP32 ratio printed under the table.
-
+``bench engine``: a bundle with an INT8 variant (``defectsam-train quantize``) is timed at FP32 and at
+INT8 in the same run by default (``--precision all``), with the INT8 / FP32 ratio printed under the table.
 The ``mobilesam`` reference is a bundle like any other; build it once with
-``defectsam-train export --arch mobilesam --random-init --out .cache/reference/mobilesam``
-(random weights time the same as trained ones) and pass it with ``--reference``.
+``defectsam-train export --arch mobilesam --random-init --out .cache/bench/mobilesam``
+(random weights time the same as trained ones) and pass it with ``--reference``. A reference graph
+(``defectsam-train export-reference --arch sam2_small``: the SAM 2 teacher) is accepted there too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from typing import Any
 
 from engines.atomic import write_text_atomic
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
-from engines.benchmark import bench_bundles, machine_description, markdown_table, precision_ratios
+from engines.benchmark import (
+    BenchSubject,
+    bench_engines,
+    is_reference_graph,
+    load_reference_graph,
+    machine_description,
+    markdown_table,
+    precision_ratios,
+)
 from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from engines.errors import BundleError, DefectsamError
 
@@ -26,11 +35,12 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser("bench", help="benchmarks (not timed tests)")
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND", parser_class=type(parser))
     engine = kinds.add_parser("engine", help="engine-only FPS, latency p50/p99, parameters, file size",
-                              description=__doc__.splitlines()[0])
+                              description="Engine-only FPS and latency of bundles, side by side, in one run.")
     engine.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR,
                         help="the bundle under test (default: the embedded default bundle)")
     engine.add_argument("--reference", type=Path, action="append", default=[], metavar="BUNDLE",
-                        help="a bundle to compare against in the same run (repeatable), e.g. a mobilesam export")
+                        help="a bundle to compare against in the same run (repeatable), e.g. a mobilesam export, "
+                             "or a reference graph (defectsam-train export-reference)")
     engine.add_argument("--iterations", type=int, default=30, help="timed runs per bundle (default 30)")
     engine.add_argument("--warmup", type=int, default=3, help="untimed runs per bundle first (default 3)")
     engine.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
@@ -45,6 +55,7 @@ def add_parser(commands: Any) -> None:
     engine.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     engine.set_defaults(run=run_engine)
     add_plc_parser(kinds)
+    add_report_parser(kinds)
 
     pipeline = kinds.add_parser(
         "pipeline", help="the daemon's inspected FPS against engine-only FPS, latency, memory, in one run",
@@ -57,8 +68,9 @@ def add_parser(commands: Any) -> None:
     pipeline.add_argument("--bundle", type=Path, default=None, help="bundle (default: the config's, else the default)")
     pipeline.add_argument("--duration", type=float, default=60.0, help="measured window in seconds (default 60)")
     pipeline.add_argument("--warmup", type=float, default=10.0, help="seconds before the window opens (default 10)")
-    pipeline.add_argument("--camera-fps", type=float, default=30.0,
-                          help="synthetic camera rate, above the engine's so it is the bottleneck (default 30)")
+    pipeline.add_argument("--camera-fps", type=float, default=40.0,
+                          help="synthetic camera rate, above the engine's FPS so the engine is the bottleneck "
+                               "(default 40)")
     pipeline.add_argument("--engine-iterations", type=int, default=30,
                           help="engine-only timed runs per slice (default 30)")
     pipeline.add_argument("--rounds", type=int, default=6,
@@ -83,7 +95,11 @@ def run_engine(args: argparse.Namespace) -> int:
     ):
         raise DefectsamError(f"--precision {args.precision!r}: expected 'all', or fp32 and/or int8 comma-separated")
     bundles = [load_bundle(args.bundle)]
+    graphs = []
     for reference in args.reference:
+        if is_reference_graph(reference):
+            graphs.append(load_reference_graph(reference))
+            continue
         try:
             bundles.append(load_bundle(reference))
         except BundleError as exc:
@@ -94,6 +110,7 @@ def run_engine(args: argparse.Namespace) -> int:
                 ) from None
             raise exc
     shapes = {(b.manifest.input.height, b.manifest.input.width) for b in bundles}
+    shapes |= {(g.manifest.input.height, g.manifest.input.width) for g in graphs}
     if len(shapes) > 1:
         raise DefectsamError(f"bundles have different input sizes {sorted(shapes)}; compare at one size")
     machine = machine_description()
@@ -101,17 +118,19 @@ def run_engine(args: argparse.Namespace) -> int:
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
           f"threads {args.threads or 'auto'}{spin}; {args.iterations} timed runs per bundle in alternating blocks "
           f"after {args.warmup} warm-up")
-    entries, configs = [], []
+    subjects = []
     for bundle in bundles:
         have = bundle.manifest.precisions
         for precision in have if requested == ["all"] else requested:
             if precision not in have:
                 raise DefectsamError(f"{bundle.path}: --precision {precision}: the bundle has {', '.join(have)} "
                                      "graphs only (defectsam-train quantize adds int8)")
-            entries.append(bundle)
-            configs.append(OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads,
-                                             spin_wait=args.spin_wait, precision=precision))  # type: ignore[arg-type]
-    results = bench_bundles(entries, configs=configs, warmup=args.warmup, iterations=args.iterations)
+            subjects.append(BenchSubject(bundle, OnnxRuntimeConfig(
+                providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait,
+                precision=precision)))  # type: ignore[arg-type]
+    graph_config = OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait)
+    subjects += [BenchSubject(graph, graph_config) for graph in graphs]
+    results = bench_engines(subjects, warmup=args.warmup, iterations=args.iterations)
     print(markdown_table(results))
     for line in precision_ratios(results):
         print(line)
@@ -238,4 +257,102 @@ def run_plc(args: argparse.Namespace) -> int:
           f"{pct(polled, 0.99)} |")
     print(f"| pipeline end_to_end (capture -> published), recent | {end_to_end.count} | "
           f"{end_to_end.recent_p50_ms} | p95 {end_to_end.recent_p95_ms} |")
+    return 0
+
+
+def _frame(text: str) -> tuple[int, int]:
+    width, sep, height = text.lower().partition("x")
+    try:
+        size = int(width), int(height)
+    except ValueError:
+        size = (0, 0)
+    if not sep or min(size) < 32:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 2688x1520, got {text!r}")
+    return size
+
+
+def add_report_parser(kinds: Any) -> None:
+    report = kinds.add_parser(
+        "report", help="everything in one run: student vs mobilesam vs SAM 2 teacher, pipeline, PLC latency, "
+                       "scaling with input size and K; JSON and docs/benchmarks.md",
+        description="Every benchmark in one run on one machine: the student against the mobilesam and SAM 2 "
+                    "reference architectures (engine only), the daemon's pipeline and PLC latency, and how cost "
+                    "grows with input size and K; written to JSON and markdown (docs/benchmarks.md). "
+                    "'make bench-report' prepares the reference and scaling graphs and runs it.",
+    )
+    report.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR,
+                        help="the student bundle (default: the embedded default bundle), at every precision it has")
+    report.add_argument("--mobilesam", type=Path, default=None, metavar="BUNDLE",
+                        help="the mobilesam reference bundle (defectsam-train export --arch mobilesam --random-init)")
+    report.add_argument("--teacher", type=Path, default=None, metavar="DIR",
+                        help="the SAM 2 teacher's reference graph (defectsam-train export-reference --arch sam2_small)")
+    report.add_argument("--size-bundle", type=Path, action="append", default=[], metavar="BUNDLE",
+                        help="a bundle of the input-size series, e.g. the student's arch at 288x512 (repeatable)")
+    report.add_argument("--k-bundle", type=Path, action="append", default=[], metavar="BUNDLE",
+                        help="a bundle of the K (prompts) series at one input size (repeatable)")
+    report.add_argument("--iterations", type=int, default=30, help="timed runs per engine row (default 30)")
+    report.add_argument("--teacher-iterations", type=int, default=10,
+                        help="timed runs of the SAM 2 teacher, seconds each on a CPU (default 10)")
+    report.add_argument("--scaling-iterations", type=int, default=20, help="timed runs per scaling row (default 20)")
+    report.add_argument("--warmup", type=int, default=3, help="untimed runs per row first (default 3)")
+    report.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
+    report.add_argument("--spin-wait", action="store_true", help="ONNX Runtime workers busy-wait between operators")
+    report.add_argument("--providers", default="cpu", help="ONNX Runtime providers, comma-separated (default cpu)")
+    report.add_argument("--config", type=Path, default=None,
+                        help="daemon config for the pipeline part (default: built-in defaults); its camera, API, "
+                             "store and PLC are replaced by the benchmark's")
+    report.add_argument("--frame", type=_frame, default=(2688, 1520), metavar="WxH",
+                        help="synthetic camera frame size for the pipeline part (default 2688x1520)")
+    report.add_argument("--camera-fps", type=float, default=40.0,
+                        help="synthetic camera rate, above the engine's FPS so the camera never bounds the pipeline "
+                             "(default 40)")
+    report.add_argument("--duration", type=float, default=60.0, help="pipeline windows in seconds (default 60)")
+    report.add_argument("--pipeline-warmup", type=float, default=10.0,
+                        help="seconds of pipeline before the windows (default 10)")
+    report.add_argument("--rounds", type=int, default=6, help="pipeline windows / engine slices (default 6)")
+    report.add_argument("--engine-iterations", type=int, default=30,
+                        help="engine-only timed runs per slice of the pipeline part (default 30)")
+    report.add_argument("--json", type=Path, default=Path("out/bench/report.json"),
+                        help="the report as JSON (default out/bench/report.json)")
+    report.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"),
+                        help="the report as markdown (default docs/benchmarks.md)")
+    report.set_defaults(run=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from service.bench_report import PipelinePlan, ReportPlan, pipeline_config, render_markdown
+    from service.bench_report import run_report as run
+    from service.config import load_config
+    from service.ops import tune_allocator
+
+    if args.threads < 0 or args.rounds < 1 or args.engine_iterations < 1 or args.duration <= 0:
+        raise DefectsamError("--threads must be >= 0, --rounds and --engine-iterations >= 1, --duration > 0")
+    providers: Any = "auto" if args.providers == "auto" else [p.strip() for p in args.providers.split(",")]
+    try:
+        backend = OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait)
+    except ValueError as exc:
+        raise DefectsamError(f"--providers {args.providers!r}: expected cpu, cuda, tensorrt or auto") from exc
+    for flag, path in (("--mobilesam", args.mobilesam), ("--teacher", args.teacher)):
+        if path is None:
+            print(f"note: no {flag}: the report leaves that reference out (make bench-report prepares it)")
+    tune_allocator()  # as the daemon does
+    with tempfile.TemporaryDirectory(prefix="defectsam-bench-") as scratch:
+        daemon = pipeline_config(load_config(args.config), bundle=args.bundle, store=Path(scratch) / "store",
+                                 frame=args.frame, camera_fps=args.camera_fps, backend=backend)
+        plan = ReportPlan(
+            student=args.bundle, mobilesam=args.mobilesam, teacher=args.teacher, sizes=args.size_bundle,
+            prompts=args.k_bundle, backend=backend, iterations=args.iterations,
+            teacher_iterations=args.teacher_iterations, scaling_iterations=args.scaling_iterations,
+            warmup=args.warmup,
+            pipeline=PipelinePlan(config=daemon, duration_s=args.duration, warmup_s=args.pipeline_warmup,
+                                  rounds=args.rounds, engine_iterations=args.engine_iterations),
+        )
+        report = run(plan, log=lambda line: print(line, flush=True))
+    markdown = render_markdown(report)
+    write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    write_text_atomic(args.markdown, markdown)
+    print(markdown)
+    print(f"wrote {args.json} and {args.markdown}")
     return 0

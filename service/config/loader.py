@@ -13,7 +13,7 @@ offending value (secrets redacted), why it was refused and where it came from.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,15 @@ class ConfigError(DefectsamError):
     """A config that cannot be used; ``str()`` is one line, ``problems`` lists each one."""
 
     def __init__(self, problems: list[str]) -> None:
+        problems = [_printable(problem) for problem in problems]  # a key or file name may hold a newline
         self.problems = problems
         more = f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})" if len(problems) > 1 else ""
         super().__init__(f"config: {problems[0]}{more}")
+
+
+def _printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a key, say) written as escapes."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def config_path_from_env(path: Path | str | None, environ: Mapping[str, str] | None = None) -> Path | None:
@@ -110,29 +116,50 @@ def _merge(data: dict[str, Any], key: tuple[str, ...], value: Any, origin: str) 
     node[key[-1]] = value
 
 
-def _dotted(loc: tuple[Any, ...], data: Any) -> str:
-    """A pydantic error location as the user's dotted key: union tags and validator names left out."""
+def _dotted(loc: tuple[Any, ...], data: Any, *, last_is_key: bool = False) -> str:
+    """A pydantic error location as the user's dotted key: union tags and members, validator names left out.
+
+    A location step that is not in the user's data is never a key they wrote (a discriminated union's
+    tag, a union member's or a validator's name, a key a before-validator added), except at the end of
+    a missing or unknown key's location (``last_is_key``). Past a scalar (or a list met by a union)
+    the steps name union members too.
+    """
     parts: list[str] = []
     node = data
     for i, part in enumerate(loc):
-        last = i == len(loc) - 1
         if isinstance(node, dict):
             if part in node:
                 node = node[part]
                 parts.append(str(part))
-                continue
-            tag_like = node.get("type") == part or (not last and loc[i + 1] in node)
-            if tag_like or (not last and isinstance(part, str) and "[" in part):
-                continue  # a discriminated union's tag, or a validator's name: not a key the user wrote
-            parts.append(str(part))
-            node = None
+            elif i == len(loc) - 1 and last_is_key:
+                parts.append(str(part))
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
             parts.append(f"[{part}]")
-        else:
-            parts.append(str(part))
-            node = None
     return ".".join(parts).replace(".[", "[") or "(top level)"
+
+
+def _origin(key: str, origins: Mapping[str, str]) -> str | None:
+    """The variable that set ``key`` or a section holding it; else those that set keys inside it."""
+    holders = [dotted for dotted in origins if key == dotted or key.startswith((dotted + ".", dotted + "["))]
+    if holders:
+        return origins[max(holders, key=len)]
+    inside = sorted(variable for dotted, variable in origins.items() if dotted.startswith((key + ".", key + "[")))
+    return ", ".join(inside) or None
+
+
+def _booleans_as_numbers(given: Any, loaded: Any, path: str = "") -> Iterator[tuple[str, bool]]:
+    """Keys where a true/false was taken as the number 1/0 (pydantic's lax mode does): (dotted key, value)."""
+    if isinstance(given, bool):
+        if isinstance(loaded, (int, float)) and not isinstance(loaded, bool):
+            yield path, given
+    elif isinstance(given, dict) and isinstance(loaded, dict):
+        for key, value in given.items():
+            if key in loaded:
+                yield from _booleans_as_numbers(value, loaded[key], f"{path}.{key}" if path else str(key))
+    elif isinstance(given, list) and isinstance(loaded, (list, tuple)) and len(given) == len(loaded):
+        for i, (value, got) in enumerate(zip(given, loaded, strict=True)):
+            yield from _booleans_as_numbers(value, got, f"{path}[{i}]")
 
 
 def _show(key: str, value: Any) -> str:
@@ -148,7 +175,7 @@ def validation_problems(
     """One line per pydantic error: key, value, reason, and which variable set it if not the file."""
     problems = []
     for item in error.errors(include_url=False):
-        key = _dotted(tuple(item["loc"]), data)
+        key = _dotted(tuple(item["loc"]), data, last_is_key=item["type"] in ("extra_forbidden", "missing"))
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; 'defectsam config example' lists every key)"
@@ -157,7 +184,7 @@ def validation_problems(
             item = {**item, "input": item.get("ctx", {}).get("tag")}
             message = f"must be one of {item.get('ctx', {}).get('expected_tags')}"
         shown = "" if item["type"] == "missing" else f" = {_show(key, item.get('input'))}"
-        origin = (origins or {}).get(key)
+        origin = _origin(key, origins or {})
         problems.append(f"key '{key}'{shown}: {message}" + (f" (from {origin})" if origin else ""))
     return problems
 
@@ -173,12 +200,20 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
         _merge(data, key, value, variable)
         origins[".".join(key)] = variable
     try:
-        return DaemonConfig.model_validate(data)
+        config = DaemonConfig.model_validate(data)
     except ValidationError as exc:
         problems = validation_problems(exc, data, origins)
-        if file is not None:
-            problems[0] = f"{file}: {problems[0]}"
-        raise ConfigError(problems) from None
+    else:
+        problems = [
+            f"key '{key}' = {value}: expected a number, not {str(value).lower()}"
+            + (f" (from {origin})" if (origin := _origin(key, origins)) else "")
+            for key, value in _booleans_as_numbers(data, config.model_dump(mode="python", by_alias=True))
+        ]
+        if not problems:
+            return config
+    if file is not None:
+        problems[0] = f"{file}: {problems[0]}"
+    raise ConfigError(problems)
 
 
 def redacted(config: DaemonConfig) -> dict[str, Any]:

@@ -59,6 +59,11 @@ class EngineSection(Section):
     def _backend_type(cls, data: Any) -> Any:
         return _default_type(data, "backend", "onnxruntime")
 
+    @field_validator("bundle", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value  # not Path(""), the current directory
+
 
 class PipelineSection(Section):
     mode: Literal["free_run", "triggered"] = Field(
@@ -178,6 +183,14 @@ class StoreSection(Section):
             "inference step (the 2-core benchmark's pipeline FPS rose by about a tenth); false: nice only"
         ),
     )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a directory (empty would mean the current one; "
+                             "store.enabled: false keeps nothing on disk)")
+        return value
 
 
 class LoggingSection(Section):
