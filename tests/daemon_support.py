@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import socket
+import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,6 +138,56 @@ def http(method: str, url: str, body: bytes | dict[str, Any] | None = None,
 def get_json(url: str, **kwargs: Any) -> tuple[int, Any]:
     status, _, body = http("GET", url, **kwargs)
     return status, json.loads(body)
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+class Prometheus:
+    """A running Prometheus's HTTP API."""
+
+    def __init__(self, api: str) -> None:
+        self.api = api  # http://127.0.0.1:PORT/api/v1
+
+    def query(self, expr: str) -> list[dict[str, Any]] | None:
+        """An instant query's result vector; None while Prometheus does not answer or refuses it."""
+        try:
+            status, body = get_json(f"{self.api}/query?query={urllib.parse.quote(expr)}", timeout=5)
+        except OSError:
+            return None
+        if status != 200 or body.get("status") != "success":
+            return None
+        return body["data"]["result"]
+
+
+@contextlib.contextmanager
+def running_prometheus(directory: Path, daemon_port: int, rules: Path | None = None) -> Iterator[Prometheus]:
+    """Debian's Prometheus on a loopback port, scraping and evaluating every second the daemon at
+    ``daemon_port`` (job ``defectsam``), with a copy of the ``rules`` file if given; stopped on exit.
+    Its config and TSDB live in ``directory``."""
+    assert PROMETHEUS is not None, "prometheus not found (make peers: Debian's prometheus)"
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "defectsam", "static_configs": [{"targets": [f"127.0.0.1:{daemon_port}"]}]}],
+    }
+    if rules is not None:
+        shutil.copy(rules, directory / rules.name)
+        config["rule_files"] = [rules.name]
+    (directory / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield Prometheus(f"http://127.0.0.1:{port}/api/v1")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def make_record(inspection_id: int, verdict: Verdict = Verdict.NG, *, wall_time: float | None = None,

