@@ -31,6 +31,8 @@ SCRATCH, DENT, PINHOLE = 0, 1, 2
 FRAME_WIDTH = 2688
 FRAME_HEIGHT = 1520
 _MIN_SIDE = 32
+# Smallest pixel_scale render_frame draws at: a frame of at least 5% of 2688x1520 on its scaled side.
+MIN_PIXEL_SCALE = 0.05
 
 # BGR multipliers of paint colours (silver, white, graphite, blue, red, grey-green).
 _PAINTS = (
@@ -78,8 +80,8 @@ def render_frame(
         raise ValueError(f"defect_free_prob must be within 0..1, got {defect_free_prob}")
     if max_defects < 0:
         raise ValueError(f"max_defects must be >= 0, got {max_defects}")
-    if not 0.05 <= pixel_scale <= 4.0:
-        raise ValueError(f"pixel_scale must be within 0.05..4, got {pixel_scale}")
+    if not MIN_PIXEL_SCALE <= pixel_scale <= 4.0:
+        raise ValueError(f"pixel_scale must be within {MIN_PIXEL_SCALE}..4, got {pixel_scale}")
 
     rng = np.random.default_rng(seed)
     ps = pixel_scale

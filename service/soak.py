@@ -227,63 +227,67 @@ class ClientLoad:
         return conn, sock, response
 
     def _viewer(self, rng: random.Random, index: int) -> None:
-        session = 0
-        while not self.stop.is_set():
-            session += 1
-            reset = (index + session) % 2 == 0
-            hold = rng.uniform(0.5, 1.5) * self.viewer_hold_s
-            sock = None
-            try:
-                conn, sock, response = self._open("/api/live.mjpeg")
-                self._count(mjpeg_sessions=1)
-                until = time.monotonic() + hold
-                while time.monotonic() < until and not self.stop.is_set():
-                    line = response.readline()
-                    if not line:
-                        raise OSError("the MJPEG stream ended")
-                    if line.startswith(b"Content-Length:"):
-                        length = int(line.split(b":")[1])
-                        response.readline()
-                        jpeg = response.read(length)
-                        whole = jpeg[:2] == b"\xff\xd8" and jpeg[-2:] == b"\xff\xd9"
-                        self._count(mjpeg_frames=1, mjpeg_bad_frames=int(not whole))
-                _reset_close(conn, sock, reset)
-                self._count(resets=int(reset))
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                if sock is not None:
-                    sock.close()
-                if not self.stop.is_set():
-                    self._client_error("MJPEG viewer", exc)
-            self.stop.wait(rng.uniform(0.0, 0.5))
+        """An operator's MJPEG view: every part read whole and checked to be one JPEG."""
+
+        def read(line: bytes, response: http.client.HTTPResponse) -> None:
+            if line.startswith(b"Content-Length:"):
+                length = int(line.split(b":")[1])
+                response.readline()
+                jpeg = response.read(length)
+                whole = jpeg[:2] == b"\xff\xd8" and jpeg[-2:] == b"\xff\xd9"
+                self._count(mjpeg_frames=1, mjpeg_bad_frames=int(not whole))
+
+        self._stream_sessions(rng, "/api/live.mjpeg", "MJPEG viewer", read, reset_parity=index % 2,
+                              session_counter="mjpeg_sessions")
 
     def _events(self, rng: random.Random, index: int) -> None:
+        """A client of the event stream: results and status events counted, every data line parsed as JSON."""
+
+        def read(line: bytes, _response: http.client.HTTPResponse) -> None:
+            if line.startswith(b"event: result"):
+                self._count(events_result=1)
+            elif line.startswith(b"event: status"):
+                self._count(events_status=1)
+            elif line.startswith(b"data:"):
+                json.loads(line[5:])  # every event's data is one JSON document
+
+        self._stream_sessions(rng, "/api/events", "event client", read, reset_parity=(index + 1) % 2,
+                              session_counter="event_sessions")
+
+    def _stream_sessions(
+        self,
+        rng: random.Random,
+        path: str,
+        what: str,
+        read: Callable[[bytes, http.client.HTTPResponse], None],
+        *,
+        reset_parity: int,
+        session_counter: str,
+    ) -> None:
+        """Connect to a streaming ``path``, hand each line to ``read`` for about ``viewer_hold_s``, leave
+        (every other session with a TCP reset instead of a close), and again until stopped."""
         session = 0
         while not self.stop.is_set():
             session += 1
-            reset = (index + session) % 2 == 1
+            reset = (session + reset_parity) % 2 == 0
             hold = rng.uniform(0.5, 1.5) * self.viewer_hold_s
             sock = None
             try:
-                conn, sock, response = self._open("/api/events")
-                self._count(event_sessions=1)
+                conn, sock, response = self._open(path)
+                self._count(**{session_counter: 1})
                 until = time.monotonic() + hold
                 while time.monotonic() < until and not self.stop.is_set():
                     line = response.readline()
                     if not line:
-                        raise OSError("the event stream ended")
-                    if line.startswith(b"event: result"):
-                        self._count(events_result=1)
-                    elif line.startswith(b"event: status"):
-                        self._count(events_status=1)
-                    elif line.startswith(b"data:"):
-                        json.loads(line[5:])  # every event's data is one JSON document
+                        raise OSError(f"{path}: the stream ended")
+                    read(line, response)
                 _reset_close(conn, sock, reset)
                 self._count(resets=int(reset))
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 if sock is not None:
                     sock.close()
                 if not self.stop.is_set():
-                    self._client_error("event client", exc)
+                    self._client_error(what, exc)
             self.stop.wait(rng.uniform(0.0, 0.5))
 
     def _scraper(self) -> None:

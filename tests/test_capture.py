@@ -159,6 +159,8 @@ def test_camera_types_and_config_errors_name_the_key() -> None:
         "camera.reconnect.max_s: Input should be greater than 0": {"type": "opencv", "device": 0,
                                                                    "reconnect": {"max_s": 0}},
         "camera.trigger: Input should be 'free_run' or 'software'": {"type": "basler", "trigger": "hardware"},
+        "width x height must be at least 135x76 pixels, got 128x720": {"type": "synthetic", "width": 128,
+                                                                      "height": 720},
     }
     for expected, data in cases.items():
         with pytest.raises(CameraConfigError) as info:

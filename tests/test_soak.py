@@ -73,8 +73,10 @@ def test_ci_soak_holds_memory_and_file_descriptors_flat(bundle: Path, tmp_path: 
     assert load["resets"] >= 40 and load["client_errors"] == 0 and load["scrapes"] >= 30
     assert load["plc_reads"] >= 800 and load["plc_errors"] == 0 and load["plc_torn"] == 0
     assert load["plc_reconnects"] >= 7 and load["plc_results_seen"] >= 300
-    # (records may be dropped as queue_full on a saturated box: the writer runs in SCHED_IDLE, by design)
-    assert result["inspected_fps"] >= 5 and result["store_written"] > 400
+    # Every record offered was stored or counted as dropped: on a saturated box the writer, in SCHED_IDLE by
+    # design, falls behind and its queue drops (queue_full); the inspections themselves must go on.
+    assert result["inspected_fps"] >= 5 and result["store_written"] > 100
+    assert result["store_written"] + result["store_dropped"] > 400
     assert result["exit_code"] == 0 and result["stop_s"] < 15
 
 

@@ -10,12 +10,13 @@ a loop at ``fps``. The stream therefore repeats every ``pool_size`` frames; each
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
+from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, MIN_PIXEL_SCALE, render_frame
 from service.capture.base import CameraConfigBase
 
 KEY = "synthetic"
@@ -44,6 +45,13 @@ class Config(CameraConfigBase):
         if self.width * self.height > FRAME_WIDTH * FRAME_HEIGHT:
             raise ValueError(
                 f"width x height must be at most {FRAME_WIDTH}x{FRAME_HEIGHT} pixels, got {self.width}x{self.height}"
+            )
+        # The panel is drawn at the frame's scale of 2688x1520; below 5% of it on either side it cannot be
+        # drawn, and a camera that validates but fails at every open would retry forever.
+        if min(self.width / FRAME_WIDTH, self.height / FRAME_HEIGHT) < MIN_PIXEL_SCALE:
+            raise ValueError(
+                f"width x height must be at least {math.ceil(FRAME_WIDTH * MIN_PIXEL_SCALE)}x"
+                f"{math.ceil(FRAME_HEIGHT * MIN_PIXEL_SCALE)} pixels, got {self.width}x{self.height}"
             )
         return self
 
