@@ -145,7 +145,6 @@ class ServerStats:
         self.rejected = 0
         self.requests: collections.Counter[int] = collections.Counter()
         self.exceptions: collections.Counter[int] = collections.Counter()
-        self.peers: collections.Counter[str] = collections.Counter()
 
 
 class _Handler(ServerRequestHandler):
@@ -177,18 +176,12 @@ class _Handler(ServerRequestHandler):
         self._counted = True
         stats.connections += 1
         stats.connections_total += 1
-        stats.peers[host] += 1
         super().callback_connected()
 
     def callback_disconnected(self, exc: Exception | None) -> None:
         if self._counted:
             self._counted = False
             self.server.stats.connections -= 1
-            host = next((h for h, n in self.server.stats.peers.items() if n > 0), None)
-            if host is not None:
-                self.server.stats.peers[host] -= 1
-                if self.server.stats.peers[host] <= 0:
-                    del self.server.stats.peers[host]
         super().callback_disconnected(exc)
 
     def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
