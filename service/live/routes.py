@@ -12,6 +12,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 
 from service.api.context import DaemonContext
+from service.api.schemas import Problem
 from service.live.view import MAX_VIEWERS
 
 BOUNDARY = "frame"
@@ -39,7 +40,8 @@ def build_router(ctx: DaemonContext) -> APIRouter:
         return Response(path.read_bytes(), media_type=_TYPES[suffix], headers={"Cache-Control": "no-cache"})
 
     @router.get("/api/live.mjpeg", response_class=StreamingResponse,
-                responses={200: {"content": {f"multipart/x-mixed-replace; boundary={BOUNDARY}": {}}}},
+                responses={200: {"content": {f"multipart/x-mixed-replace; boundary={BOUNDARY}": {}}},
+                           503: {"model": Problem, "description": f"{MAX_VIEWERS} viewers are already watching"}},
                 summary="MJPEG stream of results drawn over their frames (encoded only while watched)")
     async def live(
         t: Annotated[str | None, Query(max_length=32, description="cache buster for reconnects; ignored")] = None,
