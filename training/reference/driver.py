@@ -41,6 +41,7 @@ from engines.bundle import load_bundle, utc_now
 from engines.errors import DefectsamError
 from training.config import TrainConfig, parse_config
 from training.reference.config import ReferenceConfig, StudentRun
+from training.reference.report import read_json
 
 MARKER = ".defectsam-reference"
 STEPS_FILE = "steps.json"
@@ -128,7 +129,7 @@ class ReferenceRun:
 
     def int8_bundle(self) -> Path | None:
         """The bundle whose INT8 graphs the INT8 row runs: the gated one, or an ungated copy when the gate refused."""
-        record = _read_json(self.quantize_path)
+        record = read_json(self.quantize_path)
         return Path(record["bundle"]) if record and record.get("bundle") else None
 
     # -- rows ---------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ class ReferenceRun:
         return write_report(self)
 
     def _done(self) -> dict[str, Any]:
-        record = _read_json(self.steps_path) or {}
+        record = read_json(self.steps_path) or {}
         steps = record.get("steps", {})
         return steps if isinstance(steps, dict) else {}
 
@@ -492,14 +493,6 @@ def _cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
     code = main(argv)
     if code:
         raise ReferenceRunError(f"defectsam-train {argv[0]} exited with status {code} (its error is above)")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _has_thresholds(path: Path) -> bool:

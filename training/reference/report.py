@@ -29,7 +29,8 @@ INT8_TARGET_POINTS = 1.0
 AUTOMATIC_KEYS = ("precision", "recall", "f1", "image_accuracy", "tp", "fp", "fn")
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None when the file is missing, unreadable or not an object."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -114,7 +115,7 @@ def _row_result(run: ReferenceRun, row: Row, bench: dict[str, Any], steps: dict[
     per_class: dict[str, dict[str, Any]] = {}
     automatic: dict[str, dict[str, Any]] = {}
     for test in config.data.test:
-        report = _read_json(run.eval_path(row.key, test))
+        report = read_json(run.eval_path(row.key, test))
         if report is None:
             prompted[test] = None
             continue
@@ -198,9 +199,9 @@ def reading(rows: list[dict[str, Any]], tests: list[str], quantize: dict[str, An
 
 def collect(run: ReferenceRun) -> dict[str, Any]:
     config = run.config
-    bench = _read_json(run.bench_path) or {}
-    steps = (_read_json(run.steps_path) or {}).get("steps", {})
-    quantize = _read_json(run.quantize_path)
+    bench = read_json(run.bench_path) or {}
+    steps = (read_json(run.steps_path) or {}).get("steps", {})
+    quantize = read_json(run.quantize_path)
     if quantize is not None and quantize.get("bundle"):
         try:
             record = load_bundle(quantize["bundle"]).manifest.metrics.get("quantization", {})
