@@ -215,9 +215,7 @@ def _load_reference_bundle(path: Path, hw: tuple[int, int]) -> Bundle:
         raise DefectsamError(f"{path}: reference bundle does not exist; make it with 'defectsam-train export "
                              f"--arch mobilesam --random-init --out {path}' (make bench-report)")
     bundle = load_bundle(path)
-    got = (bundle.manifest.input.height, bundle.manifest.input.width)
-    if got != hw:
-        raise DefectsamError(f"{path}: input {got[0]}x{got[1]}, the student's is {hw[0]}x{hw[1]}; compare at one size")
+    _check_input(path, (bundle.manifest.input.height, bundle.manifest.input.width), hw)
     return bundle
 
 
@@ -226,10 +224,14 @@ def _load_teacher(path: Path, hw: tuple[int, int]) -> ReferenceGraph:
         raise DefectsamError(f"{path}: teacher reference graph does not exist; make it with "
                              f"'defectsam-train export-reference --arch sam2_small --out {path}' (make bench-report)")
     reference = load_reference_graph(path)
-    got = (reference.manifest.input.height, reference.manifest.input.width)
+    _check_input(path, (reference.manifest.input.height, reference.manifest.input.width), hw)
+    return reference
+
+
+def _check_input(path: Path, got: tuple[int, int], hw: tuple[int, int]) -> None:
+    """A reference is compared with the student at the student's input size only."""
     if got != hw:
         raise DefectsamError(f"{path}: input {got[0]}x{got[1]}, the student's is {hw[0]}x{hw[1]}; compare at one size")
-    return reference
 
 
 # --- markdown ---------------------------------------------------------------------------------------

@@ -39,3 +39,14 @@ def run_command_module(
         code = 2
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def set_dotted(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Set ``changes`` in a nested config mapping, keys written ``a__b__c`` (missing levels created); returns raw."""
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw

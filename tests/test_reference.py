@@ -18,6 +18,8 @@ from training.reference.config import load_reference, parse_reference  # noqa: E
 from training.reference.driver import MARKER, ReferenceRun, ReferenceRunError  # noqa: E402
 from training.reference.report import reading  # noqa: E402
 
+from .support import set_dotted  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SYNTH = "width=128,height=72,pixel_scale=1.0,defect_free_prob=0.0"
 SPEC = {"name": "synthetic", "width": 128, "height": 72, "pixel_scale": 1.0, "defect_free_prob": 0.0}
@@ -45,13 +47,7 @@ def tiny(tmp_path: Path, **changes: object) -> dict:
         "calibrate": {"limit": 2},
         "report": {"overlays": 1, "tile_height": 48},
     }
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
+    return set_dotted(raw, changes)
 
 
 def write(tmp_path: Path, raw: dict) -> Path:

@@ -21,6 +21,8 @@ from training.model.build import build_model  # noqa: E402
 from training.model.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from training.trainer import train  # noqa: E402
 
+from .support import set_dotted  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SYNTH = {"name": "synthetic", "width": 128, "height": 72, "pixel_scale": 0.5}
 
@@ -34,13 +36,7 @@ def tiny_config(tmp_path: Path, **changes: object) -> dict:
         "recipe": {"name": "supervised"},
         "schedule": {"epochs": 2, "batch_size": 2, "lr": 0.002},
     }
-    for dotted, value in changes.items():
-        node = raw
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
+    return set_dotted(raw, changes)
 
 
 def write(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> Path:

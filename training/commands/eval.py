@@ -21,6 +21,7 @@ from engines.errors import DefectsamError
 from engines.postprocess import PostprocessConfig
 from training.data.registry import build_dataset
 from training.eval.evaluate import EvalReport
+from training.eval.metrics import format_cell as _fmt
 
 
 def add_parser(commands: Any) -> None:
@@ -66,14 +67,6 @@ def _postprocess(score_threshold: float | None) -> PostprocessConfig | None:
     return PostprocessConfig(
         score_threshold=score_threshold, uncertain_threshold=min(defaults.uncertain_threshold, score_threshold)
     )
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

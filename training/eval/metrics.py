@@ -210,3 +210,12 @@ class DetectionScores:
             "images": dict(self.images),
             "per_class": per_class,
         }
+
+
+def format_cell(value: Any, digits: int = 3) -> str:
+    """A table cell: "-" for None, a float to ``digits`` decimals, anything else as str()."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from engines.atomic import write_text_atomic
 from engines.bundle import load_bundle, utc_now
 from engines.errors import DefectsamError
+from training.eval.metrics import format_cell as _fmt
 from training.reference.config import FIELD_REPORT
 
 if TYPE_CHECKING:
@@ -246,14 +247,6 @@ def write_report(run: ReferenceRun) -> dict[str, Any]:
 
 
 # -- markdown ---------------------------------------------------------------------------------------
-def _f(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
 def _signed(value: float | None) -> str:
     return "-" if value is None else f"{value:+.1f}"
 
@@ -283,11 +276,11 @@ def table(results: dict[str, Any]) -> list[str]:
     for row in results["rows"]:
         params = row.get("parameters")
         cells = [row["label"], "-" if params is None else f"{params / 1e6:.2f}", _mb(row.get("file_bytes"))]
-        cells += [_f(row["prompted_miou"].get(t)) for t in tests] + [f"**{_f(row['prompted_miou'].get('mean'))}**"]
+        cells += [_fmt(row["prompted_miou"].get(t)) for t in tests] + [f"**{_fmt(row['prompted_miou'].get('mean'))}**"]
         for t in tests:
             auto = row["automatic"].get(t) or {}
-            cells.append(f"{_f(auto.get('precision'), 2)} / {_f(auto.get('recall'), 2)}")
-        cells += [_f(row.get("fps"), 1), _f(row.get("field_report_iou"), 2)]
+            cells.append(f"{_fmt(auto.get('precision'), 2)} / {_fmt(auto.get('recall'), 2)}")
+        cells += [_fmt(row.get("fps"), 1), _fmt(row.get("field_report_iou"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -298,7 +291,7 @@ def reading_lines(results: dict[str, Any]) -> list[str]:
     names = r["rows_compared"]
 
     def iou(key: str | None) -> str:
-        return _f(rows[key]["prompted_miou"]["mean"]) if key in rows else "-"
+        return _fmt(rows[key]["prompted_miou"]["mean"]) if key in rows else "-"
 
     lines = []
     per_test = ", ".join(f"{t} {_signed(v)}" for t, v in r["feature_gain_points_per_test"].items())
@@ -309,7 +302,7 @@ def reading_lines(results: dict[str, Any]) -> list[str]:
     )
     lines.append(
         f"- **Student vs teacher.** {iou(names['with_feature'])} / {iou(names['teacher'])} = "
-        f"{_f(r['student_teacher_ratio'])} of the teacher ({_gap(r['student_teacher_gap_points'])}); "
+        f"{_fmt(r['student_teacher_ratio'])} of the teacher ({_gap(r['student_teacher_gap_points'])}); "
         f"target >= {r['ratio_target']}: {_met(r['ratio_met'])}. The field report: 0.84 / 0.91 = "
         f"{r['field_report']['student_teacher_ratio']}."
     )
@@ -319,7 +312,7 @@ def reading_lines(results: dict[str, Any]) -> list[str]:
         verdict = "passed" if gate.get("passed") else f"refused it ({gate.get('error')}); the row is an ungated copy"
         gate_text = (
             f" The precision gate on val (bound {gate.get('max_drop')} points) {verdict}: drop "
-            f"{_f(gate.get('gate_drop_points_val'), 2)} points, {gate.get('fallback_rounds')} fallback round(s)."
+            f"{_fmt(gate.get('gate_drop_points_val'), 2)} points, {gate.get('fallback_rounds')} fallback round(s)."
         )
     per_test = ", ".join(f"{t} {_signed(v)}" for t, v in r["int8_drop_points_per_test"].items())
     lines.append(
@@ -365,7 +358,7 @@ def per_class_lines(results: dict[str, Any]) -> list[str]:
         lines.append("|---|" + "---:|" * len(classes))
         for row in results["rows"]:
             values = row["per_class_iou"].get(test, {})
-            cells = [_f((values.get(c) or {}).get("iou")) for c in classes]
+            cells = [_fmt((values.get(c) or {}).get("iou")) for c in classes]
             lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -411,9 +404,9 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for key, summary in trainings:
         lines.append(f"| {key} | {summary.get('epochs', '-')} | {summary.get('steps', '-')} | "
-                     f"{_f(summary.get('best_val_miou'))} ({summary.get('best_epoch', '-')}) | "
-                     f"{_f(summary.get('final_train_loss'))} |")
+                     f"{_fmt(summary.get('best_val_miou'))} ({summary.get('best_epoch', '-')}) | "
+                     f"{_fmt(summary.get('final_train_loss'))} |")
     lines += ["", f"Step times (seconds of the invocation that did each step; {results['total_step_seconds']:.0f} s "
               "in all):", "", "| step | seconds |", "|---|---:|"]
-    lines += [f"| {name} | {_f(seconds, 1)} |" for name, seconds in results["steps"].items()]
+    lines += [f"| {name} | {_fmt(seconds, 1)} |" for name, seconds in results["steps"].items()]
     return "\n".join(lines) + "\n"
