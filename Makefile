@@ -79,42 +79,24 @@ lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .
 	$(DEV_VENV)/bin/mypy engines service training
 
-# Benchmarks (docs/benchmarks.md). The reference and scaling graphs are random-weight exports (they time
-# as trained ones do) under .cache/bench, remade when the model or export code changes.
+# Benchmarks (docs/benchmarks.md). The SAM 2 teacher's reference graph is a random-weight export (it times as
+# trained weights do) under .cache/bench, remade when its export code changes.
 BENCH_CACHE := .cache/bench
-MODEL_SOURCES := $(wildcard training/model/*.py) training/export/onnx.py
-# The scaling series use the default bundle's architecture, read when make runs.
-BENCH_ARCH = $(shell $(PYTHON) -c "import json; print(json.load(open('engines/default/manifest.json'))['arch'])")
-BENCH_SIZES := 288x512 576x1024 1152x2048
-BENCH_KS := 1 4 8 16
-BENCH_SIZE_DIRS = $(foreach size,$(BENCH_SIZES),$(BENCH_CACHE)/$(BENCH_ARCH)-$(size)-k8)
-BENCH_K_DIRS = $(foreach k,$(BENCH_KS),$(BENCH_CACHE)/$(BENCH_ARCH)-576x1024-k$(k))
 # e.g. make bench-report BENCH_REPORT_FLAGS='--duration 600 --rounds 10'
 BENCH_REPORT_FLAGS ?=
-
-$(BENCH_CACHE)/mobilesam/manifest.json: $(MODEL_SOURCES) | $(DEV_VENV)/.installed
-	$(DEV_VENV)/bin/defectsam-train export --arch mobilesam --random-init --name "mobilesam (random weights)" --out $(@D)
 
 $(BENCH_CACHE)/sam2_small/reference.json: training/export/reference.py training/teachers/sam2.py | $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train export-reference --arch sam2_small --out $(@D)
 
-# $(BENCH_CACHE)/ARCH-HxW-kK: architecture ARCH at input HxW with K prompts.
-$(BENCH_CACHE)/%/manifest.json: $(MODEL_SOURCES) | $(DEV_VENV)/.installed
-	spec=$*; k=$${spec##*-k}; rest=$${spec%-k*}; size=$${rest##*-}; arch=$${rest%-*}; \
-	$(DEV_VENV)/bin/defectsam-train export --arch $$arch --random-init --height $${size%x*} --width $${size#*x} \
-		--k $$k --name "$$arch $$size K=$$k (random weights)" --out $(@D)
+# Engine-only: the default bundle (FP32 and INT8), the whole inspection of 4 MP frames, windows and full tiling.
+bench: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/defectsam bench engine --modes windows,tiles --json out/bench/engine.json
 
-# Engine-only: the default bundle (FP32 and INT8) against the mobilesam reference, one run.
-bench: $(DEV_VENV)/.installed $(BENCH_CACHE)/mobilesam/manifest.json
-	$(DEV_VENV)/bin/defectsam bench engine --reference $(BENCH_CACHE)/mobilesam --json out/bench/engine.json
-
-# Everything in one run (about 10 minutes on 2 cores): the student against mobilesam and SAM 2 small, the
-# daemon on 2688x1520 frames with its PLC latency, cost against input size and K; writes docs/benchmarks.md
-# and out/bench/report.json. Run it on a quiet machine.
-bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/mobilesam/manifest.json $(BENCH_CACHE)/sam2_small/reference.json \
-		$(addsuffix /manifest.json,$(BENCH_SIZE_DIRS) $(BENCH_K_DIRS))
-	$(DEV_VENV)/bin/defectsam bench report --mobilesam $(BENCH_CACHE)/mobilesam --teacher $(BENCH_CACHE)/sam2_small \
-		$(foreach dir,$(BENCH_SIZE_DIRS),--size-bundle $(dir)) $(foreach dir,$(BENCH_K_DIRS),--k-bundle $(dir)) \
+# Everything in one run (about 15 minutes on 2 cores): the inspection designs against the SAM 2 teacher, the daemon
+# on 2688x1520 frames with its PLC latency, what each window costs; writes docs/benchmarks.md and
+# out/bench/report.json. Run it on a quiet machine.
+bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/sam2_small/reference.json
+	$(DEV_VENV)/bin/defectsam bench report --teacher $(BENCH_CACHE)/sam2_small \
 		--json out/bench/report.json --markdown docs/benchmarks.md $(BENCH_REPORT_FLAGS)
 
 # Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only

@@ -1,7 +1,11 @@
-"""Engine-only benchmark: latency of the fused graph on one preprocessed frame, several engines in one run.
+"""Engine-only benchmark: the whole inspection of a frame in memory (both passes), several engines in one run.
 
-A bundle with an INT8 variant is timed at each precision as two entries (``configs``), so FP32 and
-INT8 of the same model come from one run on the same machine state.
+A bundle's row times ``engines.inspector.Inspector.inspect`` on real frames (the synthetic test
+panels, 2688 x 1520, cycled): the find input, the find graph, the windows it picks, their cutting,
+the segment graph, the merge and the defects. No camera, no daemon, no disk: what the daemon adds
+is ``defectsam bench pipeline``'s. The row also gives the median time of each step and the median
+number of windows per frame. A bundle with an INT8 variant is timed at each precision as two
+entries (``configs``), so FP32 and INT8 of the same model come from one run on the same machine state.
 
 A reference architecture that is not a contract bundle (the SAM 2 teacher: image + points -> masks,
 ``defectsam-train export-reference``) is a *reference graph*: a directory with ``model.onnx``, the
@@ -31,7 +35,6 @@ from engines.backends import BackendConfig, open_engine
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
 from engines.backends.onnxruntime import resolve_providers
 from engines.bundle import Bundle, sha256_file
-from engines.engine import Engine
 from engines.errors import BundleError, DefectsamError
 
 REFERENCE_FILE = "reference.json"
@@ -49,8 +52,8 @@ class EngineBenchResult:
     backend: str
     parameters: int
     graph_bytes: int
-    input_hw: tuple[int, int]
-    k: int
+    input_hw: tuple[int, int]  # the frame (bundles) or the model input (reference graphs), H x W
+    windows: float  # median windows per frame (reference graphs: their prompts K)
     iterations: int
     latency_ms_p50: float
     latency_ms_p99: float
@@ -59,6 +62,9 @@ class EngineBenchResult:
     cpu_cores: float = 0.0  # process CPU time / wall time over the timed runs
     rss_mb_added: float = 0.0  # resident memory that opening and warming up the engine added
     model_input_hw: tuple[int, int] | None = None  # what the model runs at, where not input_hw (SAM 2: a square)
+    mode: str = ""  # the inspection mode (windows, tiles, whole); reference graphs: ""
+    window: int = 0
+    steps_ms: dict[str, float] | None = None  # median ms of each inspection step
     notes: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +139,7 @@ class BenchSubject:
     target: Bundle | ReferenceGraph
     config: BackendConfig | None = None
     iterations: int | None = None
+    inspection: Any = None  # engines.inspector.InspectionConfig for a bundle (None: its defaults)
 
 
 def machine_description() -> dict[str, Any]:
@@ -179,10 +186,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _bench_input(engine: Engine, seed: int) -> np.ndarray:
-    shape = engine.bundle.manifest.graph_shape.input_spec().shape
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal(shape, dtype=np.float32)  # type: ignore[arg-type]
+BENCH_FRAME_SEED = 2_000_000  # the synthetic test panels (docs/training.md)
+
+
+def bench_frames(count: int = 8, seed: int = BENCH_FRAME_SEED) -> list[np.ndarray]:
+    """The frames a bundle is timed on: ``count`` 4 MP synthetic test panels (their defects vary the windows)."""
+    from engines.synthetic import render_frame
+
+    return [render_frame(seed + i, with_masks=False).image for i in range(count)]
 
 
 @dataclass(frozen=True)
@@ -195,21 +206,46 @@ class _Opened:
     close: Callable[[], None]
 
 
-def _open_bundle(bundle: Bundle, config: BackendConfig | None, iterations: int, seed: int) -> _Opened:
+def _open_bundle(
+    bundle: Bundle, config: BackendConfig | None, iterations: int, frames: Sequence[np.ndarray],
+    inspection: Any = None,
+) -> _Opened:
+    from engines.inspector import Inspector
+
     engine = open_engine(bundle, config)
-    image = _bench_input(engine, seed)
+    inspector = Inspector(engine, inspection)
     manifest = bundle.manifest
     backend = engine.backend_name
-    graph: Path = getattr(engine, "graph_path", bundle.fused_graph)
+    segment: Path = getattr(engine, "segment_path", bundle.segment_graph)
+    find: Path | None = getattr(engine, "find_path", bundle.find_graph)
+    graph_bytes = segment.stat().st_size + (find.stat().st_size if find is not None else 0)
+    cursor: dict[str, Any] = {"i": 0, "windows": [], "steps": {}}
+
+    def run() -> object:
+        frame = frames[cursor["i"] % len(frames)]
+        cursor["i"] += 1
+        result = inspector.inspect(frame)
+        cursor["windows"].append(inspector.last_windows)
+        for key, value in result.timings.items():
+            cursor["steps"].setdefault(key, []).append(value)
+        return result
 
     def describe(times: list[float], cores: float, rss_added: float) -> EngineBenchResult:
-        return _row(times, cores, rss_added, name=manifest.name, path=str(bundle.path), arch=manifest.arch,
+        frame = frames[0]
+        steps = {k: round(float(np.median(v)) * 1000.0, 2) for k, v in cursor["steps"].items()}
+        windows = float(np.median(cursor["windows"])) if cursor["windows"] else 0.0
+        return _row(times, cores, rss_added, name=manifest.name, path=str(bundle.path), arch=_arch(manifest),
                     precision=str(getattr(engine, "precision", manifest.precision)),
                     weights=manifest.provenance.weights, backend=backend, parameters=manifest.parameters,
-                    graph_bytes=graph.stat().st_size, input_hw=(manifest.input.height, manifest.input.width),
-                    k=manifest.k, iterations=iterations)
+                    graph_bytes=graph_bytes, input_hw=(int(frame.shape[0]), int(frame.shape[1])), windows=windows,
+                    iterations=iterations, mode=inspector.mode_for(frame.shape[1], frame.shape[0]),
+                    window=inspector.window, steps_ms=steps)
 
-    return _Opened(lambda: engine.infer(image), describe, engine.close)
+    return _Opened(run, describe, engine.close)
+
+
+def _arch(manifest: Any) -> str:
+    return manifest.segment.arch + (f" + {manifest.find.arch}" if manifest.find is not None else "")
 
 
 def _open_reference(reference: ReferenceGraph, config: BackendConfig | None, iterations: int) -> _Opened:
@@ -253,7 +289,7 @@ def _open_reference(reference: ReferenceGraph, config: BackendConfig | None, ite
         return _row(times, cores, rss_added, name=m.name, path=str(reference.path), arch=m.arch,
                     precision=m.precision, weights=m.weights,
                     backend=f"onnxruntime:{session.get_providers()[0]}", parameters=m.parameters,
-                    graph_bytes=reference.graph_path.stat().st_size, input_hw=input_hw, k=m.k,
+                    graph_bytes=reference.graph_path.stat().st_size, input_hw=input_hw, windows=float(m.k),
                     iterations=iterations, model_input_hw=None if model_hw == input_hw else model_hw, notes=m.notes)
 
     return _Opened(lambda: session.run(None, feeds), describe, lambda: None)
@@ -274,9 +310,15 @@ def _row(times: list[float], cores: float, rss_added: float, **fields: Any) -> E
 
 
 def bench_engines(
-    subjects: Sequence[BenchSubject], *, warmup: int = 3, iterations: int = 30, rounds: int = 5, seed: int = 0
+    subjects: Sequence[BenchSubject], *, warmup: int = 3, iterations: int = 30, rounds: int = 5, seed: int = 0,
+    frames: Sequence[np.ndarray] | None = None,
 ) -> list[EngineBenchResult]:
-    """Time every subject in alternating blocks (``rounds`` of them), one result per subject, in order."""
+    """Time every subject in alternating blocks (``rounds`` of them), one result per subject, in order.
+
+    Bundles inspect ``frames`` (default ``bench_frames()``) in turn.
+    """
+    if frames is None and any(not isinstance(s.target, ReferenceGraph) for s in subjects):
+        frames = bench_frames(seed=BENCH_FRAME_SEED + seed)
     counts = [s.iterations if s.iterations is not None else iterations for s in subjects]
     if any(n < 1 for n in counts) or warmup < 0 or rounds < 1:
         raise ValueError("iterations and rounds must be >= 1 and warmup >= 0")
@@ -291,7 +333,8 @@ def bench_engines(
             if isinstance(subject.target, ReferenceGraph):
                 entry = _open_reference(subject.target, subject.config, count)
             else:
-                entry = _open_bundle(subject.target, subject.config, count, seed)
+                assert frames is not None
+                entry = _open_bundle(subject.target, subject.config, count, frames, subject.inspection)
             opened.append(entry)
             for _ in range(warmup):
                 entry.run()
@@ -342,15 +385,16 @@ def markdown_table(results: list[EngineBenchResult]) -> str:
     """One row per bundle; the last column is the first bundle's FPS over this one's."""
     base = results[0].fps_median if results else 1.0
     lines = [
-        "| bundle | arch | precision | params (M) | graph (MB) | input | K "
+        "| bundle | arch | precision | params (M) | graphs (MB) | frame | mode, window | windows "
         "| p50 ms | p99 ms | FPS (median) | first / this |",
-        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        how = f"{r.mode}, {r.window} px" if r.mode else "reference"
         lines.append(
             f"| {r.name} | {r.arch} | {r.precision} | {r.parameters / 1e6:.2f} | {r.graph_bytes / 1e6:.2f} | "
-            f"{r.input_hw[0]}x{r.input_hw[1]} | {r.k} | {r.latency_ms_p50:.1f} | {r.latency_ms_p99:.1f} | "
-            f"{r.fps_median:.1f} | {base / r.fps_median:.2f}x |"
+            f"{r.input_hw[1]}x{r.input_hw[0]} | {how} | {r.windows:g} | {r.latency_ms_p50:.1f} | "
+            f"{r.latency_ms_p99:.1f} | {r.fps_median:.1f} | {base / r.fps_median:.2f}x |"
         )
     return "\n".join(lines)
 

@@ -2,16 +2,20 @@
 
 A bundle is a directory::
 
-    manifest.json    what the graphs are and how to feed them (``Manifest`` below)
-    model.onnx       the fused graph (engines.contract), FP32
-    decoder.onnx     the decoder-only graph for interactive point prompts (optional)
-    model.int8.onnx  an INT8 (QDQ) variant of the fused graph, with decoder.int8.onnx (optional;
-                     ``variants`` in the manifest, written by ``defectsam-train quantize``)
-    model.*.plan     TensorRT engines built on the target device: a cache, never listed in files
+    manifest.json      what the graphs are and how to feed them (``Manifest`` below)
+    segment.onnx       the window segmenter (engines.contract), FP32
+    find.onnx          the candidate finder (optional: without it a bundle inspects by tiles)
+    *.int8.onnx        INT8 (QDQ) variants of both graphs (``variants`` in the manifest, written
+                       by ``defectsam-train quantize``; optional)
+    *.plan             TensorRT engines built on the target device: a cache, never listed in files
 
 ``load_bundle`` checks the schema and the SHA-256 of every listed file before anything runs;
 ``write_bundle`` writes into a temporary sibling directory and renames it into place, so a
 reader never sees a half-written bundle and a failed write leaves the old one intact.
+
+Schema 3 is the native-resolution bundle (a find pass over the reduced frame, a segment pass over
+1:1 windows). Versions 1 and 2 held one letterboxed single-pass graph with masks at stride 8; this
+runtime cannot run them and says so (``read_manifest``): their models must be trained again.
 """
 
 from __future__ import annotations
@@ -30,16 +34,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engines.atomic import replace_dir
-from engines.contract import FUSED_OUTPUT_NAMES, GraphShape
+from engines.contract import SIDE_MULTIPLE
 from engines.errors import BundleError
 
-# What exporters write: a bundle with FP32 graphs only stays at version 1, so that runtimes which
-# predate version 2 keep reading it. Version 2 adds ``variants`` (quantized graphs); a manifest
-# that carries variants must say 2, so an older runtime refuses it with a clear message instead
-# of an unknown-key error.
-SCHEMA_VERSION = 1
-VARIANTS_SCHEMA_VERSION = 2
-SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)
+SCHEMA_VERSION = 3
+SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (3,)
+SINGLE_PASS_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)  # the letterboxed single-pass bundles before version 3
 MANIFEST_NAME = "manifest.json"
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default"
 
@@ -48,37 +48,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class InputSpec(_Strict):
-    height: int = Field(gt=0, multiple_of=16, description="engine input height in pixels")
-    width: int = Field(gt=0, multiple_of=16, description="engine input width in pixels")
+def _positive_std(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    if any(s <= 0 for s in value):
+        raise ValueError("every std must be > 0")
+    return value
+
+
+class SegmentSpec(_Strict):
+    """The window segmenter: how windows are cut and normalised, and the sizes it was trained for."""
+
+    arch: str = Field(min_length=1, description="window segmenter name in training.model's registry")
+    window: int = Field(
+        ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE, description="default window side, frame pixels (1:1)"
+    )
+    max_windows: int = Field(ge=1, le=256, description="most windows per frame in windows mode (default)")
     mean: tuple[float, float, float] = Field(description="per-channel mean subtracted from RGB in 0..255")
     std: tuple[float, float, float] = Field(description="per-channel std dividing RGB in 0..255")
-    channel_order: Literal["rgb"] = "rgb"
-    pad_value: float = Field(default=0.0, description="value of letterbox padding after normalisation")
+    pad_value: float = Field(
+        default=0.0, description="value of padding beyond a frame smaller than a window, normalised"
+    )
+    parameters: int = Field(ge=0, description="trainable parameters of the segmenter")
 
     @field_validator("std")
     @classmethod
     def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in value):
-            raise ValueError("every std must be > 0")
-        return value
+        return _positive_std(value)
 
 
-class OutputSpec(_Strict):
-    shape: tuple[int, ...]
-    dtype: Literal["float32", "int64"]
+class FindSpec(_Strict):
+    """The candidate finder: how the frame is reduced for it (engines.find)."""
+
+    arch: str = Field(min_length=1, description="finder name in training.model's registry")
+    reduction: int = Field(ge=1, le=16, description="frame pixels per find-input pixel, each way")
+    mean: tuple[float, float, float] = Field(description="mean of the grey block mean, minimum, maximum channels")
+    std: tuple[float, float, float] = Field(description="std of the grey block mean, minimum, maximum channels")
+    parameters: int = Field(ge=0, description="trainable parameters of the finder")
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        return _positive_std(value)
 
 
 class Graphs(_Strict):
-    fused: str = Field(description="file name of the fused graph (image -> masks)")
-    decoder: str | None = Field(default=None, description="file name of the decoder-only graph")
+    segment: str = Field(description="file name of the window segmenter graph")
+    find: str | None = Field(default=None, description="file name of the candidate finder graph")
 
 
 class Variant(_Strict):
-    """Another precision of the same model: its graphs, how they were made, whether they passed the gate."""
+    """Another precision of the same models: their graphs, how they were made, whether they passed the gate."""
 
-    fused: str = Field(description="file name of the fused graph at this precision")
-    decoder: str | None = Field(default=None, description="file name of the decoder-only graph at this precision")
+    segment: str = Field(description="file name of the segment graph at this precision")
+    find: str | None = Field(default=None, description="file name of the find graph at this precision")
     mode: Literal["static", "weight_only"] = Field(
         description="static: weights and activations INT8 (QDQ, calibrated); weight_only: INT8 weights, FP32 compute"
     )
@@ -93,14 +114,17 @@ class Variant(_Strict):
 
 
 class Thresholds(_Strict):
-    """Post-processing thresholds calibrated for this model on held-out data (``defectsam-train calibrate``).
+    """Thresholds calibrated for this model on held-out data (``defectsam-train calibrate``).
 
     The runtime uses them wherever its own configuration leaves a threshold unset: a service config,
     ``--score-threshold`` or an API caller that names a value wins.
     """
 
-    score_threshold: float = Field(ge=0.0, le=1.0, description="saliency peak probability that makes a defect")
+    score_threshold: float = Field(ge=0.0, le=1.0, description="a defect's peak probability that makes it count")
     uncertain_threshold: float = Field(ge=0.0, le=1.0, description="with no defect, a peak at or above it: UNCERTAIN")
+    candidate_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="find-pass probability at which a cell gets a window"
+    )
     calibration: dict[str, Any] = Field(default_factory=dict, description="data, objective and the sweep behind them")
 
     @model_validator(mode="after")
@@ -116,6 +140,7 @@ class Provenance(_Strict):
     teacher: str | None = None
     recipe: str | None = None
     checkpoint_sha256: str | None = None
+    finder_checkpoint_sha256: str | None = None
     seed: int | None = None
     tool_version: str | None = None
     torch_version: str | None = None
@@ -125,26 +150,19 @@ class Manifest(_Strict):
     schema_version: int
     name: str = Field(min_length=1)
     created: str
-    arch: str = Field(min_length=1, description="model family name in training.model's registry")
-    input: InputSpec
-    outputs: dict[str, OutputSpec]
-    k: int = Field(alias="K", ge=1)
-    mask_stride: Literal[4, 8]
-    classes: tuple[str, ...] = Field(min_length=1)
+    classes: tuple[str, ...] = Field(min_length=1, description="defect classes; class_probs channel c+1 is class c")
+    segment: SegmentSpec
+    find: FindSpec | None = Field(default=None, description="the find pass; absent: the bundle inspects by tiles")
     precision: Literal["fp32", "fp16", "int8"]
     graphs: Graphs
     files: dict[str, str] = Field(description="file name -> sha256 hex digest")
-    parameters: int = Field(ge=0, description="trainable parameters of the exported model")
+    parameters: int = Field(ge=0, description="trainable parameters of both models together")
     metrics: dict[str, Any] = Field(default_factory=dict)
     provenance: Provenance
     variants: dict[Literal["int8"], Variant] = Field(
-        default_factory=dict, description="quantized variants of the graphs, by precision (schema_version 2)"
+        default_factory=dict, description="quantized variants of the graphs, by precision"
     )
-    thresholds: Thresholds | None = Field(
-        default=None, description="calibrated post-processing thresholds (schema_version 2)"
-    )
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    thresholds: Thresholds | None = Field(default=None, description="calibrated thresholds")
 
     @field_validator("schema_version")
     @classmethod
@@ -156,74 +174,49 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        for graph in (self.graphs.fused, self.graphs.decoder):
+        if (self.find is None) != (self.graphs.find is None):
+            raise ValueError("'find' and 'graphs.find' come together: a find graph needs its spec and the reverse")
+        for graph in (self.graphs.segment, self.graphs.find):
             if graph is not None and graph not in self.files:
                 raise ValueError(f"graph file {graph!r} is not listed in 'files'")
-        if self.variants and self.schema_version < VARIANTS_SCHEMA_VERSION:
-            raise ValueError(f"'variants' needs schema_version {VARIANTS_SCHEMA_VERSION} (got {self.schema_version})")
-        if self.thresholds is not None and self.schema_version < VARIANTS_SCHEMA_VERSION:
-            raise ValueError(f"'thresholds' needs schema_version {VARIANTS_SCHEMA_VERSION} (got {self.schema_version})")
         for precision, variant in self.variants.items():
             if precision == self.precision:
                 raise ValueError(f"variants.{precision}: the main graphs already are {precision}")
-            if (variant.decoder is None) != (self.graphs.decoder is None):
-                raise ValueError(f"variants.{precision}: has a decoder graph exactly when 'graphs' has one")
-            for graph in (variant.fused, variant.decoder):
+            if (variant.find is None) != (self.graphs.find is None):
+                raise ValueError(f"variants.{precision}: has a find graph exactly when 'graphs' has one")
+            for graph in (variant.segment, variant.find):
                 if graph is not None and graph not in self.files:
                     raise ValueError(f"variants.{precision}: graph file {graph!r} is not listed in 'files'")
         for name in self.files:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise ValueError(f"file name {name!r} must be a plain name inside the bundle")
-        expected = {spec.name: spec for spec in self.graph_shape.fused_outputs()}
-        if set(self.outputs) != set(FUSED_OUTPUT_NAMES):
-            raise ValueError(f"'outputs' must name exactly {list(FUSED_OUTPUT_NAMES)}, got {sorted(self.outputs)}")
-        for name, spec in self.outputs.items():
-            want = expected[name]
-            if tuple(spec.shape) != want.shape or spec.dtype != want.dtype:
-                raise ValueError(
-                    f"outputs.{name} is {list(spec.shape)} {spec.dtype}, but input, K, classes and "
-                    f"mask_stride imply {list(want.shape)} {want.dtype}"
-                )
         return self
 
     @property
-    def graph_shape(self) -> GraphShape:
-        return GraphShape(
-            height=self.input.height,
-            width=self.input.width,
-            k=self.k,
-            num_classes=len(self.classes),
-            mask_stride=self.mask_stride,
-        )
+    def num_classes(self) -> int:
+        return len(self.classes)
 
     def to_json(self) -> str:
-        fields = self.model_dump(mode="json", by_alias=True)
-        if not fields["variants"]:
-            del fields["variants"]  # a version-1 manifest stays readable by runtimes that predate 'variants'
-        if fields["thresholds"] is None:
-            del fields["thresholds"]
+        fields = self.model_dump(mode="json")
+        for optional in ("variants", "thresholds", "find"):
+            if not fields[optional]:
+                del fields[optional]
         return json.dumps(fields, indent=2) + "\n"
 
     def graph_files(self, precision: str | None = None) -> tuple[str, str | None]:
-        """(fused, decoder) file names at ``precision`` (default: the main graphs' own)."""
+        """(segment, find) file names at ``precision`` (default: the main graphs' own)."""
         if precision is None or precision == self.precision:
-            return self.graphs.fused, self.graphs.decoder
+            return self.graphs.segment, self.graphs.find
         variant = self.variants.get(precision)  # type: ignore[call-overload]
         if variant is None:
             have = ", ".join([self.precision, *self.variants])
             raise KeyError(f"no {precision} graphs (the bundle has {have})")
-        return variant.fused, variant.decoder
+        return variant.segment, variant.find
 
     @property
     def precisions(self) -> tuple[str, ...]:
         """Every precision the bundle carries graphs for, the main one first."""
         return (self.precision, *self.variants)
-
-
-def outputs_for(shape: GraphShape) -> dict[str, OutputSpec]:
-    """The ``outputs`` table of a manifest, derived from the contract."""
-    return {spec.name: OutputSpec(shape=tuple(int(d) for d in spec.shape), dtype=spec.dtype)  # type: ignore[arg-type]
-            for spec in shape.fused_outputs()}
 
 
 @dataclass(frozen=True)
@@ -237,21 +230,21 @@ class Bundle:
         return self.path / name
 
     @property
-    def fused_graph(self) -> Path:
-        return self.path / self.manifest.graphs.fused
+    def segment_graph(self) -> Path:
+        return self.path / self.manifest.graphs.segment
 
     @property
-    def decoder_graph(self) -> Path | None:
-        name = self.manifest.graphs.decoder
+    def find_graph(self) -> Path | None:
+        name = self.manifest.graphs.find
         return None if name is None else self.path / name
 
     def graphs_at(self, precision: str | None = None) -> tuple[Path, Path | None]:
-        """(fused, decoder) paths at ``precision`` (default: the main graphs). BundleError if absent."""
+        """(segment, find) paths at ``precision`` (default: the main graphs). BundleError if absent."""
         try:
-            fused, decoder = self.manifest.graph_files(precision)
+            segment, find = self.manifest.graph_files(precision)
         except KeyError as exc:
             raise BundleError(self.path, str(exc.args[0])) from None
-        return self.path / fused, None if decoder is None else self.path / decoder
+        return self.path / segment, None if find is None else self.path / find
 
     def size_bytes(self, name: str | None = None) -> int:
         """Size of one file, or of every listed file together."""
@@ -294,6 +287,14 @@ def read_manifest(bundle_dir: Path | str) -> Manifest:
         raise BundleError(path, f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     if not isinstance(raw, dict):
         raise BundleError(path, "must hold a JSON object")
+    version = raw.get("schema_version")
+    if version in SINGLE_PASS_SCHEMA_VERSIONS:
+        raise BundleError(
+            path,
+            f"schema_version {version} is a single-pass bundle (the frame letterboxed to one input, masks at "
+            f"stride 8), which this runtime no longer runs: it inspects at native resolution (schema_version "
+            f"{SCHEMA_VERSION}); train and export the model again (docs/bundle.md)",
+        )
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -376,17 +377,16 @@ def update_metrics(bundle_dir: Path | str, key: str, value: Any) -> Bundle:
     bundle = load_bundle(bundle_dir)
     if not key:
         raise BundleError(bundle.path / MANIFEST_NAME, "a metrics key must not be empty")
-    fields = bundle.manifest.model_dump(mode="json", by_alias=True)
+    fields = bundle.manifest.model_dump(mode="json")
     fields.pop("files")
     fields["metrics"] = {**fields["metrics"], key: value}
     return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})
 
 
 def update_thresholds(bundle_dir: Path | str, thresholds: Thresholds) -> Bundle:
-    """Store calibrated thresholds in a bundle's manifest (schema_version 2); the graphs stay byte for byte."""
+    """Store calibrated thresholds in a bundle's manifest; the graphs stay byte for byte."""
     bundle = load_bundle(bundle_dir)
-    fields = bundle.manifest.model_dump(mode="json", by_alias=True)
+    fields = bundle.manifest.model_dump(mode="json")
     fields.pop("files")
     fields["thresholds"] = thresholds.model_dump(mode="json")
-    fields["schema_version"] = max(int(fields["schema_version"]), VARIANTS_SCHEMA_VERSION)
     return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})

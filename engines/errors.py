@@ -32,3 +32,7 @@ class InputImageError(DefectsamError):
 
 class BackendUnavailableError(DefectsamError):
     """A backend whose optional package or hardware is missing."""
+
+
+class FrameGeometryError(DefectsamError):
+    """A frame the bundle cannot inspect as configured: smaller than a window or the find pass's input."""

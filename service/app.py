@@ -29,7 +29,7 @@ from engines.backends import BackendConfig, StateCallback, open_engine
 from engines.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
 from engines.engine import Engine, running_precision
 from engines.errors import DefectsamError
-from engines.postprocess import Postprocessor, with_calibrated
+from engines.inspector import Inspector
 from service.api import VERSION, create_fastapi_app
 from service.capture import CameraState, CameraWorker, create_worker
 from service.config.models import DaemonConfig
@@ -152,9 +152,8 @@ class Daemon:
             log.info("engine: loading bundle %s (%s) on %s", bundle.manifest.name, path, engine_config.backend.type)
             engine = self._open_engine(bundle, engine_config.backend, on_state=self._on_engine_state)
             manifest = bundle.manifest
-            post = Postprocessor(manifest.classes, manifest.mask_stride,
-                                 with_calibrated(engine_config.postprocess, manifest.thresholds))
-            pipeline = Pipeline(engine, post, self.camera.slot, self.config.pipeline, self.counters,
+            inspector = Inspector(engine, engine_config.inspection, engine_config.postprocess)
+            pipeline = Pipeline(inspector, self.camera.slot, self.config.pipeline, self.counters,
                                 request_frame=self.camera.trigger, first_id=self._first_id)
         except Exception as exc:
             self._engine_error = str(exc) if isinstance(exc, DefectsamError) else f"{type(exc).__name__}: {exc}"
@@ -178,8 +177,9 @@ class Daemon:
         self.pipeline = pipeline
         pipeline.start()
         self._engine_state = "ready"
-        log.info("engine: ready (%s, %s, input %dx%d)", manifest.name, engine.backend_name,
-                 manifest.input.height, manifest.input.width)
+        log.info("engine: ready (%s, %s, %s, window %d px, at most %d windows)", manifest.name, engine.backend_name,
+                 "find + segment" if manifest.find is not None else "segment only (tiles)", inspector.window,
+                 inspector.max_windows)
         self.notifier.notify("READY=1", f"STATUS=inspecting ({self.config.pipeline.mode}) with {manifest.name}")
 
     def _on_engine_state(self, state: str) -> None:
@@ -263,6 +263,8 @@ class Daemon:
                            f"a first build takes minutes, later starts load it from the cache)")
         elif self._engine_state == "failed":
             reasons.append(f"engine failed to load: {self._engine_error}")
+        if self.pipeline is not None and self.pipeline.frame_problem:
+            reasons.append(f"frames cannot be inspected: {self.pipeline.frame_problem}")
         if self._stop_requested.is_set():
             reasons.append("stopping")
         return reasons
@@ -305,11 +307,12 @@ class Daemon:
                 state=self._engine_state, error=self._engine_error,
                 bundle=manifest.name if manifest else None,
                 bundle_path=str(engine.bundle.path) if engine is not None else None,
-                arch=manifest.arch if manifest else None,
+                arch=manifest.segment.arch if manifest else None,
                 precision=running_precision(engine) if engine is not None else None,
                 backend=engine.backend_name if engine is not None else None,
                 weights=manifest.provenance.weights if manifest else None,
-                input=f"{manifest.input.height}x{manifest.input.width}" if manifest else None,
+                input=_input_text(manifest, self.pipeline.inspector if self.pipeline is not None else None)
+                if manifest else None,
                 classes=list(manifest.classes) if manifest else [],
             ),
             pipeline=self.counters.snapshot(),
@@ -345,3 +348,11 @@ def run(config: DaemonConfig, **kwargs: Any) -> int:
           flush=True)
     daemon.run_until_stopped()
     return 0
+
+
+def _input_text(manifest: Any, inspector: Inspector | None) -> str:
+    """'find 1/4, windows 128 px' or 'tiles 128 px': how the engine sees a frame (EngineSnapshot.input)."""
+    window = inspector.window if inspector is not None else manifest.segment.window
+    if manifest.find is not None and (inspector is None or inspector.config.mode in ("auto", "windows")):
+        return f"find 1/{manifest.find.reduction}, windows {window} px"
+    return f"tiles {window} px"

@@ -7,16 +7,17 @@ Three parts, in this order, in one process:
    its own engine (pair by pair), capture -> result and capture -> PLC registers written p50/p99,
    the cores it kept busy and its peak resident memory. It runs first, so that the graphs of part 2
    are not in the memory it reports.
-2. **Engine only, against the reference architectures.** The student bundle at each precision it
-   carries, the ``mobilesam`` reference bundle and the SAM 2 teacher's reference graph, all on ONNX
-   Runtime with the same settings and the same 576x1024 input (SAM 2 letterboxes it to its 1024x1024
-   square inside its graph), timed in alternating blocks: latency p50/p99, FPS, cores busy, memory,
-   and FPS ratios student / mobilesam and student / teacher.
-3. **How cost grows.** Bundles of the student's architecture at other input sizes, and at other K
-   (prompts per frame), each series timed in alternating blocks.
+2. **Engine only: the inspection designs and the teacher.** The student bundle at each precision it
+   carries and in each inspection design asked for (windows from the find pass at the bundle's window
+   and at other window sides, the full 1:1 tiling), each the whole inspection of the same 4 MP
+   synthetic test frames (engines.benchmark), and the SAM 2 teacher's reference graph (one 1024x1024
+   view and its prompts), all on ONNX Runtime with the same settings, timed in alternating blocks:
+   latency p50/p99, FPS, windows per frame, cores busy, memory, FPS ratios.
+3. **How cost grows.** The student's two graphs alone: the find pass on a 4 MP frame's find input,
+   and the segment pass on batches of 1 to 24 windows: what each window adds to a frame's time.
 
-The graphs of parts 2 and 3 need torch to make; ``make bench-report`` makes them under .cache/bench
-with ``defectsam-train`` and then runs this command. Random weights time as trained ones do.
+The teacher's graph needs torch to make; ``make bench-report`` makes it under .cache/bench with
+``defectsam-train export-reference`` and then runs this command. Random weights time as trained ones do.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ REPORT_SCHEMA_VERSION = 1
 REGENERATE = "make bench-report"
 # The field report this compares with: TensorRT on a Jetson Orin Nano (student INT8, mobilesam, SAM 2 small).
 FIELD_REPORT_FPS = {"student": 31.0, "mobilesam": 18.0, "teacher": 0.8}
+WINDOW_BATCHES: tuple[int, ...] = (1, 4, 8, 16, 24)
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,10 @@ class PipelinePlan:
 @dataclass(frozen=True)
 class ReportPlan:
     student: Path
-    mobilesam: Path | None = None
     teacher: Path | None = None
-    sizes: Sequence[Path] = ()
-    prompts: Sequence[Path] = ()
+    windows: Sequence[int] = ()  # other window sides to time in windows mode (the bundle's own always is)
+    tiles: bool = True  # time the full 1:1 tiling too
+    batches: Sequence[int] = WINDOW_BATCHES
     backend: OnnxRuntimeConfig = field(default_factory=lambda: OnnxRuntimeConfig(providers=["cpu"]))
     iterations: int = 30
     teacher_iterations: int = 10
@@ -101,49 +103,32 @@ def _row(role: str, result: EngineBenchResult) -> dict[str, Any]:
     return {"role": role, **result.to_dict()}
 
 
-def _precision_subjects(bundle: Bundle, backend: OnnxRuntimeConfig, precisions: Sequence[str] | None = None,
-                        iterations: int | None = None) -> list[BenchSubject]:
-    chosen = bundle.manifest.precisions if precisions is None else precisions
-    return [BenchSubject(bundle, backend.model_copy(update={"precision": p}), iterations) for p in chosen]
-
-
 def _fps_ratios(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each student row's FPS over each reference row's (and latency the other way round)."""
-    ratios = []
-    for student in (r for r in rows if r["role"] == "student"):
-        for reference in (r for r in rows if r["role"] != "student"):
-            ratios.append({
-                "student": f"{student['name']} ({student['precision']})",
-                "reference": f"{reference['name']} ({reference['precision']})",
-                "reference_role": reference["role"],
-                "student_precision": student["precision"],
-                "fps_ratio": round(student["fps_median"] / reference["fps_median"], 2),
-            })
-    return ratios
+    """The first student row's FPS over every other row's."""
+    students = [r for r in rows if r["role"] == "student"]
+    if not students:
+        return []
+    base = students[0]
+    return [
+        {"student": _what(base), "other": _what(other), "other_role": other["role"],
+         "fps_ratio": round(base["fps_median"] / other["fps_median"], 2)}
+        for other in rows if other is not base
+    ]
 
 
-def _growth(rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], float]) -> list[dict[str, Any]]:
-    """Add, to each row, its ``key`` and its p50 latency over the first row's."""
-    base_key, base_ms = key(rows[0]), rows[0]["latency_ms_p50"]
-    for row in rows:
-        row["size_ratio"] = round(key(row) / base_key, 3)
-        row["latency_ratio"] = round(row["latency_ms_p50"] / base_ms, 3)
-    return rows
+def _what(row: dict[str, Any]) -> str:
+    how = f", {row['mode']} {row['window']} px" if row.get("mode") else ""
+    return f"{row['name']} ({row['precision']}{how})"
 
 
 def run_report(plan: ReportPlan, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the three parts and return the report (the JSON document)."""
+    from engines.inspector import InspectionConfig
+
     if plan.iterations < 1 or plan.teacher_iterations < 1 or plan.scaling_iterations < 1 or plan.warmup < 0:
         raise DefectsamError("iterations must be >= 1 and warmup >= 0")
     student = load_bundle(plan.student)
-    hw = (student.manifest.input.height, student.manifest.input.width)
-    mobilesam = None if plan.mobilesam is None else _load_reference_bundle(plan.mobilesam, hw)
-    teacher = None if plan.teacher is None else _load_teacher(plan.teacher, hw)
-    sizes = sorted((load_bundle(p) for p in plan.sizes),
-                   key=lambda b: (b.manifest.input.height * b.manifest.input.width, b.manifest.k))
-    prompts = sorted((load_bundle(p) for p in plan.prompts), key=lambda b: b.manifest.k)
-    if len({(b.manifest.input.height, b.manifest.input.width) for b in prompts}) > 1:
-        raise DefectsamError("--k-bundle: the K series must share one input size")
+    teacher = None if plan.teacher is None else _load_teacher(plan.teacher)
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "generated": utc_now(),
@@ -169,69 +154,88 @@ def run_report(plan: ReportPlan, log: Callable[[str], None] = print) -> dict[str
                               "settings": {"duration_s": p.duration_s, "warmup_s": p.warmup_s, "rounds": p.rounds,
                                            "engine_iterations": p.engine_iterations}}
 
-    log(f"engine only: {student.manifest.name}"
-        + "".join(f" vs {ref.path.name}" for ref in (mobilesam, teacher) if ref is not None))
-    subjects = _precision_subjects(student, plan.backend)
-    roles = ["student"] * len(subjects)
-    if mobilesam is not None:
-        more = _precision_subjects(mobilesam, plan.backend)
-        subjects += more
-        roles += ["mobilesam"] * len(more)
+    designs: list[tuple[str, InspectionConfig, int | None]] = []
+    if student.manifest.find is not None:
+        designs.append(("student", InspectionConfig(mode="windows"), None))
+        designs += [("design", InspectionConfig(mode="windows", window=w), None) for w in plan.windows
+                    if w != student.manifest.segment.window]
+    if plan.tiles or student.manifest.find is None:
+        designs.append(("design" if designs else "student", InspectionConfig(mode="tiles"), plan.teacher_iterations))
+    log(f"engine only: {student.manifest.name}, {len(designs)} design(s) x {len(student.manifest.precisions)} "
+        "precision(s)" + (f" vs {teacher.path.name}" if teacher is not None else ""))
+    subjects, roles = [], []
+    for role, inspection, count in designs:
+        for precision in student.manifest.precisions:
+            subjects.append(BenchSubject(student, plan.backend.model_copy(update={"precision": precision}), count,
+                                         inspection=inspection))
+            roles.append(role)
     if teacher is not None:
         subjects.append(BenchSubject(teacher, plan.backend, plan.teacher_iterations))
         roles.append("teacher")
     peak_reset = reset_peak_rss()
     results = bench_engines(subjects, warmup=plan.warmup, iterations=plan.iterations)
     rows = [_row(role, r) for role, r in zip(roles, results, strict=True)]
-    report["engine"] = {"input_hw": list(hw), "rows": rows, "ratios": _fps_ratios(rows),
-                        "rss_mb_peak": round(resident_mb()[1], 1), "peak_since_start": peak_reset}
+    report["engine"] = {"rows": rows, "ratios": _fps_ratios(rows), "rss_mb_peak": round(resident_mb()[1], 1),
+                        "peak_since_start": peak_reset}
 
-    scaling: dict[str, Any] = {}
-    for series, bundles, key in (
-        ("input_size", sizes, lambda r: r["input_hw"][0] * r["input_hw"][1]),
-        ("prompts", prompts, lambda r: r["k"]),
-    ):
-        if not bundles:
-            continue
-        log(f"scaling ({series}): " + ", ".join(_label(b) for b in bundles))
-        subjects = [s for b in bundles for s in _precision_subjects(b, plan.backend, [b.manifest.precision])]
-        timed = bench_engines(subjects, warmup=plan.warmup, iterations=plan.scaling_iterations)
-        scaling[series] = _growth([_row("scaling", r) for r in timed], key)
-    if scaling:
-        scaling["notes"] = [f"{b.manifest.name}: arch {b.manifest.arch}, the student is {student.manifest.arch}"
-                            for b in {b.path: b for b in [*sizes, *prompts]}.values()
-                            if b.manifest.arch != student.manifest.arch]
-        report["scaling"] = scaling
+    log(f"scaling: the find pass, and the segment pass on {', '.join(map(str, plan.batches))} windows")
+    report["scaling"] = graph_costs(student, plan.backend, plan.batches, plan.scaling_iterations, plan.warmup)
     return report
 
 
-def _label(bundle: Bundle) -> str:
-    m = bundle.manifest
-    return f"{m.input.height}x{m.input.width} K={m.k}"
+def graph_costs(
+    bundle: Bundle, backend: OnnxRuntimeConfig, batches: Sequence[int], iterations: int, warmup: int
+) -> dict[str, Any]:
+    """Median ms of the find graph on a 4 MP frame's find input and of the segment graph on ``batches``
+    windows of the bundle's size, at each precision the bundle carries (random inputs: time is content-free)."""
+    import functools
+    import time
+
+    import numpy as np
+
+    from engines.backends import open_engine
+    from engines.find import find_geometry
+
+    window = bundle.manifest.segment.window
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"window": window, "rows": []}
+    for precision in bundle.manifest.precisions:
+        engine = open_engine(bundle, backend.model_copy(update={"precision": precision}))
+        try:
+            def timed(run: Callable[[], object]) -> float:
+                for _ in range(warmup):
+                    run()
+                times = []
+                for _ in range(iterations):
+                    start = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - start)
+                return round(float(np.median(times)) * 1000.0, 2)
+
+            row: dict[str, Any] = {"precision": precision}
+            if bundle.manifest.find is not None:
+                geometry = find_geometry(2688, 1520, bundle.manifest.find.reduction)
+                image = rng.standard_normal((1, 3, geometry.input_height, geometry.input_width), dtype=np.float32)
+                row["find_ms"] = timed(functools.partial(engine.find, image))
+                row["find_input"] = [geometry.input_height, geometry.input_width]
+            segment = {}
+            for batch in batches:
+                windows = rng.standard_normal((batch, 3, window, window), dtype=np.float32)
+                segment[str(batch)] = timed(functools.partial(engine.segment, windows))
+            row["segment_ms"] = segment
+            first, last = batches[0], batches[-1]
+            row["ms_per_window"] = round((segment[str(last)] - segment[str(first)]) / max(1, last - first), 3)
+            out["rows"].append(row)
+        finally:
+            engine.close()
+    return out
 
 
-def _load_reference_bundle(path: Path, hw: tuple[int, int]) -> Bundle:
-    if not path.exists():
-        raise DefectsamError(f"{path}: reference bundle does not exist; make it with 'defectsam-train export "
-                             f"--arch mobilesam --random-init --out {path}' (make bench-report)")
-    bundle = load_bundle(path)
-    _check_input(path, (bundle.manifest.input.height, bundle.manifest.input.width), hw)
-    return bundle
-
-
-def _load_teacher(path: Path, hw: tuple[int, int]) -> ReferenceGraph:
+def _load_teacher(path: Path) -> ReferenceGraph:
     if not path.exists():
         raise DefectsamError(f"{path}: teacher reference graph does not exist; make it with "
                              f"'defectsam-train export-reference --arch sam2_small --out {path}' (make bench-report)")
-    reference = load_reference_graph(path)
-    _check_input(path, (reference.manifest.input.height, reference.manifest.input.width), hw)
-    return reference
-
-
-def _check_input(path: Path, got: tuple[int, int], hw: tuple[int, int]) -> None:
-    """A reference is compared with the student at the student's input size only."""
-    if got != hw:
-        raise DefectsamError(f"{path}: input {got[0]}x{got[1]}, the student's is {hw[0]}x{hw[1]}; compare at one size")
+    return load_reference_graph(path)
 
 
 # --- markdown ---------------------------------------------------------------------------------------
@@ -242,34 +246,31 @@ def _hw(hw: Sequence[int]) -> str:
 
 def _engine_table(rows: Sequence[dict[str, Any]]) -> list[str]:
     lines = [
-        "| model | role | arch | precision | weights | params (M) | graph (MB) | input (model input) | K "
+        "| model | role | precision | design | frame (model input) | windows / frame | params (M) | graphs (MB) "
         "| p50 ms | p99 ms | FPS (median) | cores busy | memory added (MB) |",
-        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         model_input = f" ({_hw(r['model_input_hw'])} letterbox)" if r.get("model_input_hw") else ""
+        design = f"{r['mode']}, {r['window']} px" if r.get("mode") else f"{r['windows']:g} prompts"
+        frame = f"{r['input_hw'][1]}x{r['input_hw'][0]}"
         lines.append(
-            f"| {r['name']} | {r['role']} | {r['arch']} | {r['precision']} | {r['weights']} "
-            f"| {r['parameters'] / 1e6:.2f} | {r['graph_bytes'] / 1e6:.1f} | {_hw(r['input_hw'])}{model_input} "
-            f"| {r['k']} | {r['latency_ms_p50']:.1f} | {r['latency_ms_p99']:.1f} | {r['fps_median']:.2f} "
+            f"| {r['name']} | {r['role']} | {r['precision']} | {design} | {frame}{model_input} "
+            f"| {r['windows']:g} | {r['parameters'] / 1e6:.2f} | {r['graph_bytes'] / 1e6:.1f} "
+            f"| {r['latency_ms_p50']:.1f} | {r['latency_ms_p99']:.1f} | {r['fps_median']:.2f} "
             f"| {r['cpu_cores']:.2f} | {r['rss_mb_added']:.0f} |"
         )
     return lines
 
 
-def _scaling_table(rows: Sequence[dict[str, Any]], what: str) -> list[str]:
-    header = "| input | K | arch | precision | p50 ms | p99 ms | FPS (median) | cores busy "
-    if what == "input_size":
-        header += "| pixels / first | latency / first |"
-    else:
-        header += "| K / first | latency / first |"
-    lines = [header, "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {_hw(r['input_hw'])} | {r['k']} | {r['arch']} | {r['precision']} | {r['latency_ms_p50']:.1f} "
-            f"| {r['latency_ms_p99']:.1f} | {r['fps_median']:.2f} | {r['cpu_cores']:.2f} "
-            f"| {r['size_ratio']:.2f}x | {r['latency_ratio']:.2f}x |"
-        )
+def _scaling_table(scaling: dict[str, Any], batches: Sequence[str]) -> list[str]:
+    lines = ["| precision | find pass (4 MP) ms | " + " | ".join(f"{b} windows ms" for b in batches)
+             + " | ms per extra window |",
+             "|---|---:|" + "---:|" * len(batches) + "---:|"]
+    for r in scaling["rows"]:
+        find = f"{r['find_ms']:.1f}" if "find_ms" in r else "-"
+        lines.append(f"| {r['precision']} | {find} | " + " | ".join(f"{r['segment_ms'][b]:.1f}" for b in batches)
+                     + f" | {r['ms_per_window']:.2f} |")
     return lines
 
 
@@ -299,12 +300,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     if engine is not None:
         rows = engine["rows"]
         out += [
-            f"## Engine only: the student against the reference architectures ({_hw(engine['input_hw'])})",
+            "## Engine only: the whole inspection of a 4 MP frame, by design, and the SAM 2 teacher",
             "",
-            f"{settings['iterations']} timed runs per row ({settings['teacher_iterations']} for the SAM 2 teacher) "
-            f"after {settings['warmup']} warm-up, in alternating blocks; one preprocessed frame; FPS from the median "
-            "latency. Cores busy: the process's CPU time over wall time while the row ran. Memory added: resident "
-            "memory that opening and warming up the row's session added.",
+            f"{settings['iterations']} timed inspections per row ({settings['teacher_iterations']} for the full tiling "
+            f"and the SAM 2 teacher) after {settings['warmup']} warm-up, in alternating blocks, of the same 2688x1520 "
+            "synthetic test frames in turn: the find input, the find graph, the windows it picks, their cutting, the "
+            "segment graph, the merge and the defects (engines.benchmark). FPS from the median latency. Cores busy: "
+            "the process's CPU time over wall time while the row ran. Memory added: resident memory that opening "
+            "and warming up the row's session added. The teacher row is one SAM 2 view of 1024x1024 with its prompts "
+            "(what the teacher costs per view; it would need several views to cover a 4 MP frame at 1:1).",
             "",
             *_engine_table(rows),
             "",
@@ -312,16 +316,24 @@ def render_markdown(report: dict[str, Any]) -> str:
         for r in rows:
             if r.get("notes") and r["role"] == "teacher":
                 out += [f"SAM 2 teacher: {r['notes']}.", ""]
+        steps = [r for r in rows if r.get("steps_ms")]
+        if steps:
+            out += ["Median time of each step (ms):", "", "| row | " + " | ".join(
+                ("preprocess", "find", "segment", "postprocess")) + " |", "|---|---:|---:|---:|---:|"]
+            for r in steps:
+                cells = " | ".join(f"{r['steps_ms'].get(k, 0.0):.1f}" for k in ("preprocess", "find", "segment",
+                                                                                  "postprocess"))
+                out.append(f"| {_what(r)} | {cells} |")
+            out.append("")
         if engine["ratios"]:
             out += ["FPS ratios (this run):", ""]
-            out += [f"- {q['student']} / {q['reference']}: **{q['fps_ratio']:.2f}x**" for q in engine["ratios"]]
+            out += [f"- {q['student']} / {q['other']}: **{q['fps_ratio']:.2f}x**" for q in engine["ratios"]]
             out.append("")
         field_fps = report["field_report_fps"]
         out += [
-            "The field report (TensorRT on a Jetson Orin Nano): student {s:g}, mobilesam {m:g}, SAM 2 small {t:g} FPS, "
-            "i.e. student / mobilesam {sm:.2f}x and student / teacher {st:.1f}x.".format(
-                s=field_fps["student"], m=field_fps["mobilesam"], t=field_fps["teacher"],
-                sm=field_fps["student"] / field_fps["mobilesam"], st=field_fps["student"] / field_fps["teacher"]),
+            "The field report (TensorRT on a Jetson Orin Nano): student {s:g}, SAM 2 small {t:g} FPS, i.e. student / "
+            "teacher {st:.1f}x.".format(s=field_fps["student"], t=field_fps["teacher"],
+                                       st=field_fps["student"] / field_fps["teacher"]),
             f"Peak resident memory of this part (all its sessions open at once): {engine['rss_mb_peak']:.0f} MB.",
             "",
         ]
@@ -357,13 +369,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             "",
         ]
     scaling = report.get("scaling")
-    if scaling is not None:
-        out += ["## How cost grows", "",
-                f"Random-weight exports of the student's architecture, {settings['scaling_iterations']} timed runs "
-                "per row in alternating blocks, each series in its own run; their own (FP32) graphs.", ""]
-        if "input_size" in scaling:
-            out += ["### Against input size", "", *_scaling_table(scaling["input_size"], "input_size"), ""]
-        if "prompts" in scaling:
-            out += ["### Against K (prompts per frame)", "", *_scaling_table(scaling["prompts"], "prompts"), ""]
-        out += [f"Note: {note}." for note in scaling.get("notes", [])]
+    if scaling is not None and scaling.get("rows"):
+        batches = list(scaling["rows"][0]["segment_ms"])
+        out += ["## How cost grows: the two graphs alone", "",
+                f"The find graph on a 4 MP frame's find input and the segment graph on batches of {scaling['window']} px "
+                f"windows, {settings['scaling_iterations']} timed runs each (median): what each window the find pass "
+                "asks for adds to a frame's time.", "", *_scaling_table(scaling, batches), ""]
     return "\n".join(out).rstrip() + "\n"

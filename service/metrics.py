@@ -93,7 +93,10 @@ class EngineSnapshot(_Model):
     precision: str | None
     backend: str | None
     weights: str | None = Field(description="trained or untrained (the embedded stand-in)")
-    input: str | None = Field(description="engine input, HxW")
+    input: str | None = Field(
+        description="how the engine sees a frame: the find pass's reduction and the 1:1 window side, e.g. "
+        "'find 1/4, windows 128 px' (or 'tiles 128 px' without a find pass)"
+    )
     classes: list[str]
 
 

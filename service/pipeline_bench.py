@@ -8,8 +8,8 @@ engine can take them, so the engine is the bottleneck. After a warm-up the run a
 1. a pipeline window: inspected FPS, capture-to-result latency from each published record's
    stage stamps, the process's CPU; and
 2. an engine-only slice: the pipeline held (``Pipeline.hold``: the engine idle, the camera still
-   capturing), the daemon's own engine fed one preprocessed 2688x1520 synthetic frame
-   ``engine_iterations`` times; FPS from the median latency.
+   capturing), the daemon's own inspector (both passes, engines.inspector) run on the synthetic
+   camera's own 2688x1520 frames in turn, ``engine_iterations`` times; FPS from the median latency.
 
 The ratio pipeline FPS / engine FPS says how much the overlapped stages cost the engine (1.0:
 nothing). It is taken pair by pair and the median quoted, so a shared machine whose speed drifts
@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 
 from engines.benchmark import reset_peak_rss, resident_mb
-from engines.engine import Engine
 from engines.errors import DefectsamError
-from engines.preprocess import Preprocessor
+from engines.inspector import Inspector
 from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
 from service.app import Daemon
 from service.config import DaemonConfig
@@ -78,11 +77,12 @@ class PipelineBenchResult:
         return asdict(self)
 
 
-def _engine_slice(engine: Engine, tensor: np.ndarray, iterations: int) -> list[float]:
+def _engine_slice(inspector: Inspector, frames: list[np.ndarray], iterations: int) -> list[float]:
+    """Engine-only: the whole inspection of the daemon's own frames, in turn (engines.benchmark's measure)."""
     times = []
-    for _ in range(iterations):
+    for i in range(iterations):
         start = time.perf_counter()
-        engine.infer(tensor)
+        inspector.inspect(frames[i % len(frames)])
         times.append(time.perf_counter() - start)
     return times
 
@@ -113,10 +113,12 @@ def bench_pipeline(
         engine = pipeline.engine
         plc = daemon.plc
         plc_latencies: list[float] = []
-        frame = render_frame(0, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image
-        tensor, _ = Preprocessor(engine.bundle.manifest.input)(frame)
+        camera = config.camera
+        seeds = range(camera.seed, camera.seed + camera.pool_size) if camera.type == "synthetic" else range(4)
+        frames = [render_frame(seed, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image for seed in seeds]
+        inspector = pipeline.inspector
         with pipeline.hold():
-            _engine_slice(engine, tensor, 3)  # the engine's own warm-up
+            _engine_slice(inspector, frames, 3)  # the engine's own warm-up
         pipeline.subscribe("bench", collect)
         time.sleep(warmup_s)
         rss_start, _ = resident_mb()
@@ -151,7 +153,7 @@ def bench_pipeline(
             captured += after.camera.frames_captured - before.camera.frames_captured
             dropped += after.camera.frames_dropped - before.camera.frames_dropped
             with pipeline.hold():
-                times = _engine_slice(engine, tensor, engine_iterations)
+                times = _engine_slice(inspector, frames, engine_iterations)
             engine_times += times
             pairs.append((done / elapsed, 1.0 / float(np.median(times))))
         store = daemon.snapshot().store

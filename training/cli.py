@@ -1,9 +1,9 @@
 """``defectsam-train``: data, teachers, distillation, evaluation and export of the student models.
 
     synth             render a synthetic defect data set (training.commands.synth)
-    finetune-teacher  train a teacher on labelled defects (dice + BCE on ground truth)
-    cache-teacher     compute a teacher's embeddings and mask logits once, on disk
-    distill           train a student with a recipe from a YAML config (resumable; runs under torchrun)
+    train             train a segmenter or a finder from a YAML config, any recipe (resumable; runs under torchrun)
+    distill           the same, for a config whose recipe has a teacher (blog, nofeature, mobilesam, kdsam)
+    cache-teacher     compute a teacher's embeddings and foreground logits once, on disk
     eval              evaluate a checkpoint or a bundle (training.commands.eval)
     calibrate         choose a bundle's score threshold on held-out data (training.commands.calibrate)
     quantize          add a gated INT8 variant to a bundle (training.commands.quantize)
@@ -11,7 +11,6 @@
     export-reference  export the SAM 2 teacher (random weights) as one ONNX graph for benchmarks
     models            print the model family's parameters
     config            print every key of the training config
-    judge             the judge loop's cases offline: re-judge, review page, decisions, audit (training.judge.cli)
     reference         the reference run: teacher, students, bundles, INT8, eval, benchmark, report (training.reference)
 
 Bad input (a flag, a file, a config key) is reported as one line on stderr naming it, with exit
@@ -27,9 +26,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engines.bundle import sha256_file
 from engines.errors import DefectsamError
-from training.model.build import PARTS, build_model, count_macs, list_models, parameter_counts
+from training.model.build import (
+    PARTS,
+    build_finder,
+    build_model,
+    count_macs,
+    count_parameters,
+    list_finders,
+    list_models,
+    parameter_counts,
+)
 
 DEFAULT_CLASSES = "scratch,dent,pinhole"
 
@@ -70,31 +77,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    models = sub.add_parser("models", help="print every registered model's parameters per part")
-    models.add_argument("--height", type=_positive_multiple_of_16, default=576, help="input height (default 576)")
-    models.add_argument("--width", type=_positive_multiple_of_16, default=1024, help="input width (default 1024)")
-    models.add_argument("--macs", action="store_true", help="also count multiply-accumulates of one fused pass")
+    models = sub.add_parser("models", help="print every registered model's parameters per part and its cost")
+    models.add_argument("--window", type=_positive_multiple_of_16, default=128,
+                        help="window side the segmenters' MACs are counted at (default 128)")
 
     export = sub.add_parser(
-        "export", help="export a model to an engine bundle (model.onnx, decoder.onnx, manifest.json)"
-    )
-    export.add_argument(
-        "--arch", choices=list_models(), help="model name in the registry (default with --checkpoint: the checkpoint's)"
+        "export", help="export a segmenter (and a finder) to an engine bundle (segment.onnx, find.onnx, manifest.json)"
     )
     export.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")
     weights = export.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", type=Path, help="trained checkpoint {'arch', 'config', 'model'} to export")
+    weights.add_argument("--checkpoint", type=Path, help="trained segmenter checkpoint {'arch', 'config', 'model'}")
     weights.add_argument(
         "--random-init", action="store_true", help="export random weights (marked 'untrained' in the manifest)"
     )
+    export.add_argument("--finder", type=Path, help="trained finder checkpoint (without it the bundle scans by tiles)")
+    export.add_argument("--random-finder", action="store_true", help="with --random-init: a random finder too")
+    export.add_argument("--arch", choices=list_models(), help="segmenter to build for --random-init")
     export.add_argument("--seed", type=int, default=0, help="random seed for --random-init (default 0)")
-    export.add_argument(
-        "--height", type=_positive_multiple_of_16, help="input height (default: the checkpoint's, else 576)"
-    )
-    export.add_argument(
-        "--width", type=_positive_multiple_of_16, help="input width (default: the checkpoint's, else 1024)"
-    )
-    export.add_argument("--k", type=_positive_int, help="peaks (mask prompts) per frame (default: checkpoint or 8)")
+    export.add_argument("--window", type=_positive_multiple_of_16, default=None,
+                        help="the bundle's default window side in pixels (default 128)")
+    export.add_argument("--max-windows", type=_positive_int, default=None,
+                        help="the bundle's default most windows per frame (default 24)")
     export.add_argument(
         "--classes", help=f"comma-separated class names (default: the checkpoint's, else {DEFAULT_CLASSES})"
     )
@@ -126,19 +129,14 @@ def _add_training_commands(sub: Any) -> None:
             help="override a config key, e.g. --set schedule.epochs=2 (YAML value; repeatable)",
         )
 
-    distill = sub.add_parser(
-        "distill", help="train a student with the config's recipe (resumes from OUT/last.pt; runs under torchrun)"
-    )
-    config_flag(distill)
-    distill.add_argument("--fresh", action="store_true", help="ignore OUT/last.pt and start over")
-    distill.set_defaults(run=_cmd_distill)
-
-    finetune = sub.add_parser(
-        "finetune-teacher", help="train the config's teacher on labelled defects (dice + BCE on ground truth)"
-    )
-    config_flag(finetune)
-    finetune.add_argument("--fresh", action="store_true", help="ignore OUT/last.pt and start over (family teacher)")
-    finetune.set_defaults(run=_cmd_finetune_teacher)
+    for command, helptext in (
+        ("train", "train a segmenter or a finder with the config's recipe (resumes from OUT/last.pt; torchrun)"),
+        ("distill", "train a student with a teacher recipe (blog, nofeature, mobilesam, kdsam); as train otherwise"),
+    ):
+        parser = sub.add_parser(command, help=helptext)
+        config_flag(parser)
+        parser.add_argument("--fresh", action="store_true", help="ignore OUT/last.pt and start over")
+        parser.set_defaults(run=_cmd_train, command_name=command)
 
     cache = sub.add_parser(
         "cache-teacher", help="compute the config's teacher outputs for its training data once, into teacher.cache"
@@ -148,10 +146,6 @@ def _add_training_commands(sub: Any) -> None:
 
     reference = sub.add_parser("config", help="print every training config key with its default and meaning")
     reference.set_defaults(run=_cmd_config_reference)
-
-    from training.judge.cli import add_parser as add_judge_parser
-
-    add_judge_parser(sub)
 
     from training.export.reference import add_parser as add_reference_parser
 
@@ -175,32 +169,19 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(args.config, overrides)
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
+    from training.config import TEACHER_RECIPES
     from training.trainer import train
 
     config = _load(args)
+    if args.command_name == "distill" and config.recipe.name not in TEACHER_RECIPES:
+        raise UsageError(
+            f"{args.config}: distill is for recipes with a teacher ({', '.join(sorted(TEACHER_RECIPES))}); recipe "
+            f"{config.recipe.name!r} trains on ground truth alone: run 'defectsam-train train'"
+        )
     summary = train(config, fresh=args.fresh, log=lambda m: print(m, file=sys.stderr))
     if summary.get("world_size", 1) == 1 or _rank() == 0:
         print(f"trained {config.name}: checkpoints in {summary['out']} (best: {summary['checkpoint']})")
-    return 0
-
-
-def _cmd_finetune_teacher(args: argparse.Namespace) -> int:
-    from training.teachers.finetune import family_finetune_config, finetune_sam2
-    from training.trainer import train
-
-    config = _load(args)
-    if config.teacher is None:
-        raise UsageError(f"{args.config}: finetune-teacher needs a 'teacher' section")
-    if config.teacher.kind == "sam2":
-        if config.teacher.checkpoint is None:
-            raise UsageError(f"{args.config}: teacher.checkpoint: the local SAM 2 directory to fine-tune")
-        target = finetune_sam2(config, log=lambda m: print(m, file=sys.stderr))
-        print(f"fine-tuned SAM 2 teacher written to {target} (use it as teacher.checkpoint)")
-        return 0
-    summary = train(family_finetune_config(config), fresh=args.fresh, log=lambda m: print(m, file=sys.stderr))
-    if _rank() == 0:
-        print(f"teacher trained: {summary['checkpoint']} (use it as teacher.checkpoint, kind family)")
     return 0
 
 
@@ -217,8 +198,7 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.config}: cache-teacher needs teacher.checkpoint and teacher.cache in the config")
     started = time.monotonic()
     train_samples, _, classes = load_datasets(config)
-    m = config.model
-    teacher = build_teacher(config.teacher, height=m.height, width=m.width, num_classes=len(classes))
+    teacher = build_teacher(config.teacher, num_classes=len(classes))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = cache_teacher(config, teacher, train_samples, classes, device)
     print(
@@ -242,17 +222,21 @@ def _rank() -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    header = ["model", *PARTS, "total"] + (["GMACs"] if args.macs else [])
+    header = ["model", *PARTS, "total", "GMAC/MP"]
     rows = []
     for name in list_models():
-        model = build_model(name, height=args.height, width=args.width)
+        model = build_model(name)
         counts = parameter_counts(model)
-        row = [name, *(f"{counts[p] / 1e6:.3f}M" for p in PARTS), f"{counts['total'] / 1e6:.3f}M"]
-        if args.macs:
-            row.append(f"{count_macs(model) / 1e9:.2f}")
-        rows.append(row)
+        macs = count_macs(model, args.window, args.window) / (args.window * args.window) * 1e6 / 1e9
+        rows.append([name, *(f"{counts[p] / 1e6:.3f}M" for p in PARTS), f"{counts['total'] / 1e6:.3f}M", f"{macs:.2f}"])
+    for name in list_finders():
+        finder = build_finder(name)
+        macs = count_macs(finder, 384, 672) / (384 * 672) * 1e6 / 1e9
+        rows.append([f"{name} (finder)", *("" for _ in PARTS), f"{count_parameters(finder) / 1e6:.3f}M", f"{macs:.2f}"])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    print(f"parameters per part at {args.height}x{args.width}")
+    print(f"parameters per part; multiply-accumulates per megapixel of input (segmenters at "
+          f"{args.window}x{args.window} "
+          "windows, finders at 384x672)")
     for row in [header, *rows]:
         cells = zip(row, widths, strict=True)
         print("  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(cells)))
@@ -260,54 +244,37 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
     import torch
 
-    from training.export.onnx import export_bundle
-    from training.model.checkpoint import load_weights, read_checkpoint
+    from training.export.bundle import export_checkpoints
+    from training.export.onnx import DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW
+    from training.model.checkpoint import save_checkpoint
 
     if args.checkpoint is None and not args.random_init:
         raise UsageError("export: give --checkpoint PATH, or --random-init to export untrained weights")
-    saved: dict[str, Any] = read_checkpoint(args.checkpoint) if args.checkpoint is not None else {}
-    if args.arch is None:
-        if not saved:
-            raise UsageError("--arch: name the model to export with --random-init")
-        args.arch = saved["arch"]
-    stored = saved.get("config", {}) if saved.get("arch") == args.arch else {}
-    args.height = args.height or int(stored.get("height", 576))
-    args.width = args.width or int(stored.get("width", 1024))
-    args.k = args.k or int(stored.get("k", 8))
-    saved_classes = saved.get("classes")
-    if args.classes is None:
-        args.classes = ",".join(saved_classes) if isinstance(saved_classes, list) else DEFAULT_CLASSES
-    classes = [c.strip() for c in args.classes.split(",")]
-    if not all(classes) or len(set(classes)) != len(classes):
-        raise UsageError(f"--classes: expected distinct non-empty comma-separated names, got {args.classes!r}")
-    grid = (args.height // 16) * (args.width // 16)
-    if args.k > grid:
-        raise UsageError(f"--k: {args.k} is more than the {grid} heatmap cells of a {args.height}x{args.width} input")
-
-    torch.manual_seed(args.seed)
-    model = build_model(args.arch, height=args.height, width=args.width, num_classes=len(classes), k=args.k)
-    if args.checkpoint is not None:
-        payload = load_weights(model, args.checkpoint, args.arch)
-        provenance = {
-            "weights": "trained",
-            "notes": args.notes,
-            "checkpoint_sha256": sha256_file(args.checkpoint),
-            **{key: payload[key] for key in ("teacher", "recipe") if isinstance(payload.get(key), str)},
-        }
-        if isinstance(payload.get("seed"), int):
-            provenance["seed"] = payload["seed"]
-    else:
-        notes = "random stand-in weights (--random-init), not trained: masks and heatmaps are meaningless"
-        provenance = {"weights": "untrained", "notes": f"{notes}. {args.notes}".strip(" ."), "seed": args.seed}
-    metrics = saved.get("metrics") if isinstance(saved.get("metrics"), dict) else None
-    bundle = export_bundle(
-        model, args.arch, args.out, name=args.name or args.arch, classes=classes, provenance=provenance,
-        metrics={f"val_{k}": v for k, v in (metrics or {}).items() if isinstance(v, int | float)},
-    )
-    sizes = ", ".join(f"{n} {bundle.size_bytes(n) / 1e6:.1f} MB" for n in bundle.manifest.files)
-    print(f"wrote {bundle.path} ({args.arch}, {bundle.manifest.parameters:,} parameters; {sizes})")
+    if args.random_init and args.arch is None:
+        raise UsageError("--arch: name the segmenter to export with --random-init")
+    if args.random_finder and not args.random_init:
+        raise UsageError("--random-finder goes with --random-init (a trained bundle takes --finder PATH)")
+    classes = None
+    if args.classes is not None:
+        classes = [c.strip() for c in args.classes.split(",")]
+        if not all(classes) or len(set(classes)) != len(classes):
+            raise UsageError(f"--classes: expected distinct non-empty comma-separated names, got {args.classes!r}")
+    with tempfile.TemporaryDirectory(prefix="defectsam-finder-") as tmp:
+        finder = args.finder
+        if args.random_finder:
+            torch.manual_seed(args.seed)
+            finder = save_checkpoint(Path(tmp) / "finder.pt", "finder", build_finder("finder"))
+        bundle = export_checkpoints(
+            args.checkpoint, args.out, finder=finder, name=args.name, classes=classes, arch=args.arch,
+            window=args.window or DEFAULT_WINDOW, max_windows=args.max_windows or DEFAULT_MAX_WINDOWS,
+            notes=args.notes, seed=args.seed,
+        )
+    sizes = ", ".join(f"{n} {bundle.size_bytes(n) / 1e6:.2f} MB" for n in bundle.manifest.files)
+    print(f"wrote {bundle.path} ({bundle.manifest.segment.arch}, {bundle.manifest.parameters:,} parameters; {sizes})")
     return 0
 
 

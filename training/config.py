@@ -10,16 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engines.errors import DefectsamError
+from training.data.augment import AugmentConfig
 from training.data.registry import DatasetSpec
-from training.judge.config import JUDGED_RECIPES, JudgeConfig
-from training.model.build import list_models
+from training.model.build import list_finders, list_models
 
 RECIPES = ("supervised", "blog", "nofeature", "mobilesam", "kdsam")
-#: Recipes that need teacher outputs (embeddings, and mask logits for blog/nofeature).
+#: Recipes that need a teacher (its embedding; its foreground logits for blog/nofeature; its neck for the rest).
 TEACHER_RECIPES = frozenset({"blog", "nofeature", "mobilesam", "kdsam"})
+#: Recipes whose teacher outputs fit the teacher cache (image embedding and foreground logits only).
+CACHEABLE_RECIPES = frozenset({"blog", "nofeature"})
 
 
 class ConfigError(DefectsamError):
@@ -31,16 +33,17 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    arch: str = Field(default="student_cnn", description=f"registry name: {', '.join(list_models())}")
-    height: int = Field(default=576, gt=0, multiple_of=16, description="input height (the bundle's)")
-    width: int = Field(default=1024, gt=0, multiple_of=16, description="input width (the bundle's)")
-    k: int = Field(default=8, ge=1, description="peaks (mask prompts) per frame in the exported graph")
+    arch: str = Field(
+        default="student_seg",
+        description=f"registry name: segmenters {', '.join(list_models())}; finders {', '.join(list_finders())}",
+    )
+    window: int = Field(default=128, gt=0, multiple_of=16, description="training crop side, frame pixels (1:1)")
     init: Path | None = Field(default=None, description="start from this checkpoint's weights (same arch)")
 
     @model_validator(mode="after")
     def _known_arch(self) -> ModelConfig:
-        if self.arch not in list_models():
-            raise ValueError(f"unknown model {self.arch!r}; known: {', '.join(list_models())}")
+        if self.arch not in (*list_models(), *list_finders()):
+            raise ValueError(f"unknown model {self.arch!r}; known: {', '.join([*list_models(), *list_finders()])}")
         return self
 
 
@@ -48,11 +51,16 @@ class DataConfig(_Strict):
     train: list[DatasetSpec] = Field(min_length=1, description="dataset specs merged into the training set")
     val: list[DatasetSpec] = Field(default_factory=list, description="dataset specs for validation (best.pt)")
     classes: list[str] | None = Field(
-        default=None, description="class list (order = heatmap channels); default: the datasets' union"
+        default=None, description="class list (order = class channels 1..C); default: the datasets' union"
     )
-    augment: bool = Field(default=False, description="crops, flips and photometric jitter (not with a cache)")
+    augment: bool = Field(default=True, description="photometric jitter and the 8 flips/quarter turns")
+    augment_config: AugmentConfig = Field(
+        default_factory=lambda: AugmentConfig(crop_prob=0.0), description="ranges of the photometric jitter"
+    )
+    positive_fraction: float = Field(
+        default=0.7, ge=0, le=1, description="share of training crops centred near a defect (of samples with one)"
+    )
     workers: int = Field(default=0, ge=0, description="data-loader worker processes (0: load in the trainer)")
-    heatmap_sigma: float = Field(default=1.0, gt=0, description="Gaussian sigma of the saliency target, in cells")
 
 
 class TeacherConfig(_Strict):
@@ -66,39 +74,19 @@ class TeacherConfig(_Strict):
     cache: Path | None = Field(
         default=None, description="teacher cache root; set: outputs computed once (cache-teacher) and reused"
     )
-    batch_size: int = Field(default=4, ge=1, description="images per teacher pass when caching")
+    batch_size: int = Field(default=8, ge=1, description="images per teacher pass when caching")
 
 
 class RecipeConfig(_Strict):
     name: Literal["supervised", "blog", "nofeature", "mobilesam", "kdsam"] = Field(
-        default="blog", description="the loss recipe (docs/training.md)"
+        default="supervised", description="the loss recipe (docs/training.md)"
     )
+    ce_weight: float = Field(default=1.0, ge=0, description="per-pixel cross-entropy against ground truth")
+    dice_weight: float = Field(default=1.0, ge=0, description="class dice against ground truth (blog: 0.3)")
     feature_weight: float = Field(default=0.4, ge=0, description="blog: weight of 1 - cosine(student, teacher)")
     soft_mask_weight: float = Field(default=0.3, ge=0, description="blog: weight of BCE to sigmoid(teacher / T)")
-    dice_weight: float = Field(default=0.3, ge=0, description="dice against ground truth (supervised: 1.0 unless set)")
-    focal_weight: float = Field(
-        default=20.0, ge=0,
-        description="supervised/finetune: weight of focal loss against ground truth (SAM's 20:1 to dice)",
-    )
     temperature: float = Field(default=2.0, gt=0, description="blog: soft-mask temperature T")
-    saliency_weight: float = Field(default=1.0, ge=0, description="focal loss of the heatmap (every recipe)")
-    iou_weight: float = Field(default=0.1, ge=0, description="MSE of the decoder's predicted IoU")
-    grow_targets_px: int = Field(
-        default=1, ge=1, le=15,
-        description="supervised: grow GT masks by this odd max-filter size in the mask losses (1: as drawn)",
-    )
-    dice_full_weight_area: float = Field(
-        default=0.0, ge=0,
-        description="supervised: weight each instance's dice by min(1, GT pixels / this) (0: equal weights)",
-    )
-
-    @field_validator("grow_targets_px")
-    @classmethod
-    def _odd(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError(f"must be odd (a centred max filter), got {value}")
-        return value
-    mse_weight: float = Field(default=1.0, ge=0, description="mobilesam/kdsam: weight of the embedding MSE")
+    mse_weight: float = Field(default=1.0, ge=0, description="mobilesam/kdsam: weight of the neck-feature MSE")
     perceptual_weight: float = Field(default=0.5, ge=0, description="kdsam phase 1: weight of the perceptual term")
     phase1_epochs: int | None = Field(
         default=None, ge=0, description="kdsam: encoder epochs before the decoder phase (default: half)"
@@ -123,8 +111,10 @@ class ScheduleConfig(_Strict):
 class EvalConfig(_Strict):
     every: int = Field(default=1, ge=1, description="validate every N epochs (and after the last)")
     limit: int | None = Field(default=None, ge=1, description="validate on at most this many samples")
-    metric: Literal["miou", "f1", "loss"] = Field(
-        default="miou", description="picks best.pt: prompted mIoU or automatic F1 on data.val, or the training loss"
+    metric: Literal["miou", "ap", "loss"] = Field(
+        default="miou",
+        description="picks best.pt: semantic foreground mIoU on data.val (segmenters), candidate-cell average "
+        "precision (finders), or the training loss",
     )
 
 
@@ -138,27 +128,33 @@ class TrainConfig(_Strict):
     recipe: RecipeConfig = Field(default_factory=RecipeConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    judge: JudgeConfig = Field(
-        default_factory=JudgeConfig, description="the judge loop for teacher mistakes (docs/judge.md)"
-    )
+
+    @property
+    def task(self) -> Literal["segment", "find"]:
+        """What the run trains: a window segmenter or a candidate finder (by ``model.arch``)."""
+        return "find" if self.model.arch in list_finders() else "segment"
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.judge.kind != "none" and (self.recipe.name not in JUDGED_RECIPES or self.data.augment):
-            raise ValueError(
-                f"judge.kind {self.judge.kind!r} needs recipe blog or nofeature (teacher mask logits per instance) "
-                "and data.augment false"
-            )
         if self.recipe.name in TEACHER_RECIPES and self.teacher is None:
             raise ValueError(f"recipe {self.recipe.name!r} needs a 'teacher' section")
-        if self.teacher is not None and self.teacher.cache is not None and self.data.augment:
-            raise ValueError("data.augment must be false with teacher.cache: cached outputs are of un-augmented images")
+        if self.teacher is not None and self.teacher.cache is not None and self.recipe.name not in CACHEABLE_RECIPES:
+            raise ValueError(
+                f"teacher.cache holds embeddings and foreground logits: recipe {self.recipe.name!r} needs the "
+                "teacher's "
+                "neck features every step (leave teacher.cache unset)"
+            )
+        if self.task == "find" and (self.recipe.name != "supervised" or self.teacher is not None):
+            raise ValueError(f"a finder ({self.model.arch}) trains with recipe supervised and no teacher")
+        if self.task == "find" and self.eval.metric == "miou":
+            raise ValueError("a finder is validated by eval.metric ap (or loss), not miou")
         return self
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     # pydantic puts the union member's tag in the path (data.train.0.synthetic.n): drop it.
-    parts = [str(p) for p in loc if p not in {"synthetic", "folder", "magnetic_tile", "neu_seg"} or loc[0] != "data"]
+    tags = {"synthetic", "synthetic_windows", "synthetic_find", "folder", "magnetic_tile", "neu_seg"}
+    parts = [str(p) for p in loc if p not in tags or loc[0] != "data"]
     return ".".join(parts) or "(top level)"
 
 

@@ -6,13 +6,13 @@ run on a development box, in CI and at the start of every build, and they report
 once, one line each, naming the file, the node or tensor, and the cause:
 
 * the model loads and passes ``onnx.checker``;
-* every graph input and output has a fully static shape, except axes whose ``dim_param`` is in
-  ``allowed_dynamic`` (the decoder's prompt count ``num_points``); those are reported in
-  ``OnnxCheckReport.dynamic_axes`` so the builder gives each an optimisation profile;
+* every graph input and output has a fully static shape, except axes the contract names (the
+  segment graph's batch, both graphs' height and width) or ``allowed_dynamic`` lists; those are
+  reported in ``OnnxCheckReport.dynamic_axes`` so the builder gives each an optimisation profile;
 * the default-domain opset is within what TensorRT 10's ONNX parser supports (``OPSET_RANGE``);
 * every node, inside If/Loop/Scan bodies and model-local functions too, is an op in
   ``TENSORRT_ONNX_OPS``; ops of other domains (custom ops) would need a TensorRT plugin;
-* a few documented parser restrictions that a SAM-style student can hit: Resize modes, TopK's K,
+* a few documented parser restrictions the models could hit: Resize modes, TopK's K,
   non-zero quantization zero points (TensorRT quantizes symmetrically);
 * no tensor of a type TensorRT lacks (float64, string, complex, 16/32/64-bit unsigned, int16);
 * graph inputs and outputs match the contract (engines.contract) when expected specs are given.
@@ -268,19 +268,15 @@ def check_onnx_for_tensorrt(
     return report
 
 
-def check_bundle_for_tensorrt(bundle: Bundle, *, fused_graph: Path | None = None) -> list[OnnxCheckReport]:
-    """Check a bundle's fused graph (or ``fused_graph``, e.g. its INT8 QDQ graph) and decoder graph
-    against the contract its manifest implies. One report per graph, fused first."""
-    shape = bundle.manifest.graph_shape
-    reports = [
-        check_onnx_for_tensorrt(
-            fused_graph or bundle.fused_graph, (shape.input_spec(),), shape.fused_outputs()
-        )
-    ]
-    if bundle.decoder_graph is not None:
-        reports.append(
-            check_onnx_for_tensorrt(bundle.decoder_graph, shape.decoder_inputs(), shape.decoder_outputs())
-        )
+def check_bundle_for_tensorrt(bundle: Bundle, *, precision: str = "fp32") -> list[OnnxCheckReport]:
+    """Check a bundle's segment graph and find graph at ``precision`` (``int8``: its INT8 QDQ variant)
+    against the contract. One report per graph, segment first."""
+    from engines.contract import find_input, find_output, segment_input, segment_output
+
+    segment, find = bundle.graphs_at(None if precision == bundle.manifest.precision else precision)
+    reports = [check_onnx_for_tensorrt(segment, (segment_input(),), (segment_output(bundle.manifest.num_classes),))]
+    if find is not None:
+        reports.append(check_onnx_for_tensorrt(find, (find_input(),), (find_output(),)))
     return reports
 
 

@@ -10,7 +10,6 @@ only when it passed the precision gate and was quantized for the provider that r
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -19,13 +18,17 @@ from pydantic import Field, field_validator
 from engines.backends.base import BackendConfigBase, EngineState, StateCallback
 from engines.bundle import Bundle, Variant
 from engines.contract import (
-    DECODER_INPUT_NAMES,
-    DECODER_OUTPUT_NAMES,
-    FUSED_OUTPUT_NAMES,
-    INPUT_NAME,
+    FIND_INPUT,
+    FIND_OUTPUT,
+    SEGMENT_INPUT,
+    SEGMENT_OUTPUT,
+    SIDE_MULTIPLE,
     TensorSpec,
+    find_input,
+    find_output,
+    segment_input,
+    segment_output,
 )
-from engines.engine import EngineOutputs
 from engines.errors import BackendUnavailableError, BundleError, DefectsamError
 
 if TYPE_CHECKING:
@@ -39,10 +42,6 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
 }
-
-# The hot path asks only for what postprocessing reads; the embedding is fetched on request.
-_FRAME_OUTPUTS = [name for name in FUSED_OUTPUT_NAMES if name != "image_embedding"]
-
 
 class Config(BackendConfigBase):
     type: Literal["onnxruntime"] = "onnxruntime"
@@ -135,7 +134,8 @@ def choose_precision(bundle: Bundle, requested: str, first_provider: str) -> str
 
 
 def _check_io(path: Any, got: list[Any], want: tuple[TensorSpec, ...], what: str) -> None:
-    """Compare a session's inputs or outputs with the contract; a mismatch is a BundleError."""
+    """Compare a session's inputs or outputs with the contract (fixed axes exactly, dynamic axes left
+    dynamic); a mismatch is a BundleError."""
     got_by_name = {arg.name: arg for arg in got}
     for spec in want:
         arg = got_by_name.get(spec.name)
@@ -146,7 +146,7 @@ def _check_io(path: Any, got: list[Any], want: tuple[TensorSpec, ...], what: str
         if shape != expected:
             raise BundleError(
                 path,
-                f"{what} {spec.name!r} has shape {list(arg.shape)} but the manifest implies {list(spec.shape)}",
+                f"{what} {spec.name!r} has shape {list(arg.shape)} but the contract says {list(spec.shape)}",
             )
 
 
@@ -166,26 +166,26 @@ class OnnxRuntimeEngine:
         self._providers = resolve_providers(config, ort.get_available_providers())
         if PROVIDERS["tensorrt"] in self._providers:
             self._set_state("building")
+        self._find: Any = None
         try:
             self.precision = choose_precision(bundle, config.precision, self._providers[0])
-            self.graph_path, self._decoder_path = bundle.graphs_at(self.precision)
+            self.segment_path, self.find_path = bundle.graphs_at(self.precision)
             variant = bundle.manifest.variants.get(self.precision)  # type: ignore[call-overload]
             # Weight-only INT8 is a storage form: with QDQ handling off, ONNX Runtime folds each weight's
             # DequantizeLinear into an FP32 initializer when the session is created, so it runs as fast as FP32.
             self._fold_weights = variant is not None and variant.mode == "weight_only"
-            self._session: Any = self._open(ort, self.graph_path)
-            shape = bundle.manifest.graph_shape
-            _check_io(self.graph_path, self._session.get_inputs(), (shape.input_spec(),), "input")
-            _check_io(self.graph_path, self._session.get_outputs(), shape.fused_outputs(), "output")
+            classes = bundle.manifest.num_classes
+            self._segment: Any = self._open(ort, self.segment_path)
+            _check_io(self.segment_path, self._segment.get_inputs(), (segment_input(),), "input")
+            _check_io(self.segment_path, self._segment.get_outputs(), (segment_output(classes),), "output")
+            if self.find_path is not None:
+                self._find = self._open(ort, self.find_path)
+                _check_io(self.find_path, self._find.get_inputs(), (find_input(),), "input")
+                _check_io(self.find_path, self._find.get_outputs(), (find_output(),), "output")
         except BaseException:
-            self._session = None
+            self._segment = self._find = None
             self._set_state("failed")
             raise
-        # The decoder-only graph serves interactive prompts, never the per-frame path: it is opened
-        # on first use (its checksum was verified with the bundle), saving its memory on a line box.
-        self._ort = ort
-        self._decoder: Any = None
-        self._decoder_lock = threading.Lock()
         self._set_state("ready")
 
     def _set_state(self, state: EngineState) -> None:
@@ -217,61 +217,47 @@ class OnnxRuntimeEngine:
 
     @property
     def backend_name(self) -> str:
-        return f"{KEY}:{self._session.get_providers()[0]}"
+        return f"{KEY}:{self._segment.get_providers()[0]}"
 
-    def infer(self, image: np.ndarray, *, with_embedding: bool = False) -> EngineOutputs:
-        expected = self.bundle.manifest.graph_shape.input_spec().shape
-        if image.shape != expected or image.dtype != np.float32:
-            raise DefectsamError(
-                f"engine input must be float32 {list(expected)}, got {image.dtype} {list(image.shape)}"
-            )
-        names = [*_FRAME_OUTPUTS, "image_embedding"] if with_embedding else _FRAME_OUTPUTS
-        values = dict(zip(names, self._session.run(names, {INPUT_NAME: image}), strict=True))
-        return EngineOutputs(
-            heatmap=values["heatmap"][0],  # 1xCxhxw -> Cxhxw
-            points=values["points"],
-            point_scores=values["point_scores"],
-            point_classes=values["point_classes"],
-            mask_logits=values["mask_logits"],
-            iou=values["iou"],
-            image_embedding=values.get("image_embedding"),
-        )
+    @property
+    def has_find(self) -> bool:
+        return self._find is not None
 
-    def _decoder_session(self) -> Any:
-        with self._decoder_lock:
-            if self._decoder is None:
-                path = self._decoder_path
-                if path is None:
-                    raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
-                session = self._open(self._ort, path)
-                _check_io(path, session.get_inputs(), self.bundle.manifest.graph_shape.decoder_inputs(), "input")
-                self._decoder = session
-            return self._decoder
+    def find(self, image: np.ndarray) -> np.ndarray:
+        if self._find is None:
+            raise DefectsamError(f"{self.bundle.path}: bundle has no find graph (inspect by tiles or whole frames)")
+        _check_batch(image, "find input", single=True)
+        (candidates,) = self._find.run([FIND_OUTPUT], {FIND_INPUT: image})
+        return np.asarray(candidates[0, 0])
 
-    def prompt(
-        self, image_embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        decoder = self._decoder_session()
-        feeds = dict(
-            zip(
-                DECODER_INPUT_NAMES,
-                (
-                    np.ascontiguousarray(image_embedding, dtype=np.float32),
-                    np.ascontiguousarray(point_coords, dtype=np.float32),
-                    np.ascontiguousarray(point_labels, dtype=np.float32),
-                ),
-                strict=True,
-            )
-        )
-        mask_logits, iou = decoder.run(list(DECODER_OUTPUT_NAMES), feeds)
-        return mask_logits, iou
+    def segment(self, windows: np.ndarray) -> np.ndarray:
+        _check_batch(windows, "windows", single=False)
+        (probs,) = self._segment.run([SEGMENT_OUTPUT], {SEGMENT_INPUT: windows})
+        return np.asarray(probs)
 
     def close(self) -> None:
         if self.state == "closed":
             return
-        self._session = None
-        self._decoder = None
+        self._segment = None
+        self._find = None
         self._set_state("closed")
+
+
+def _check_batch(tensor: np.ndarray, what: str, *, single: bool) -> None:
+    """DefectsamError unless ``tensor`` is float32 Bx3xHxW with H, W multiples of 16 (B = 1 when ``single``)."""
+    ok = (
+        isinstance(tensor, np.ndarray) and tensor.dtype == np.float32 and tensor.ndim == 4 and tensor.shape[1] == 3
+        and tensor.shape[0] >= 1 and (tensor.shape[0] == 1 or not single)
+        and tensor.shape[2] % SIDE_MULTIPLE == 0 and tensor.shape[3] % SIDE_MULTIPLE == 0 and tensor.shape[2] > 0
+        and tensor.shape[3] > 0
+    )
+    if not ok:
+        shape = list(getattr(tensor, "shape", ())) or type(tensor).__name__
+        want = "1" if single else "B"
+        raise DefectsamError(
+            f"{what} must be float32 {want} x 3 x H x W with H, W multiples of {SIDE_MULTIPLE}, got "
+            f"{getattr(tensor, 'dtype', '?')} {shape}"
+        )
 
 
 def open_engine(bundle: Bundle, config: Config, *, on_state: StateCallback | None = None) -> OnnxRuntimeEngine:

@@ -1,12 +1,17 @@
-"""TensorRT backend: builds a TensorRT 10 engine (a "plan") from a bundle's ONNX graphs on the
-device that runs it, caches the plan beside the bundle, and runs it with pycuda.
+"""TensorRT backend: builds TensorRT 10 engines ("plans") from a bundle's two ONNX graphs (segment,
+find) on the device that runs them, caches the plans beside the bundle, and runs them with pycuda.
 
 Plans are not portable across TensorRT versions or GPUs, so the cache file name carries both, with
 the precision and a prefix of the ONNX file's SHA-256 (a plan built from other weights is never
 reused)::
 
     <graph stem>.<sha256[:12]>.<precision>.trt<TensorRT version>.<gpu slug>-sm<major><minor>.plan
-    e.g. model.3f2a9c01d4e7.fp16.trt10.3.0.30.orin-sm87.plan
+    e.g. segment.3f2a9c01d4e7.fp16.trt10.3.0.30.orin-sm87.plan
+
+Both graphs have dynamic axes (engines.contract); each plan has one optimisation profile: the
+segment graph from 1 window of 16 x 16 up to ``max_batch`` windows of ``max_side`` (optimised for
+``max_batch`` windows of the bundle's window size), the find graph from 16 x 16 up to the find
+input of a ``frame_width`` x ``frame_height`` frame (optimised for exactly that: the camera's size).
 
 A plan is written to a temporary name and renamed, so a crash mid-build leaves no half plan; a
 cached plan that fails to deserialize (a different TensorRT build, a truncated file) is rebuilt.
@@ -25,6 +30,7 @@ Jetson, or ``pip install 'defectsam[tensorrt]'`` on an x86 box with an NVIDIA GP
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -39,13 +45,16 @@ from engines.backends.base import BackendConfigBase
 from engines.backends.onnx_checks import OnnxCheckReport, check_onnx_for_tensorrt
 from engines.bundle import Bundle
 from engines.contract import (
-    DECODER_INPUT_NAMES,
-    DECODER_OUTPUT_NAMES,
-    FUSED_OUTPUT_NAMES,
-    INPUT_NAME,
-    TensorSpec,
+    FIND_INPUT,
+    FIND_OUTPUT,
+    SEGMENT_INPUT,
+    SEGMENT_OUTPUT,
+    SIDE_MULTIPLE,
+    find_input,
+    find_output,
+    segment_input,
+    segment_output,
 )
-from engines.engine import EngineOutputs
 from engines.errors import BackendUnavailableError, BundleError, DefectsamError
 
 KEY = "tensorrt"
@@ -58,7 +67,7 @@ _INSTALL_HINT = (
     "backend 'tensorrt' needs the tensorrt and pycuda packages: pip install 'defectsam[tensorrt]' "
     "on a machine with an NVIDIA GPU (JetPack ships them on a Jetson)"
 )
-_FRAME_OUTPUTS = tuple(name for name in FUSED_OUTPUT_NAMES if name != "image_embedding")
+Graph = Literal["segment", "find"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,7 @@ class Config(BackendConfigBase):
         title="Engine precision",
         description=(
             "fp16 (default), fp32, or int8: explicit quantization from the bundle's QDQ graph "
-            "(model.int8.onnx); no calibration runs on the device"
+            "(segment.int8.onnx, find.int8.onnx); no calibration runs on the device"
         ),
     )
     workspace_mib: int = Field(
@@ -87,9 +96,16 @@ class Config(BackendConfigBase):
         title="Build at start",
         description="build a missing plan when the engine opens (minutes on a Jetson); false fails instead",
     )
-    max_points: int = Field(
-        default=16, ge=1, le=256, title="Most prompt points", description="upper bound of the decoder's num_points"
+    max_batch: int = Field(
+        default=24, ge=1, le=256, title="Most windows per call", description="the segment plan's largest batch"
     )
+    max_side: int | None = Field(
+        default=None, ge=16, multiple_of=16, title="Largest window side",
+        description="the segment plan's largest window (pixels); unset: the bundle's window size. Raise it for "
+        "inspection.mode whole on frames larger than a window",
+    )
+    frame_width: int = Field(default=2688, ge=16, title="Frame width the find plan is built for", description="px")
+    frame_height: int = Field(default=1520, ge=16, title="Frame height the find plan is built for", description="px")
 
 
 # --- plan cache naming (pure) ------------------------------------------------------------------
@@ -117,38 +133,34 @@ def plan_cache_key(
     return f"{precision}.trt{version}.{gpu_slug(gpu_name, compute_capability)}"
 
 
-def source_graph(bundle: Bundle, precision: str, graph: Literal["fused", "decoder"] = "fused") -> Path | None:
-    """The ONNX file a plan of ``precision`` is built from; None for a decoder the bundle lacks.
+def source_graph(bundle: Bundle, precision: str, graph: Graph = "segment") -> Path | None:
+    """The ONNX file a plan of ``precision`` is built from; None for a find graph the bundle lacks.
 
-    INT8 wants a QDQ graph: the fused graph itself when the manifest says ``precision: int8``,
-    else the manifest's INT8 variant when it was quantized for TensorRT (``--target tensorrt``:
-    int8 symmetric activations; a ``cpu`` variant's uint8 activations or a weight-only variant
-    are refused, TensorRT's explicit quantization takes neither), else ``<stem>.int8.onnx`` when
-    a bundle without variants lists it. The decoder is built from its FP32 graph at every
-    precision (the decoder is small; int8 builds it in FP16).
+    INT8 wants a QDQ graph: the graph itself when the manifest says ``precision: int8``, else the
+    manifest's INT8 variant when it was quantized for TensorRT (``--target tensorrt``: int8
+    symmetric activations; a ``cpu`` variant's uint8 activations or a weight-only variant are
+    refused, TensorRT's explicit quantization takes neither).
     """
-    if graph == "decoder":
-        return bundle.decoder_graph
-    fused = bundle.fused_graph
+    fp32 = bundle.segment_graph if graph == "segment" else bundle.find_graph
+    if fp32 is None:
+        return None
     if precision != "int8" or bundle.manifest.precision == "int8":
-        return fused
+        return fp32
     variant = bundle.manifest.variants.get("int8")
-    if variant is not None:
-        if variant.mode != "static" or variant.target != "tensorrt":
-            raise DefectsamError(
-                f"{bundle.path}: its INT8 variant was quantized for mode {variant.mode!r}, target "
-                f"{variant.target!r}; TensorRT's explicit INT8 needs mode 'static', target 'tensorrt' "
-                f"(int8 symmetric activations): run 'defectsam-train quantize {bundle.path} --target tensorrt' "
-                f"on a copy of the bundle, or use precision fp16"
-            )
-        return bundle.path / variant.fused
-    int8_name = f"{fused.stem}.int8{fused.suffix}"
-    if int8_name in bundle.manifest.files:
-        return bundle.path / int8_name
-    raise DefectsamError(
-        f"{bundle.path}: backend.precision 'int8' needs the bundle's INT8 QDQ graph ({int8_name}), "
-        f"which this bundle does not list; quantize the bundle first, or use fp16"
-    )
+    if variant is None:
+        raise DefectsamError(
+            f"{bundle.path}: backend.precision 'int8' needs the bundle's INT8 QDQ graphs, which it does not have; "
+            f"run 'defectsam-train quantize {bundle.path} --target tensorrt' first, or use fp16"
+        )
+    if variant.mode != "static" or variant.target != "tensorrt":
+        raise DefectsamError(
+            f"{bundle.path}: its INT8 variant was quantized for mode {variant.mode!r}, target "
+            f"{variant.target!r}; TensorRT's explicit INT8 needs mode 'static', target 'tensorrt' "
+            f"(int8 symmetric activations): run 'defectsam-train quantize {bundle.path} --target tensorrt' "
+            f"on a copy of the bundle, or use precision fp16"
+        )
+    name = variant.segment if graph == "segment" else variant.find
+    return None if name is None else bundle.path / name
 
 
 def plan_path(
@@ -157,24 +169,45 @@ def plan_path(
     trt_version: str,
     gpu_name: str,
     compute_capability: tuple[int, int],
-    graph: Literal["fused", "decoder"] = "fused",
+    graph: Graph = "segment",
 ) -> Path:
-    """Where the plan for ``graph`` of ``bundle`` lives for this TensorRT, GPU and precision."""
+    """Where the plan for ``graph`` of ``bundle`` lives for this TensorRT, GPU, precision and profile."""
     source = source_graph(bundle, config.precision, graph)
     if source is None:
-        raise DefectsamError(f"{bundle.path}: bundle has no decoder-only graph")
+        raise DefectsamError(f"{bundle.path}: bundle has no find graph")
     digest = bundle.manifest.files.get(source.name, "")[:12] or "nosha"
     key = plan_cache_key(trt_version, gpu_name, compute_capability, config.precision)
+    ranges = profile_ranges(bundle, config, graph)
+    profile = "-".join(f"{high}" for _, _, high in ranges.values())  # a plan is only good for its profile's max
     directory = config.plan_dir if config.plan_dir is not None else bundle.path
-    return Path(directory) / f"{source.stem}.{digest}.{key}.plan"
+    return Path(directory) / f"{source.stem}.{digest}.{key}.max{profile}.plan"
+
+
+def profile_ranges(bundle: Bundle, config: Config, graph: Graph) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every dynamic axis of ``graph``'s input, by its contract name."""
+    if graph == "segment":
+        window = bundle.manifest.segment.window
+        side = config.max_side or window
+        if side < window:
+            raise DefectsamError(f"backend.max_side {side} is smaller than the bundle's window {window}")
+        return {"batch": (1, config.max_batch, config.max_batch), "height": (SIDE_MULTIPLE, window, side),
+                "width": (SIDE_MULTIPLE, window, side)}
+    spec = bundle.manifest.find
+    if spec is None:
+        raise DefectsamError(f"{bundle.path}: bundle has no find graph")
+    r = spec.reduction
+
+    def input_side(frame: int) -> int:  # engines.find.FindGeometry's input side for a frame side
+        return math.ceil(math.ceil(frame / r) / SIDE_MULTIPLE) * SIDE_MULTIPLE
+
+    h, w = input_side(config.frame_height), input_side(config.frame_width)
+    return {"height": (SIDE_MULTIPLE, h, h), "width": (SIDE_MULTIPLE, w, w)}
 
 
 def profile_shapes(
-    report: OnnxCheckReport, input_shapes: Mapping[str, Sequence[int | str]], max_points: int
+    report: OnnxCheckReport, input_shapes: Mapping[str, Sequence[int | str]], ranges: Mapping[str, tuple[int, int, int]]
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """(min, opt, max) shapes of every input with an allowed dynamic axis, for one optimisation
-    profile. The only dynamic axis of the contract is ``num_points``: 1 / min(2, max) / max."""
-    ranges = {"num_points": (1, min(2, max_points), max_points)}
+    """(min, opt, max) shapes of every input with a dynamic axis, for one optimisation profile."""
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {}
     for name, axes in report.dynamic_axes.items():
         dims = list(input_shapes[name])
@@ -195,19 +228,17 @@ def profile_shapes(
 
 
 def checked_graph(
-    bundle: Bundle, source: Path, graph: Literal["fused", "decoder"], max_points: int
+    bundle: Bundle, source: Path, graph: Graph, config: Config
 ) -> tuple[OnnxCheckReport, dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]]:
     """Check ``source`` (the bundle's ``graph`` at some precision) against the contract for TensorRT
     and derive its optimisation profile: (report, profile shapes). Raises on a graph TensorRT cannot take."""
-    shape = bundle.manifest.graph_shape
-    inputs: tuple[TensorSpec, ...]
-    if graph == "fused":
-        inputs, outputs = (shape.input_spec(),), shape.fused_outputs()
+    if graph == "segment":
+        inputs, outputs = (segment_input(),), (segment_output(bundle.manifest.num_classes),)
     else:
-        inputs, outputs = shape.decoder_inputs(), shape.decoder_outputs()
+        inputs, outputs = (find_input(),), (find_output(),)
     report = check_onnx_for_tensorrt(source, inputs, outputs)
     report.raise_if_problems()
-    return report, profile_shapes(report, {s.name: s.shape for s in inputs}, max_points)
+    return report, profile_shapes(report, {s.name: s.shape for s in inputs}, profile_ranges(bundle, config, graph))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -381,15 +412,15 @@ class TensorRTEngine:
         self._trt, self._cuda = trt, cuda
         self._ctx, self.gpu_name, self.compute_capability = _open_device(cuda, config.device)
         self._logger = _TrtLogger.create(trt)
-        self._fused: _Plan | None = None
-        self._decoder: _Plan | None = None
+        self._segment: _Plan | None = None
+        self._find: _Plan | None = None
         self._ctx.push()
         try:
             trt.init_libnvinfer_plugins(self._logger, "")
             self._runtime = trt.Runtime(self._logger)
-            self._fused = self._load("fused")
-            if bundle.decoder_graph is not None:
-                self._decoder = self._load("decoder")
+            self._segment = self._load("segment")
+            if bundle.find_graph is not None:
+                self._find = self._load("find")
             self._check_io()
         except BaseException:
             self._release()
@@ -407,12 +438,12 @@ class TensorRTEngine:
         if self._on_state is not None:
             self._on_state(state)
 
-    def plan_path(self, graph: Literal["fused", "decoder"] = "fused") -> Path:
+    def plan_path(self, graph: Graph = "segment") -> Path:
         return plan_path(
             self.bundle, self.config, self._trt.__version__, self.gpu_name, self.compute_capability, graph
         )
 
-    def _load(self, graph: Literal["fused", "decoder"]) -> _Plan:
+    def _load(self, graph: Graph) -> _Plan:
         path = self.plan_path(graph)
         if path.is_file():
             engine = self._deserialize(path.read_bytes())
@@ -444,11 +475,11 @@ class TensorRTEngine:
             log.warning("TensorRT cannot deserialize a plan: %s", exc)
             return None
 
-    def _build(self, source: Path, graph: Literal["fused", "decoder"]) -> bytes:
+    def _build(self, source: Path, graph: Graph) -> bytes:
         trt = self._trt
-        report, profiles = checked_graph(self.bundle, source, graph, self.config.max_points)
+        report, profiles = checked_graph(self.bundle, source, graph, self.config)
         precision = self.config.precision
-        if precision == "int8" and graph == "fused" and not report.quantized:
+        if precision == "int8" and not report.quantized:
             raise DefectsamError(
                 f"{source}: backend.precision 'int8' is explicit quantization and needs a QDQ graph, "
                 f"but this graph has no QuantizeLinear/DequantizeLinear nodes"
@@ -478,8 +509,8 @@ class TensorRTEngine:
 
     def _check_io(self) -> None:
         for plan, inputs, outputs in (
-            (self._fused, (INPUT_NAME,), FUSED_OUTPUT_NAMES),
-            (self._decoder, DECODER_INPUT_NAMES, DECODER_OUTPUT_NAMES),
+            (self._segment, (SEGMENT_INPUT,), (SEGMENT_OUTPUT,)),
+            (self._find, (FIND_INPUT,), (FIND_OUTPUT,)),
         ):
             if plan is None:
                 continue
@@ -496,61 +527,33 @@ class TensorRTEngine:
     def backend_name(self) -> str:
         return f"{KEY}:{self.config.precision}:{self.gpu_name}"
 
-    def infer(self, image: np.ndarray, *, with_embedding: bool = False) -> EngineOutputs:
-        expected = self.bundle.manifest.graph_shape.input_spec().shape
-        if image.shape != expected or image.dtype != np.float32:
-            raise DefectsamError(
-                f"engine input must be float32 {list(expected)}, got {image.dtype} {list(image.shape)}"
-            )
-        wanted = [*_FRAME_OUTPUTS, "image_embedding"] if with_embedding else list(_FRAME_OUTPUTS)
-        with self._lock:
-            plan = self._require(self._fused, "engine is closed")
-            self._ctx.push()
-            try:
-                values = plan.run({INPUT_NAME: image}, wanted)
-            finally:
-                self._cuda.Context.pop()
-        return EngineOutputs(
-            heatmap=values["heatmap"][0],  # 1xCxhxw -> Cxhxw
-            points=values["points"],
-            point_scores=values["point_scores"],
-            point_classes=values["point_classes"].astype(np.int64, copy=False),
-            mask_logits=values["mask_logits"],
-            iou=values["iou"],
-            image_embedding=values.get("image_embedding"),
-        )
+    @property
+    def has_find(self) -> bool:
+        return self._find is not None
 
-    def prompt(
-        self, image_embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if self.bundle.decoder_graph is None:
-            raise DefectsamError(f"{self.bundle.path}: bundle has no decoder-only graph for point prompts")
-        points = point_coords.shape[1] if point_coords.ndim == 3 else -1
-        if point_coords.shape != (1, points, 2) or point_labels.shape != (1, points):
-            raise DefectsamError(
-                f"point prompts must be coords 1xPx2 and labels 1xP, got {list(point_coords.shape)} "
-                f"and {list(point_labels.shape)}"
-            )
-        if not 1 <= points <= self.config.max_points:
-            raise DefectsamError(
-                f"{points} prompt points; the TensorRT decoder takes 1..{self.config.max_points} "
-                f"(backend.max_points)"
-            )
+    def find(self, image: np.ndarray) -> np.ndarray:
+        if image.ndim != 4 or image.shape[:2] != (1, 3) or image.dtype != np.float32:
+            raise DefectsamError(f"find input must be float32 1 x 3 x h x w, got {image.dtype} {list(image.shape)}")
         with self._lock:
-            plan = self._require(self._decoder, "engine is closed")
+            plan = self._require(self._find, "engine is closed, or the bundle has no find graph")
             self._ctx.push()
             try:
-                values = plan.run(
-                    {
-                        "image_embedding": image_embedding,
-                        "point_coords": point_coords,
-                        "point_labels": point_labels,
-                    },
-                    DECODER_OUTPUT_NAMES,
-                )
+                values = plan.run({FIND_INPUT: image}, [FIND_OUTPUT])
             finally:
                 self._cuda.Context.pop()
-        return values["mask_logits"], values["iou"]
+        return values[FIND_OUTPUT][0, 0]
+
+    def segment(self, windows: np.ndarray) -> np.ndarray:
+        if windows.ndim != 4 or windows.shape[1] != 3 or windows.dtype != np.float32:
+            raise DefectsamError(f"windows must be float32 B x 3 x H x W, got {windows.dtype} {list(windows.shape)}")
+        with self._lock:
+            plan = self._require(self._segment, "engine is closed")
+            self._ctx.push()
+            try:
+                values = plan.run({SEGMENT_INPUT: windows}, [SEGMENT_OUTPUT])
+            finally:
+                self._cuda.Context.pop()
+        return values[SEGMENT_OUTPUT]
 
     @staticmethod
     def _require(plan: _Plan | None, message: str) -> _Plan:
@@ -571,10 +574,10 @@ class TensorRTEngine:
             self._set_state("closed")
 
     def _release(self) -> None:
-        for plan in (self._fused, self._decoder):
+        for plan in (self._segment, self._find):
             if plan is not None:
                 plan.release()
-        self._fused = self._decoder = None
+        self._segment = self._find = None
 
 
 def open_engine(

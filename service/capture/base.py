@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engines.errors import DefectsamError
-from engines.preprocess import check_frame
+from engines.frame import check_frame
 from service.capture.backoff import Backoff
 
 if TYPE_CHECKING:

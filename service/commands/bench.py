@@ -1,12 +1,12 @@
 """``defectsam bench``: engine-only FPS and latency of bundles side by side, the daemon's pipeline, the PLC
 latency, and ``bench report``, all of them in one run written to JSON and docs/benchmarks.md.
 
-``bench engine``: a bundle with an INT8 variant (``defectsam-train quantize``) is timed at FP32 and at
-INT8 in the same run by default (``--precision all``), with the INT8 / FP32 ratio printed under the table.
-The ``mobilesam`` reference is a bundle like any other; build it once with
-``defectsam-train export --arch mobilesam --random-init --out .cache/bench/mobilesam``
-(random weights time the same as trained ones) and pass it with ``--reference``. A reference graph
-(``defectsam-train export-reference --arch sam2_small``: the SAM 2 teacher) is accepted there too.
+``bench engine``: the whole inspection of 4 MP synthetic test frames (both passes, engines.benchmark). A
+bundle with an INT8 variant (``defectsam-train quantize``) is timed at FP32 and at INT8 in the same run by
+default (``--precision all``), with the INT8 / FP32 ratio printed under the table; ``--modes`` and
+``--windows`` time several inspection designs of each (windows from the find pass against a full tiling,
+window sizes) in the same run. A reference graph (``defectsam-train export-reference --arch sam2_small``:
+the SAM 2 teacher) or another bundle goes with ``--reference``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def add_parser(commands: Any) -> None:
     engine.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR,
                         help="the bundle under test (default: the embedded default bundle)")
     engine.add_argument("--reference", type=Path, action="append", default=[], metavar="BUNDLE",
-                        help="a bundle to compare against in the same run (repeatable), e.g. a mobilesam export, "
+                        help="a bundle to compare against in the same run (repeatable), "
                              "or a reference graph (defectsam-train export-reference)")
     engine.add_argument("--iterations", type=int, default=30, help="timed runs per bundle (default 30)")
     engine.add_argument("--warmup", type=int, default=3, help="untimed runs per bundle first (default 3)")
@@ -52,6 +52,10 @@ def add_parser(commands: Any) -> None:
     engine.add_argument("--precision", default="all",
                         help="graphs to time, comma-separated: fp32, int8, or 'all' (default): every precision "
                              "each bundle carries, e.g. its FP32 graph and its INT8 variant side by side")
+    engine.add_argument("--modes", default="auto",
+                        help="inspection modes to time, comma-separated: auto, windows, tiles (default auto)")
+    engine.add_argument("--windows", default="",
+                        help="window sides to time, comma-separated pixels (default: each bundle's own)")
     engine.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     engine.set_defaults(run=run_engine)
     add_plc_parser(kinds)
@@ -106,18 +110,15 @@ def run_engine(args: argparse.Namespace) -> int:
             if not reference.exists():
                 raise DefectsamError(
                     f"{reference}: reference bundle does not exist; build it with "
-                    f"'defectsam-train export --arch mobilesam --random-init --out {reference}'"
+                    f"'defectsam-train export --arch student_seg --random-init --random-finder --out {reference}'"
                 ) from None
             raise exc
-    shapes = {(b.manifest.input.height, b.manifest.input.width) for b in bundles}
-    shapes |= {(g.manifest.input.height, g.manifest.input.width) for g in graphs}
-    if len(shapes) > 1:
-        raise DefectsamError(f"bundles have different input sizes {sorted(shapes)}; compare at one size")
+    inspections = _inspections(args.modes, args.windows)
     machine = machine_description()
     spin = ", spin-wait" if args.spin_wait else ""
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, onnxruntime {machine['onnxruntime']}, "
-          f"threads {args.threads or 'auto'}{spin}; {args.iterations} timed runs per bundle in alternating blocks "
-          f"after {args.warmup} warm-up")
+          f"threads {args.threads or 'auto'}{spin}; {args.iterations} timed inspections of 4 MP synthetic test frames "
+          f"per row in alternating blocks after {args.warmup} warm-up")
     subjects = []
     for bundle in bundles:
         have = bundle.manifest.precisions
@@ -125,9 +126,9 @@ def run_engine(args: argparse.Namespace) -> int:
             if precision not in have:
                 raise DefectsamError(f"{bundle.path}: --precision {precision}: the bundle has {', '.join(have)} "
                                      "graphs only (defectsam-train quantize adds int8)")
-            subjects.append(BenchSubject(bundle, OnnxRuntimeConfig(
-                providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait,
-                precision=precision)))  # type: ignore[arg-type]
+            config = OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait,
+                                       precision=precision)  # type: ignore[arg-type]
+            subjects += [BenchSubject(bundle, config, inspection=inspection) for inspection in inspections]
     graph_config = OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait)
     subjects += [BenchSubject(graph, graph_config) for graph in graphs]
     results = bench_engines(subjects, warmup=args.warmup, iterations=args.iterations)
@@ -146,6 +147,21 @@ def run_engine(args: argparse.Namespace) -> int:
                    "threads": args.threads, "spin_wait": args.spin_wait, "results": [r.to_dict() for r in results]}
         write_text_atomic(args.json, json.dumps(payload, indent=2) + "\n")
     return 0
+
+
+def _inspections(modes: str, windows: str) -> list[Any]:
+    """One InspectionConfig per mode x window side asked for (DefectsamError naming the flag otherwise)."""
+    from engines.inspector import InspectionConfig
+
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
+    if not mode_list or any(m not in ("auto", "windows", "tiles") for m in mode_list):
+        raise DefectsamError(f"--modes {modes!r}: expected auto, windows and/or tiles, comma-separated")
+    sides: list[int | None] = []
+    for part in (p.strip() for p in windows.split(",") if p.strip()):
+        if not part.isdigit() or int(part) < 16 or int(part) % 16:
+            raise DefectsamError(f"--windows {windows!r}: expected window sides in pixels, multiples of 16")
+        sides.append(int(part))
+    return [InspectionConfig(mode=m, window=w) for m in mode_list for w in (sides or [None])]  # type: ignore[arg-type]
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
@@ -273,26 +289,23 @@ def _frame(text: str) -> tuple[int, int]:
 
 def add_report_parser(kinds: Any) -> None:
     report = kinds.add_parser(
-        "report", help="everything in one run: student vs mobilesam vs SAM 2 teacher, pipeline, PLC latency, "
-                       "scaling with input size and K; JSON and docs/benchmarks.md",
-        description="Every benchmark in one run on one machine: the student against the mobilesam and SAM 2 "
-                    "reference architectures (engine only), the daemon's pipeline and PLC latency, and how cost "
-                    "grows with input size and K; written to JSON and markdown (docs/benchmarks.md). "
-                    "'make bench-report' prepares the reference and scaling graphs and runs it.",
+        "report", help="everything in one run: the inspection designs vs the SAM 2 teacher, pipeline, PLC latency, "
+                       "cost per window; JSON and docs/benchmarks.md",
+        description="Every benchmark in one run on one machine: the student's inspection designs (windows from the "
+                    "find pass, other window sides, the full tiling) and the SAM 2 teacher (engine only), the "
+                    "daemon's pipeline and PLC latency, and what each window costs; written to JSON and markdown "
+                    "(docs/benchmarks.md). 'make bench-report' prepares the teacher's graph and runs it.",
     )
     report.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE_DIR,
                         help="the student bundle (default: the embedded default bundle), at every precision it has")
-    report.add_argument("--mobilesam", type=Path, default=None, metavar="BUNDLE",
-                        help="the mobilesam reference bundle (defectsam-train export --arch mobilesam --random-init)")
     report.add_argument("--teacher", type=Path, default=None, metavar="DIR",
                         help="the SAM 2 teacher's reference graph (defectsam-train export-reference --arch sam2_small)")
-    report.add_argument("--size-bundle", type=Path, action="append", default=[], metavar="BUNDLE",
-                        help="a bundle of the input-size series, e.g. the student's arch at 288x512 (repeatable)")
-    report.add_argument("--k-bundle", type=Path, action="append", default=[], metavar="BUNDLE",
-                        help="a bundle of the K (prompts) series at one input size (repeatable)")
+    report.add_argument("--windows", default="192",
+                        help="other window sides to time in windows mode, comma-separated pixels (default 192)")
+    report.add_argument("--no-tiles", action="store_true", help="leave the full 1:1 tiling out (it is slow)")
     report.add_argument("--iterations", type=int, default=30, help="timed runs per engine row (default 30)")
     report.add_argument("--teacher-iterations", type=int, default=10,
-                        help="timed runs of the SAM 2 teacher, seconds each on a CPU (default 10)")
+                        help="timed runs of the full tiling and of the SAM 2 teacher, seconds each (default 10)")
     report.add_argument("--scaling-iterations", type=int, default=20, help="timed runs per scaling row (default 20)")
     report.add_argument("--warmup", type=int, default=3, help="untimed runs per row first (default 3)")
     report.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
@@ -334,16 +347,16 @@ def run_report(args: argparse.Namespace) -> int:
         backend = OnnxRuntimeConfig(providers=providers, intra_op_threads=args.threads, spin_wait=args.spin_wait)
     except ValueError as exc:
         raise DefectsamError(f"--providers {args.providers!r}: expected cpu, cuda, tensorrt or auto") from exc
-    for flag, path in (("--mobilesam", args.mobilesam), ("--teacher", args.teacher)):
-        if path is None:
-            print(f"note: no {flag}: the report leaves that reference out (make bench-report prepares it)")
+    if args.teacher is None:
+        print("note: no --teacher: the report leaves the SAM 2 teacher out (make bench-report prepares it)")
+    sides = [i.window for i in _inspections("windows", args.windows) if i.window is not None]
     tune_allocator()  # as the daemon does
     with tempfile.TemporaryDirectory(prefix="defectsam-bench-") as scratch:
         daemon = pipeline_config(load_config(args.config), bundle=args.bundle, store=Path(scratch) / "store",
                                  frame=args.frame, camera_fps=args.camera_fps, backend=backend)
         plan = ReportPlan(
-            student=args.bundle, mobilesam=args.mobilesam, teacher=args.teacher, sizes=args.size_bundle,
-            prompts=args.k_bundle, backend=backend, iterations=args.iterations,
+            student=args.bundle, teacher=args.teacher, windows=sides, tiles=not args.no_tiles,
+            backend=backend, iterations=args.iterations,
             teacher_iterations=args.teacher_iterations, scaling_iterations=args.scaling_iterations,
             warmup=args.warmup,
             pipeline=PipelinePlan(config=daemon, duration_s=args.duration, warmup_s=args.pipeline_warmup,

@@ -29,20 +29,27 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 0
     print(f"bundle     {bundle.path}")
     print(f"name       {m.name}  (schema {m.schema_version}, created {m.created})")
-    print(f"arch       {m.arch}, {m.parameters:,} parameters, precision {m.precision}")
+    print(f"models     segmenter {m.segment.arch} ({m.segment.parameters:,} parameters)"
+          + (f", finder {m.find.arch} ({m.find.parameters:,})" if m.find else ", no finder (tiles only)")
+          + f"; precision {m.precision}")
     weights = m.provenance.weights
     print(f"weights    {weights}" + (f": {m.provenance.notes}" if m.provenance.notes else ""))
     if m.provenance.teacher or m.provenance.recipe:
         print(f"training   teacher {m.provenance.teacher or '-'}, recipe {m.provenance.recipe or '-'}")
-    print(
-        f"input      {m.input.height}x{m.input.width} {m.input.channel_order.upper()}, "
-        f"mean {list(m.input.mean)}, std {list(m.input.std)}"
-    )
-    print(f"prompts    K={m.k} peaks, masks at stride {m.mask_stride}")
-    print(f"classes    {', '.join(f'{i}:{c}' for i, c in enumerate(m.classes))}")
-    print(f"graphs     fused {m.graphs.fused}" + (f", decoder {m.graphs.decoder}" if m.graphs.decoder else ""))
+    if m.find is not None:
+        print(f"find pass  the frame in grey at 1/{m.find.reduction} (block mean, min, max), candidates per "
+              f"{8 * m.find.reduction} x {8 * m.find.reduction} frame pixels")
+    print(f"windows    {m.segment.window} x {m.segment.window} px at 1:1, at most {m.segment.max_windows} per frame; "
+          f"RGB mean {list(m.segment.mean)}, std {list(m.segment.std)}")
+    print(f"classes    {', '.join(f'{i + 1}:{c}' for i, c in enumerate(m.classes))} (0: background)")
+    if m.thresholds is not None:
+        t = m.thresholds
+        print(f"thresholds score {t.score_threshold:g}, uncertain {t.uncertain_threshold:g}"
+              + (f", candidate {t.candidate_threshold:g}" if t.candidate_threshold is not None else "")
+              + " (calibrated)")
+    print(f"graphs     segment {m.graphs.segment}" + (f", find {m.graphs.find}" if m.graphs.find else ""))
     for precision, variant in m.variants.items():
-        graphs = variant.fused + (f" + {variant.decoder}" if variant.decoder else "")
+        graphs = variant.segment + (f" + {variant.find}" if variant.find else "")
         print(f"variant    {precision}: {graphs} ({variant.mode}, target {variant.target}, gate {variant.gate})")
     print("files      (sha256 verified)")
     for name, digest in m.files.items():

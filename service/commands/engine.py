@@ -17,7 +17,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from engines.backends import tensorrt as trt_backend
 from engines.bundle import DEFAULT_BUNDLE_DIR, Bundle, load_bundle
@@ -28,7 +28,7 @@ from service.config.models import DaemonConfig
 from service.ops import setup_logging
 
 TRTEXEC = "/usr/src/tensorrt/bin/trtexec"  # where JetPack (and the TensorRT images) install it
-Graph = Literal["fused", "decoder"]
+Graph = trt_backend.Graph
 Shape = tuple[int, ...]
 
 
@@ -66,7 +66,7 @@ def build_config(config: DaemonConfig, args: argparse.Namespace) -> trt_backend.
 
 
 def graphs_of(bundle: Bundle) -> list[Graph]:
-    return ["fused", "decoder"] if bundle.decoder_graph is not None else ["fused"]
+    return ["segment", "find"] if bundle.find_graph is not None else ["segment"]
 
 
 def source_of(bundle: Bundle, graph: Graph, config: trt_backend.Config) -> Path:
@@ -98,7 +98,7 @@ def trtexec_command(source: Path, plan: Path, config: trt_backend.Config,
 
 def graph_profiles(bundle: Bundle, graph: Graph, config: trt_backend.Config) -> dict[str, tuple[Shape, Shape, Shape]]:
     """The optimisation profile TensorRTEngine._build gives ``graph`` (reads the graph: needs onnx)."""
-    _, profiles = trt_backend.checked_graph(bundle, source_of(bundle, graph, config), graph, config.max_points)
+    _, profiles = trt_backend.checked_graph(bundle, source_of(bundle, graph, config), graph, config)
     return profiles
 
 

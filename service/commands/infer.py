@@ -22,8 +22,8 @@ from engines.atomic import write_bytes_atomic, write_text_atomic
 from engines.backends import open_engine
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
 from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
-from engines.errors import DefectsamError, InputImageError
-from engines.inspector import Inspector
+from engines.errors import DefectsamError, FrameGeometryError, InputImageError
+from engines.inspector import InspectionConfig, Inspector
 from engines.overlay import render_overlay
 from engines.postprocess import PostprocessConfig
 
@@ -45,7 +45,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--recursive", action="store_true", help="descend into subdirectories")
     parser.add_argument("--limit", type=int, default=0, help="stop after this many images (0: all)")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: one per core)")
-    parser.add_argument("--score-threshold", type=float, default=None, help="defect score threshold (default 0.5)")
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="a defect's peak probability at which it counts (default: the bundle's calibrated one)")
+    parser.add_argument("--mode", choices=("auto", "windows", "tiles", "whole"), default="auto",
+                        help="windows: the find pass picks 1:1 windows; tiles: a full 1:1 scan; whole: the image as "
+                        "one window (small images); auto: windows with a find graph, else tiles, else whole")
+    parser.add_argument("--window", type=int, default=None, help="window side in pixels (default: the bundle's)")
     parser.set_defaults(run=run)
 
 
@@ -113,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise DefectsamError(f"{args.out}: --out exists and is not a directory")
     post = PostprocessConfig() if args.score_threshold is None else _post_config(args.score_threshold)
+    if args.window is not None and (args.window < 16 or args.window % 16):
+        raise DefectsamError(f"--window must be a positive multiple of 16 pixels, got {args.window}")
+    inspection = InspectionConfig(mode=args.mode, window=args.window)
 
     bundle = load_bundle(args.bundle)
     if bundle.manifest.provenance.weights == "untrained":
@@ -122,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     engine = open_engine(bundle, OnnxRuntimeConfig(providers="auto", intra_op_threads=args.threads))
-    inspector = Inspector(engine, post)
+    inspector = Inspector(engine, inspection, post)
 
     summary: list[dict[str, Any]] = []
     failures = 0
@@ -134,7 +142,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"defectsam: error: {exc}", file=sys.stderr)
             failures += 1
             continue
-        result = inspector.inspect(frame)
+        try:
+            result = inspector.inspect(frame)
+        except FrameGeometryError as exc:
+            print(f"defectsam: error: {image_path}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
         stem = _output_stem(image_path, args.input, args.out)
         record = {
             "image": str(image_path),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field
 
 from engines.backends import BackendConfig
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
+from engines.inspector import InspectionConfig
 from engines.postprocess import PostprocessConfig
 from service.capture import CameraConfig
 
@@ -49,9 +50,13 @@ class EngineSection(Section):
         default_factory=OnnxRuntimeConfig, title="Inference backend",
         description="which runtime runs the bundle: 'onnxruntime' (CPU, CUDA or TensorRT EP) or 'tensorrt'",
     )
+    inspection: InspectionConfig = Field(
+        default_factory=InspectionConfig, title="Where the segment pass looks",
+        description="inspection mode (windows from the find pass, or tiles for a full scan), window size and count",
+    )
     postprocess: PostprocessConfig = Field(
         default_factory=PostprocessConfig, title="Post-processing thresholds",
-        description="how engine outputs become defects and a verdict",
+        description="how class probabilities become defects and a verdict",
     )
 
     @model_validator(mode="before")

@@ -5,8 +5,11 @@
     camera thread -> LatestFrameSlot -> [select + preprocess] -> Handoff -> [infer] -> Handoff
         -> [postprocess + publish] -> subscribers (store queue, live-view slot, event queues)
 
-Stages overlap: while frame n is inferred, frame n+1 is preprocessed and frame n-1
-postprocessed. ONNX Runtime, OpenCV and NumPy release the GIL in their kernels, so threads
+The three stages are engines.inspector.Inspector's three steps: ``prepare`` (the frame's find
+input), ``run`` (the find graph, the 1:1 windows cut from the frame, the segment graph) and
+``finish`` (the windows merged into frame coordinates, defects, verdict). Stages overlap: while
+frame n is inferred, frame n+1 is preprocessed and frame n-1 postprocessed. ONNX Runtime, OpenCV
+and NumPy release the GIL in their kernels, so threads
 overlap for real (docs/service.md has the measurements). Each ``Handoff`` holds one item and
 blocks its producer, so the only place frames are dropped is the camera's latest-frame slot,
 and the preprocess thread takes a frame only when inference is about to need it (the freshest
@@ -34,11 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cv2
-import numpy as np
 
-from engines.engine import Engine, EngineOutputs
-from engines.postprocess import Postprocessor
-from engines.preprocess import Letterbox, Preprocessor
+from engines.errors import FrameGeometryError
+from engines.inspector import Inspector, PassOutputs, Prepared
 from service.capture.base import Frame, LatestFrameSlot
 from service.config.models import PipelineSection
 from service.metrics import PipelineCounters
@@ -101,9 +102,8 @@ class _Job:
     frame: Frame | None
     ticket: TriggerTicket | None
     reason: str | None = None  # for a NO_FRAME job
-    tensor: np.ndarray | None = None
-    box: Letterbox | None = None
-    outputs: EngineOutputs | None = None
+    prepared: Prepared | None = None
+    outputs: PassOutputs | None = None
     times: dict[str, float] = field(default_factory=dict)
 
 
@@ -148,8 +148,7 @@ class Handoff:
 class Pipeline:
     def __init__(
         self,
-        engine: Engine,
-        postprocessor: Postprocessor,
+        inspector: Inspector,
         slot: LatestFrameSlot,
         config: PipelineSection,
         counters: PipelineCounters,
@@ -158,15 +157,14 @@ class Pipeline:
         first_id: int = 1,
     ) -> None:
         """``request_frame`` is the camera's ``trigger()``: it returns the monotonic request time."""
-        self.engine = engine
+        self.inspector = inspector
+        self.engine = inspector.engine
         self.config = config
         self.counters = counters
-        # Two tensors in flight at most: one in inference, one prepared (Handoff holds one item).
-        self._preprocess = Preprocessor(engine.bundle.manifest.input, buffers=2)
-        self._postprocess = postprocessor
         self._slot = slot
         self._request_frame = request_frame
-        self._bundle_name = engine.bundle.manifest.name
+        self._bundle_name = self.engine.bundle.manifest.name
+        self.frame_problem: str | None = None  # why the camera's frames cannot be inspected, while they cannot
         self._ids = itertools.count(first_id)
         self._trigger_ids = itertools.count(1)
         self._subscribers: list[tuple[str, Subscriber]] = []
@@ -377,10 +375,11 @@ class Pipeline:
         self._last_acquisition = job.frame.acquisition_id
         job.times["preprocess_start"] = time.monotonic()
         try:
-            job.tensor, job.box = self._preprocess(job.frame.image)
+            job.prepared = self.inspector.prepare(job.frame.image)
         except Exception as exc:
             self._failed(job, "preprocess", exc)
             return None
+        self.frame_problem = None
         job.times["preprocess_done"] = time.monotonic()
         return job
 
@@ -430,19 +429,19 @@ class Pipeline:
             if self._parked_for_hold(self._parked):
                 continue
             job: _Job | None = self._prepare() if self._inline else self._to_infer.get(_POLL_S)
-            if job is None or job.tensor is None:
+            if job is None or job.prepared is None:
                 continue
             started = time.monotonic()
             self._infer_started = started
             try:
-                job.outputs = self.engine.infer(job.tensor)
+                job.outputs = self.inspector.run(job.prepared)
             except Exception as exc:
                 self._infer_started = 0.0
                 self._failed(job, "infer", exc)
                 continue
             self._infer_started = 0.0
             self._infer_s.add(time.monotonic() - started)
-            job.tensor = None
+            job.prepared = None
             job.times["infer_done"] = time.monotonic()
             self._handed_to_post += 1
             self._to_post.put(job)
@@ -456,7 +455,8 @@ class Pipeline:
                     return
                 continue
             try:
-                result = self._postprocess(job.outputs, job.box)
+                assert job.outputs is not None  # the infer stage hands on only jobs it ran
+                result = self.inspector.finish(job.outputs)
             except Exception as exc:
                 self._failed(job, "postprocess", exc)
                 self._post_finished += 1
@@ -479,9 +479,19 @@ class Pipeline:
             self._post_finished += 1
 
     def _failed(self, job: _Job, stage: str, exc: BaseException) -> None:
-        """A frame whose inspection raised: log it, count it, answer its trigger with NO_FRAME."""
-        log.error("pipeline: %s failed on frame %s: %s: %s", stage,
-                  job.frame.acquisition_id if job.frame else "-", type(exc).__name__, exc)
+        """A frame whose inspection raised: log it, count it, answer its trigger with NO_FRAME.
+
+        A frame the bundle cannot inspect as configured (FrameGeometryError: the camera's frames are
+        smaller than a window or the find pass's input) makes ``frame_problem`` say why, which keeps the
+        daemon not ready, and is logged once per cause instead of once per frame.
+        """
+        if isinstance(exc, FrameGeometryError):
+            if str(exc) != self.frame_problem:
+                log.error("pipeline: frames cannot be inspected (daemon not ready): %s", exc)
+            self.frame_problem = str(exc)
+        else:
+            log.error("pipeline: %s failed on frame %s: %s: %s", stage,
+                      job.frame.acquisition_id if job.frame else "-", type(exc).__name__, exc)
         self.counters.error()
         if job.ticket is not None:
             self._publish_no_frame(job.ticket, f"{stage} failed: {type(exc).__name__}: {exc}")

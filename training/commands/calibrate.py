@@ -1,12 +1,19 @@
-"""``defectsam-train calibrate BUNDLE --data SPEC``: choose a bundle's score threshold on held-out data.
+"""``defectsam-train calibrate BUNDLE --data SPEC``: choose a bundle's thresholds on held-out data.
 
-The saliency head's peak probabilities depend on the model and its training: a threshold of 0.5
-that suits one bundle finds nothing with another. This command runs the bundle once through
-engines/ (ONNX Runtime, the daemon's own preprocessing and postprocessing) on held-out frames,
-then re-runs only the postprocessing for each candidate threshold, and stores the best one in the
-manifest (``thresholds``), where the daemon, ``defectsam infer`` and ``defectsam-train eval`` take
-it unless their own configuration names a threshold. Calibrate on validation data, never on the
-test set the bundle's figures are reported on.
+Two thresholds depend on the model and its training, and both go into the manifest
+(``thresholds``), where the daemon, ``defectsam infer`` and ``defectsam-train eval`` take them
+unless their own configuration names one:
+
+* the candidate threshold (bundles with a find pass): the highest find-pass probability at which
+  ``--candidate-recall`` (default 0.99) of the held-out defects still have a candidate cell, so
+  the segment pass looks at them. A miss here is a defect never looked at; a false candidate only
+  costs a window.
+* the score threshold: with that candidate threshold the bundle inspects every held-out frame once
+  through engines/ (both passes); then only the postprocessing reruns for each candidate score
+  threshold, and the best by ``--objective`` among those whose false-NG rate on good frames stays
+  within ``--max-false-ng`` (default 1%) is kept.
+
+Calibrate on validation data, never on the test set the bundle's figures are reported on.
 """
 
 from __future__ import annotations
@@ -21,29 +28,34 @@ import numpy as np
 
 from engines.errors import DefectsamError
 
-_DEFAULT_SWEEP = "0.10,0.15,0.20,0.25,0.30,0.35,0.40,0.45,0.50,0.60"
-OBJECTIVES = ("image_accuracy", "f1")
+_DEFAULT_SWEEP = "0.30,0.40,0.50,0.60,0.70,0.80,0.90,0.95"
+_CANDIDATE_SWEEP = tuple(round(v, 2) for v in np.arange(0.02, 0.92, 0.02))
+OBJECTIVES = ("f1", "image_accuracy")
 
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
-        "calibrate", help="choose the bundle's score threshold on held-out data and store it in the manifest",
+        "calibrate", help="choose the bundle's candidate and score thresholds on held-out data; store them",
         description=__doc__.splitlines()[0],
     )
     parser.add_argument("bundle", type=Path, help="engine bundle directory (its manifest gains 'thresholds')")
     parser.add_argument(
         "--data", required=True,
-        help="held-out dataset spec, e.g. 'synthetic,n=40,seed=1000000,width=1024,height=576' or magnetic_tile:val",
+        help="held-out dataset spec, e.g. 'synthetic,n=60,seed=1000000' (4 MP frames) or neu_seg:val",
     )
     parser.add_argument("--limit", type=int, default=None, help="use an evenly spaced subset of N images")
     parser.add_argument(
         "--thresholds", default=_DEFAULT_SWEEP, help=f"candidate score thresholds (default {_DEFAULT_SWEEP})"
     )
     parser.add_argument(
-        "--objective", choices=OBJECTIVES, default="image_accuracy",
-        help="image_accuracy: OK/NG verdicts right (what the PLC acts on; default); f1: defects matched at IoU 0.5. "
-        "Ties go to the other figure, then to the higher threshold",
+        "--objective", choices=OBJECTIVES, default="f1",
+        help="f1: defects matched at IoU 0.5 (default); image_accuracy: OK/NG verdicts right. Ties go to the other "
+        "figure, then to the higher threshold",
     )
+    parser.add_argument("--max-false-ng", type=float, default=0.01,
+                        help="largest false-NG rate on good frames a chosen score threshold may give (default 0.01)")
+    parser.add_argument("--candidate-recall", type=float, default=0.99,
+                        help="share of held-out defects the find pass must still propose (default 0.99)")
     parser.add_argument(
         "--uncertain-gap", type=float, default=0.1,
         help="the UNCERTAIN threshold is the score threshold minus this (at least 0; default 0.1)",
@@ -62,64 +74,87 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
-class _ReplayRunner:
-    """Runs the engine on the first pass and replays its outputs on later passes (same images, same order)."""
+def candidate_threshold(bundle: Any, dataset: Any, limit: int | None, recall: float) -> dict[str, Any] | None:
+    """The find pass's threshold keeping ``recall`` of the held-out defects (None without a find graph).
 
-    def __init__(self, runner: Any) -> None:
-        self._runner = runner
-        self.spec, self.classes = runner.spec, runner.classes
-        self.mask_stride, self.label = runner.mask_stride, runner.label
-        self._outputs: list[Any] = []
-        self._cursor = 0
-        self.recording = True
+    A defect's candidate score is the highest find-pass probability over the cells its mask touches.
+    """
+    from engines.backends import open_engine
+    from engines.backends.onnxruntime import Config
+    from engines.find import FindPreprocessor
+    from training.data.registry import evenly_spaced
 
-    def rewind(self) -> None:
-        self.recording = False
-        self._cursor = 0
-
-    def infer(self, images: Sequence[np.ndarray]) -> list[Any]:
-        if self.recording:
-            results = [(outputs, None) for outputs, _ in self._runner.infer(images)]
-            self._outputs.extend(results)
-            return results
-        results = self._outputs[self._cursor : self._cursor + len(images)]
-        self._cursor += len(images)
-        return results
-
-    def prompt(self, handle: Any, points: np.ndarray) -> None:
+    if bundle.manifest.find is None:
         return None
+    engine = open_engine(bundle, Config(providers=["cpu"], precision="fp32"))
+    pre = FindPreprocessor(bundle.manifest.find)
+    scores: list[float] = []
+    good_cells: list[np.ndarray] = []
+    try:
+        for index in evenly_spaced(len(dataset), limit):
+            sample = dataset[index]
+            tensor, geometry = pre(sample.image)
+            probs = engine.find(tensor)
+            rows, cols = geometry.cells
+            probs = probs[:rows, :cols]
+            cell = geometry.cell_px
+            union = np.zeros(probs.shape, bool)
+            for mask in sample.masks:
+                ys, xs = np.nonzero(mask)
+                touched = np.zeros(probs.shape, bool)
+                touched[ys // cell, xs // cell] = True
+                scores.append(float(probs[touched].max()))
+                union |= touched
+            good_cells.append(probs[~union])
+    finally:
+        engine.close()
+    if not scores:
+        raise DefectsamError("the held-out set has no defects to calibrate the candidate threshold on")
+    found = np.asarray(scores)
+    background = np.concatenate(good_cells) if good_cells else np.zeros(0)
+    rows_out = []
+    for t in _CANDIDATE_SWEEP:
+        rows_out.append({"candidate_threshold": t, "defect_recall": float((found >= t).mean()),
+                         "clean_cells_above": float((background >= t).mean()) if background.size else 0.0})
+    keep = [r for r in rows_out if r["defect_recall"] >= recall]
+    chosen = max(keep, key=lambda r: r["candidate_threshold"]) if keep else rows_out[0]
+    return {"chosen": chosen, "sweep": rows_out, "defects": int(found.size)}
 
 
 def sweep(
-    bundle: Any, dataset: Any, thresholds: Sequence[float], gap: float, limit: int | None
+    bundle: Any, dataset: Any, thresholds: Sequence[float], gap: float, limit: int | None,
+    candidate: float | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per threshold: the automatic-mode figures on ``dataset`` through engines/."""
+    """One row per score threshold: the figures on ``dataset`` through engines/ (inspected once, rescored)."""
     from engines.backends import open_engine
     from engines.backends.onnxruntime import Config
-    from engines.postprocess import PostprocessConfig
-    from training.eval.evaluate import _EngineRunner, _evaluate
+    from engines.inspector import InspectionConfig, Inspector
+    from engines.postprocess import PostprocessConfig, Postprocessor
+    from training.eval.evaluate import inspect_samples, score
 
-    engine = open_engine(bundle, Config())
+    engine = open_engine(bundle, Config(providers=["cpu"]))
     try:
-        runner = _ReplayRunner(_EngineRunner(engine))
+        inspector = Inspector(engine, InspectionConfig(candidate_threshold=candidate))
+        passes = inspect_samples(inspector, dataset, limit)
         rows = []
-        for index, threshold in enumerate(thresholds):
-            if index:
-                runner.rewind()
+        for threshold in thresholds:
             post = PostprocessConfig(score_threshold=threshold, uncertain_threshold=max(0.0, threshold - gap))
-            report = _evaluate(runner, dataset, limit=limit, batch_size=1, postprocess=post, iou_threshold=0.5,
-                               prompted=False)
+            inspector.postprocess = Postprocessor(bundle.manifest.classes, post)
+            report = score(inspector, passes, label="calibration", dataset="held out")
             auto = report["automatic"]
             rows.append({"score_threshold": threshold, **{k: auto.get(k) for k in
-                         ("image_accuracy", "f1", "precision", "recall", "tp", "fp", "fn")}})
+                         ("image_accuracy", "f1", "precision", "recall", "false_ng_rate", "tp", "fp", "fn")},
+                         "miou_fg": report["semantic"]["miou_fg"]})
         return rows
     finally:
         engine.close()
 
 
-def best_row(rows: Sequence[dict[str, Any]], objective: str) -> dict[str, Any]:
+def best_row(rows: Sequence[dict[str, Any]], objective: str, max_false_ng: float = 1.0) -> dict[str, Any]:
+    """The best row by ``objective`` among those within ``max_false_ng`` (all rows when none is)."""
     other = "f1" if objective == "image_accuracy" else "image_accuracy"
-    return max(rows, key=lambda r: (r[objective] or 0.0, r[other] or 0.0, r["score_threshold"]))
+    within = [r for r in rows if (r.get("false_ng_rate") or 0.0) <= max_false_ng] or list(rows)
+    return max(within, key=lambda r: (r[objective] or 0.0, r[other] or 0.0, r["score_threshold"]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,22 +165,36 @@ def run(args: argparse.Namespace) -> int:
         raise DefectsamError(f"--limit must be at least 1, got {args.limit}")
     if args.uncertain_gap < 0:
         raise DefectsamError(f"--uncertain-gap must be >= 0, got {args.uncertain_gap}")
+    if not 0.0 <= args.max_false_ng <= 1.0:
+        raise DefectsamError(f"--max-false-ng must be within 0..1, got {args.max_false_ng}")
+    if not 0.0 < args.candidate_recall <= 1.0:
+        raise DefectsamError(f"--candidate-recall must be within (0, 1], got {args.candidate_recall}")
     thresholds = parse_thresholds(args.thresholds)
     bundle = load_bundle(args.bundle)
     dataset = build_dataset(args.data)
-    rows = sweep(bundle, dataset, thresholds, args.uncertain_gap, args.limit)
-    best = best_row(rows, args.objective)
-    print("score_threshold  image_accuracy  f1     precision  recall")
+    candidates = candidate_threshold(bundle, dataset, args.limit, args.candidate_recall)
+    chosen_candidate = None
+    if candidates is not None:
+        row = candidates["chosen"]
+        chosen_candidate = float(row["candidate_threshold"])
+        print(f"candidate threshold {chosen_candidate:.2f}: {row['defect_recall']:.3f} of {candidates['defects']} "
+              f"held-out defects proposed, {row['clean_cells_above']:.4f} of defect-free cells above it")
+    rows = sweep(bundle, dataset, thresholds, args.uncertain_gap, args.limit, chosen_candidate)
+    best = best_row(rows, args.objective, args.max_false_ng)
+    print("score_threshold  image_accuracy  f1     precision  recall  false_ng  miou_fg")
     for row in rows:
         mark = "  <- chosen" if row is best else ""
         print(f"{row['score_threshold']:15.2f}  {_f(row['image_accuracy']):>14}  {_f(row['f1']):>5}  "
-              f"{_f(row['precision']):>9}  {_f(row['recall']):>6}{mark}")
+              f"{_f(row['precision']):>9}  {_f(row['recall']):>6}  {_f(row['false_ng_rate']):>8}  "
+              f"{_f(row['miou_fg']):>7}{mark}")
     chosen = Thresholds(
         score_threshold=best["score_threshold"],
         uncertain_threshold=max(0.0, best["score_threshold"] - args.uncertain_gap),
+        candidate_threshold=chosen_candidate,
         calibration={
             "data": args.data, "n_images": len(dataset) if args.limit is None else min(args.limit, len(dataset)),
-            "objective": args.objective, "sweep": rows, "measured": utc_now(),
+            "objective": args.objective, "max_false_ng": args.max_false_ng, "sweep": rows,
+            "candidates": candidates, "measured": utc_now(),
             "command": f"defectsam-train calibrate BUNDLE --data {args.data} --objective {args.objective}"
             + (f" --limit {args.limit}" if args.limit else ""),
         },
@@ -154,8 +203,9 @@ def run(args: argparse.Namespace) -> int:
         print("dry run: the bundle is unchanged", file=sys.stderr)
         return 0
     update_thresholds(args.bundle, chosen)
-    print(f"score_threshold {chosen.score_threshold:g}, uncertain_threshold {chosen.uncertain_threshold:g} "
-          f"written to {args.bundle}/manifest.json", file=sys.stderr)
+    print(f"score_threshold {chosen.score_threshold:g}, uncertain_threshold {chosen.uncertain_threshold:g}"
+          + (f", candidate_threshold {chosen_candidate:g}" if chosen_candidate is not None else "")
+          + f" written to {args.bundle}/manifest.json", file=sys.stderr)
     return 0
 
 

@@ -1,15 +1,19 @@
 """``defectsam-train eval (--bundle DIR | --checkpoint FILE) --data SPEC``: measure a model on a dataset.
 
-A bundle runs through engines/ (ONNX Runtime), exactly as the daemon runs it; a checkpoint runs in
-PyTorch. Both report prompted mask IoU/dice per class and automatic defect precision/recall and
-OK/NG accuracy (training.eval). ``--data`` takes a dataset spec (training.data.registry), e.g.
-``magnetic_tile:test``, ``neu_seg:test``, ``synthetic,n=50,width=1024,height=576``.
+Both run through engines/ (ONNX Runtime), exactly as the daemon inspects: a checkpoint is exported
+to a temporary bundle first (with ``--finder`` its finder too). The report (training.eval) holds
+the field's semantic figures (IoU per class, mIoU with and without background, dataset-level),
+defect precision/recall at IoU 0.5 with each instance's IoU and recall by size, and image-level
+OK/NG with the false-reject and miss rates. ``--data`` takes a dataset spec
+(training.data.registry), e.g. ``neu_seg:test``, ``magnetic_tile:test``, ``synthetic,n=200,seed=2000000``
+(4 MP frames).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 from engines.atomic import write_text_atomic
 from engines.bundle import utc_now
 from engines.errors import DefectsamError
+from engines.inspector import InspectionConfig
 from engines.postprocess import PostprocessConfig
 from training.data.registry import build_dataset
 from training.eval.evaluate import EvalReport
@@ -26,29 +31,33 @@ from training.eval.metrics import format_cell as _fmt
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
-        "eval", help="evaluate a bundle or a checkpoint on a dataset (prompted IoU, automatic P/R, OK/NG)",
+        "eval", help="evaluate a bundle or a checkpoint on a dataset (semantic mIoU, defect P/R by size, OK/NG)",
         description=__doc__.splitlines()[0],
     )
     weights = parser.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--bundle", type=Path, help="engine bundle directory: evaluated through engines/")
-    weights.add_argument("--checkpoint", type=Path, help="training checkpoint: evaluated in PyTorch")
+    weights.add_argument("--bundle", type=Path, help="engine bundle directory")
+    weights.add_argument("--checkpoint", type=Path, help="segmenter checkpoint (exported to a temporary bundle)")
+    parser.add_argument("--finder", type=Path, default=None, help="with --checkpoint: the finder checkpoint")
     parser.add_argument(
         "--data", required=True,
-        help="dataset spec, e.g. magnetic_tile:test, neu_seg:test, 'synthetic,n=50,width=1024,height=576', "
+        help="dataset spec, e.g. neu_seg:test, magnetic_tile:test, 'synthetic,n=200,seed=2000000' (4 MP), "
         "folder,root=DIR; several joined by '+'; or a .json/.yaml spec file",
     )
+    parser.add_argument("--mode", choices=("auto", "windows", "tiles", "whole"), default="auto",
+                        help="inspection mode (engines.inspector; default auto: windows with a finder, tiles or whole)")
+    parser.add_argument("--window", type=int, default=None, help="window side in pixels (default: the bundle's)")
+    parser.add_argument("--max-windows", type=int, default=None, help="most windows per frame (default: the bundle's)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate an evenly spaced subset of N images")
+    parser.add_argument("--pixel-size-um", type=float, default=None,
+                        help="the camera's pixel size on the part in micrometres: sizes are also given in um")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON to this file")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per PyTorch batch (checkpoints only)")
     parser.add_argument(
         "--score-threshold", type=float, default=None,
-        help="saliency score at which a peak becomes a defect (default: the runtime's, 0.5)",
+        help="a defect's peak probability at which it counts (default: the bundle's calibrated one, else 0.5)",
     )
-    parser.add_argument("--no-prompted", action="store_true", help="skip prompted mode (automatic mode only)")
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "int8"), default="auto",
-        help="with --bundle: which graphs run (auto: as the daemon picks, the gated INT8 variant on a CPU when "
-        "the bundle has one; docs/quantization.md)",
+        help="which graphs run (auto: as the daemon picks, the gated INT8 variant on a CPU when the bundle has one)",
     )
     parser.add_argument(
         "--record", metavar="KEY", default=None,
@@ -81,93 +90,81 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def format_report(report: EvalReport) -> str:
     """The report as a few aligned tables."""
-    lines = [f"{report['model']} on {report['dataset']}: {report['n_images']} image(s), {report['seconds']:.1f} s"]
-    prompted = report["prompted"]
-    if prompted is None:
-        lines.append("prompted: skipped (no decoder-only graph, or --no-prompted)")
-    else:
-        lines.append("prompted (one point per instance, at its interior point)")
-        rows = [[name, str(c["n"]), _fmt(c["iou"]), _fmt(c["dice"])] for name, c in prompted["per_class"].items()]
-        rows.append(["mean over classes", str(prompted["n"]), _fmt(prompted["miou"]), _fmt(prompted["mdice"])])
-        lines += _table(["class", "n", "IoU", "dice"], rows)
+    lines = [
+        f"{report['model']} on {report['dataset']}: {report['n_images']} image(s), mode {report['mode']}, "
+        f"window {report['window']} px, {report['seconds']:.1f} s (median {_fmt(report['timing']['median_ms'], 1)} "
+        f"ms/frame, {_fmt(report['timing']['windows_median'], 0)} windows)"
+    ]
+    sem = report["semantic"]
+    lines.append(
+        f"semantic (dataset-level, as mmsegmentation): mIoU foreground {_fmt(sem['miou_fg'])}, "
+        f"with background {_fmt(sem['miou'])}, aAcc {_fmt(sem['aacc'])}"
+    )
+    rows = [[name, _fmt(value), _fmt(sem["acc"][name])] for name, value in sem["iou"].items()]
+    lines += _table(["class", "IoU", "Acc"], rows)
     auto = report["automatic"]
-    lines.append(f"automatic (saliency points, defects matched at IoU >= {auto['iou_threshold']})")
+    lines.append(f"defects (matched at IoU >= {auto['iou_threshold']}, any class)")
     lines.append(
         f"  precision {_fmt(auto['precision'])}  recall {_fmt(auto['recall'])}  f1 {_fmt(auto['f1'])}  "
         f"(tp {auto['tp']}, fp {auto['fp']}, fn {auto['fn']}; matched IoU {_fmt(auto['matched_miou'])}, "
         f"class accuracy {_fmt(auto['class_accuracy'])})"
     )
-    images = auto["images"]
-    lines.append(
-        f"  image OK/NG accuracy {_fmt(auto['image_accuracy'])}  (NG as NG {images['ng_as_ng']}, "
-        f"OK as OK {images['ok_as_ok']}, OK as NG {images['ok_as_ng']}, NG as OK {images['ng_as_ok']}; "
-        f"UNCERTAIN counted as NG: {images['uncertain']})"
-    )
     rows = [
-        [name, str(c["n_gt"]), _fmt(c["recall"]), str(c["n_pred"]), _fmt(c["precision"])]
+        [name, str(c.get("n_gt", 0)), _fmt(c.get("recall")), _fmt(c.get("instance_iou")), str(c.get("n_pred", 0)),
+         _fmt(c.get("precision"))]
         for name, c in auto["per_class"].items()
     ]
-    lines += _table(["class", "truth", "recall", "predicted", "precision"], rows)
-    return "\n".join(lines)
-
-
-def _load_checkpoint_model(path: Path, dataset_classes: Sequence[str]) -> tuple[Any, list[str]]:
-    """The checkpoint's model and its class names: from the checkpoint ('classes'), else the dataset's."""
-    from training.model.build import build_model
-    from training.model.checkpoint import CheckpointError, load_weights, read_checkpoint
-
-    payload = read_checkpoint(path)
-    arch = payload["arch"]
-    config = {key: payload.get("config", {}).get(key) for key in ("height", "width", "num_classes", "k")}
-    config = {key: value for key, value in config.items() if isinstance(value, int)}
-    try:
-        model = build_model(arch, **config)
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(path, f"cannot build model {arch!r} with {config}: {exc}") from None
-    load_weights(model, path, arch)
-    classes = payload.get("classes")
-    if isinstance(classes, (list, tuple)) and len(classes) == model.num_classes:
-        return model, [str(c) for c in classes]
-    if model.num_classes == len(dataset_classes):
-        return model, list(dataset_classes)
-    # Class-agnostic metrics still hold; per-class precision and class accuracy use these stand-ins.
-    print(
-        f"warning: {path} names no classes and has {model.num_classes}, the dataset {len(dataset_classes)}; "
-        "predicted classes are reported as class_0, class_1, ...",
-        file=sys.stderr,
+    lines += _table(["class", "truth", "recall", "inst. IoU", "predicted", "precision"], rows)
+    lines.append(
+        f"images: OK/NG accuracy {_fmt(auto['image_accuracy'])}; good {auto['good_images']}: false NG "
+        f"{_fmt(auto['false_ng_rate'])}, false reject (NG or UNCERTAIN) {_fmt(auto['false_reject_rate'])}; "
+        f"defective {auto['defective_images']}: missed {_fmt(auto['miss_rate'])}"
     )
-    return model, [f"class_{i}" for i in range(model.num_classes)]
+    lines.append("recall by size (width of thin defects, equivalent diameter of the others)")
+    for name, kinds in auto["by_size"].items():
+        for kind, entry in kinds.items():
+            found = entry["found_from_px"]
+            um = entry["found_from_um"]
+            reach = "never 90%" if found is None else f"90% from {found:g} px" + (f" ({um:g} um)" if um else "")
+            cells = ", ".join(
+                f"{b['bucket']}: {_fmt(b['recall'], 2)} (n {b['n']}, IoU {_fmt(b['instance_iou'], 2)})"
+                for b in entry["buckets"]
+            )
+            lines.append(f"  {name} by {kind}: {reach}; {cells}")
+    if report["targets"]:
+        lines.append("targets view: " + json.dumps(report["targets"]))
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise DefectsamError(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size < 1:
-        raise DefectsamError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.json is not None and args.json.is_dir():
         raise DefectsamError(f"{args.json}: --json is a directory; give a file name")
     if args.record is not None and args.bundle is None:
         raise DefectsamError("--record needs --bundle: only a bundle's manifest can carry its measured figures")
-    if args.precision != "auto" and args.bundle is None:
-        raise DefectsamError("--precision needs --bundle: a checkpoint runs in PyTorch at FP32")
+    if args.finder is not None and args.checkpoint is None:
+        raise DefectsamError("--finder goes with --checkpoint (a bundle carries its own finder)")
+    if args.pixel_size_um is not None and not (math.isfinite(args.pixel_size_um) and args.pixel_size_um > 0):
+        raise DefectsamError(f"--pixel-size-um must be a number of micrometres > 0, got {args.pixel_size_um}")
+    try:
+        inspection = InspectionConfig(mode=args.mode, window=args.window, max_windows=args.max_windows)
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        raise DefectsamError(f"--window/--max-windows: {first[2].strip() if len(first) > 2 else exc}") from None
     postprocess = _postprocess(args.score_threshold)
     dataset = build_dataset(args.data)
+    options = dict(inspection=inspection, postprocess=postprocess, limit=args.limit, precision=args.precision,
+                   pixel_size_um=args.pixel_size_um)
     report: EvalReport
     if args.bundle is not None:
         from training.eval.evaluate import evaluate_bundle
 
-        report = evaluate_bundle(
-            args.bundle, dataset, limit=args.limit, postprocess=postprocess, prompted=not args.no_prompted,
-            precision=args.precision,
-        )
+        report = evaluate_bundle(args.bundle, dataset, **options)
     else:
-        from training.eval.evaluate import evaluate_model
+        from training.eval.evaluate import evaluate_checkpoint
 
-        model, names = _load_checkpoint_model(args.checkpoint, dataset.class_names)
-        report = evaluate_model(
-            model, dataset, limit=args.limit, batch_size=args.batch_size, class_names=names,
-            postprocess=postprocess, prompted=not args.no_prompted,
-        )
+        report = evaluate_checkpoint(args.checkpoint, dataset, finder=args.finder, **options)
     print(format_report(report))
     if args.json is not None:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
@@ -181,21 +178,29 @@ def run(args: argparse.Namespace) -> int:
 
 
 def recorded_figures(report: EvalReport, args: argparse.Namespace) -> dict[str, Any]:
-    """The part of a report worth keeping in a manifest: headline figures per mode, and how measured."""
-    prompted = report["prompted"]
+    """The part of a report worth keeping in a manifest: the headline figures, and how they were measured."""
+    sem = report["semantic"]
     auto = report["automatic"]
-    keep_auto = ("precision", "recall", "f1", "image_accuracy", "tp", "fp", "fn")
+    keep_auto = ("precision", "recall", "f1", "matched_miou", "image_accuracy", "false_ng_rate", "false_reject_rate",
+                 "miss_rate", "tp", "fp", "fn")
+    command = (f"defectsam-train eval --bundle BUNDLE --data {args.data}"
+               + (f" --mode {args.mode}" if args.mode != "auto" else "")
+               + (f" --limit {args.limit}" if args.limit else "")
+               + (f" --precision {args.precision}" if args.precision != "auto" else "") + f" --record {args.record}")
     return {
         "dataset": report["dataset"],
         "n_images": report["n_images"],
-        "prompted": None if prompted is None else {
-            "miou": prompted.get("miou"), "mdice": prompted.get("mdice"),
-            "per_class_iou": {name: row.get("iou") for name, row in prompted.get("per_class", {}).items()},
-        },
-        "automatic": {key: auto.get(key) for key in keep_auto if key in auto},
+        "mode": report["mode"],
+        "window": report["window"],
+        "semantic": {key: sem[key] for key in ("miou_fg", "miou", "aacc")} | {"iou": sem["iou"]},
+        "automatic": {key: auto.get(key) for key in keep_auto if key in auto}
+        | {"per_class": {name: {k: c.get(k) for k in ("recall", "precision", "instance_iou", "n_gt")}
+                         for name, c in auto["per_class"].items()},
+           "found_from_px": {name: {kind: e["found_from_px"] for kind, e in kinds.items()}
+                             for name, kinds in auto["by_size"].items()}},
+        "targets": report["targets"],
+        "timing": report["timing"],
         "measured": utc_now(),
         "model": report["model"],
-        "command": f"defectsam-train eval --bundle BUNDLE --data {args.data}"
-        + (f" --limit {args.limit}" if args.limit else "")
-        + (f" --precision {args.precision}" if args.precision != "auto" else "") + f" --record {args.record}",
+        "command": command,
     }

@@ -1,8 +1,9 @@
 """``defectsam-train quantize BUNDLE --calib DIR|synthetic --n N``: add a gated INT8 variant to a bundle.
 
-Static mode (default) quantizes weights and activations to a QDQ graph with ONNX Runtime, calibrated on
-N frames preprocessed as the runtime does; ``--mode weight-only`` quantizes the weights alone. The INT8
-graphs are measured against the FP32 graphs on held-out frames through engines/; when the drop exceeds
+Static mode (default) quantizes weights and activations of both graphs (segment, find) to QDQ graphs with
+ONNX Runtime, calibrated on what each graph is fed when the bundle inspects N frames; ``--mode
+weight-only`` quantizes the weights alone. The INT8 graphs are measured against the FP32 graphs on
+held-out frames through engines/ (semantic foreground mIoU, the gate metric); when the drop exceeds
 ``--max-drop`` points even after per-layer fallback, the command fails with exit status 2 and the bundle
 is left byte for byte as it was. docs/quantization.md has the details.
 """
@@ -17,10 +18,9 @@ from typing import Any
 
 from engines.errors import DefectsamError
 
-# Kept FP32 in every quantization. The prompt encoder's click map (a Gaussian per prompt over every
-# embedding cell, through Exp and a MatMul) is a rounding error of the run time, and in 8 bits it cost
-# the retrained default bundle 7.9 points of prompted mIoU (0.12 with it in FP32): measured 2026-11-22.
-DEFAULT_KEEP_FP32 = ("model.prompt_encoder",)
+# Module groups kept FP32 in every quantization (besides the op types and the heads training.quantize.graph
+# keeps by rule): none for the window segmenter and the finder.
+DEFAULT_KEEP_FP32: tuple[str, ...] = ()
 
 
 def add_parser(commands: Any) -> None:
@@ -47,12 +47,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--held-out", default=None, metavar="SPEC",
         help="dataset the gate measures on (training.data specs, e.g. magnetic_tile:test); default: 40 synthetic "
-        "test frames (seed 2000000) at the bundle's input size",
+        "4 MP test frames (seed 2000000) for a bundle of the synthetic classes",
     )
     parser.add_argument("--limit", type=int, default=None, help="measure an evenly spaced subset of N held-out images")
     parser.add_argument(
         "--max-drop", type=float, default=1.0,
-        help="largest accepted drop of the gate metric (prompted mIoU; automatic F1 without a decoder graph), "
+        help="largest accepted drop of the gate metric (semantic foreground mIoU on the held-out set), "
         "in points (x100; default 1.0)",
     )
     parser.add_argument(
@@ -62,8 +62,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--keep-fp32", action="append", default=[], metavar="GROUP",
-        help="keep a module group (e.g. model.mask_decoder) or a node in FP32 from the start (repeatable); "
-        f"{', '.join(DEFAULT_KEEP_FP32)} always is",
+        help="keep a module group (e.g. model.model.decoder) or a node in FP32 from the start (repeatable)",
     )
     parser.add_argument("--probe-frames", type=int, default=2,
                         help="calibration frames the fallback ranking runs on (default 2)")

@@ -28,7 +28,7 @@ class MagneticTileDataset:
 
     class_names: Sequence[str] = CLASSES
 
-    def __init__(self, root: Path | str, split: Split = "test", *, min_instance_area: int = 4) -> None:
+    def __init__(self, root: Path | str, split: Split = "test", *, min_instance_area: int = 1) -> None:
         self.root = Path(root)
         self.split = split
         self.name = f"magnetic_tile:{split}"

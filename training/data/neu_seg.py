@@ -25,12 +25,15 @@ from training.data.sample import Sample
 
 Split = Literal["train", "val", "test"]
 _TOOL_LINES = 2  # labels.txt starts with "__ignore__" and "_background_"
+# labels.txt ends with "others", a class no label image of the set uses; the NEU-Seg papers (and their mIoU)
+# count three defect classes, so the reader does too (a label image that does use it is an error).
+_UNUSED = ("others",)
 
 
 class NeuSegDataset:
-    """One split of NEU-Seg; ``class_names`` from labels.txt (Inclusions, Patches, Scratches, others)."""
+    """One split of NEU-Seg; ``class_names`` from labels.txt: Inclusions, Patches, Scratches."""
 
-    def __init__(self, root: Path | str, split: Split = "test", *, min_instance_area: int = 4) -> None:
+    def __init__(self, root: Path | str, split: Split = "test", *, min_instance_area: int = 1) -> None:
         self.root = Path(root)
         self.split = split
         self.name = f"neu_seg:{split}"
@@ -41,7 +44,7 @@ class NeuSegDataset:
         names = read_class_names(labels)
         if len(names) <= _TOOL_LINES:
             raise DatasetError(labels, f"names no class after its first {_TOOL_LINES} annotation-tool lines")
-        self.class_names: Sequence[str] = names[_TOOL_LINES:]
+        self.class_names: Sequence[str] = tuple(n for n in names[_TOOL_LINES:] if n not in _UNUSED)
         self.images_dir = self.root / "img_dir" / split
         self.masks_dir = self.root / "ann_dir" / split
         if not self.images_dir.is_dir():
@@ -63,7 +66,10 @@ class NeuSegDataset:
         check_mask_size(label, image, mask_path, image_path)
         top = int(label.max())
         if top > len(self.class_names):
-            raise DatasetError(mask_path, f"label value {top} but labels.txt names {len(self.class_names)} classes")
+            raise DatasetError(
+                mask_path, f"label value {top} but the reader knows {len(self.class_names)} classes "
+                f"({', '.join(self.class_names)}; labels.txt's {', '.join(_UNUSED)} is not one)",
+            )
         pairs = [(v, v - 1) for v in range(1, top + 1)]
         masks, classes = instances_from_label(label, pairs, self.min_instance_area)
         return Sample(image=image, masks=masks, classes=classes, source=str(image_path))

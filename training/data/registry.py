@@ -3,6 +3,8 @@
 Specs, discriminated by ``name``::
 
     {name: synthetic, n: 200, seed: 0, width: 1024, height: 576}
+    {name: synthetic_windows, frames: 1500, seed: 0}  # 1:1 windows of 4 MP frames (rendered once, cached)
+    {name: synthetic_find, frames: 1500, seed: 0}     # the same frames reduced for the finder
     {name: folder, root: /data/line3, split: val}
     {name: magnetic_tile, split: test}            # root defaults to ../shared/datasets/magnetic_tile
     {name: neu_seg, split: test}
@@ -25,6 +27,7 @@ import bisect
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -34,11 +37,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH
 from training.data.errors import DatasetError
+from training.data.find import FindDataset
 from training.data.folder import FolderDataset
 from training.data.magnetic_tile import MagneticTileDataset
 from training.data.neu_seg import NeuSegDataset
 from training.data.sample import Sample, SampleDataset
 from training.data.synthetic import SyntheticDataset
+from training.data.synthetic_frames import FrameSet, FrameSetParams, SyntheticWindowsDataset, build_frame_set
 
 DATASETS_ENV = "DEFECTSAM_DATASETS"
 _REPO = Path(__file__).resolve().parents[2]
@@ -72,6 +77,31 @@ class SyntheticSpec(_Spec):
     )
 
 
+class _FrameSetFields(_Spec):
+    frames: int = Field(default=1500, ge=1, description="4 MP frames rendered (once; cached under .cache/data)")
+    seed: int = Field(default=0, description="frame i is engines.synthetic.render_frame(seed + i)")
+    per_frame: int = Field(default=8, ge=1, le=64, description="1:1 windows cut from each frame")
+    window: int = Field(default=160, ge=32, multiple_of=16, description="side of the cut windows, pixels")
+    reduction: int = Field(default=4, ge=1, le=16, description="the finder's reduction of the frame")
+    defect_free_prob: float = Field(default=0.15, ge=0.0, le=1.0, description="share of defect-free frames")
+    max_defects: int = Field(default=6, ge=0, description="most defects in a frame")
+    workers: int | None = Field(default=None, ge=1, description="render processes (default: up to 4)")
+
+    def params(self) -> FrameSetParams:
+        return FrameSetParams(
+            frames=self.frames, seed=self.seed, per_frame=self.per_frame, window=self.window, reduction=self.reduction,
+            defect_free_prob=self.defect_free_prob, max_defects=self.max_defects,
+        )
+
+
+class SyntheticWindowsSpec(_FrameSetFields):
+    name: Literal["synthetic_windows"] = "synthetic_windows"
+
+
+class SyntheticFindSpec(_FrameSetFields):
+    name: Literal["synthetic_find"] = "synthetic_find"
+
+
 class FolderSpec(_Spec):
     name: Literal["folder"] = "folder"
     root: Path = Field(description="the folder holding images/, masks/ (and classes.txt, splits/)")
@@ -89,23 +119,23 @@ class MagneticTileSpec(_Spec):
     name: Literal["magnetic_tile"] = "magnetic_tile"
     root: Path | None = Field(default=None, description="default: <datasets>/magnetic_tile")
     split: Literal["train", "val", "test"] = "test"
-    min_instance_area: int = Field(default=4, ge=1, description="smaller components are dropped")
+    min_instance_area: int = Field(default=1, ge=1, description="smaller components are dropped")
 
 
 class NeuSegSpec(_Spec):
     name: Literal["neu_seg"] = "neu_seg"
     root: Path | None = Field(default=None, description="default: <datasets>/neu_seg")
     split: Literal["train", "val", "test"] = "test"
-    min_instance_area: int = Field(default=4, ge=1, description="smaller components are dropped")
+    min_instance_area: int = Field(default=1, ge=1, description="smaller components are dropped")
 
 
-DatasetSpec = Annotated[
-    Union[SyntheticSpec, FolderSpec, MagneticTileSpec, NeuSegSpec],  # noqa: UP007 - discriminated union
-    Field(discriminator="name"),
+AnySpec = Union[  # noqa: UP007 - a runtime alias
+    SyntheticSpec, SyntheticWindowsSpec, SyntheticFindSpec, FolderSpec, MagneticTileSpec, NeuSegSpec
 ]
+DatasetSpec = Annotated[AnySpec, Field(discriminator="name")]
 _SPEC = TypeAdapter(DatasetSpec)
 _SPECS = TypeAdapter(list[DatasetSpec])
-NAMES: tuple[str, ...] = ("synthetic", "folder", "magnetic_tile", "neu_seg")
+NAMES: tuple[str, ...] = ("synthetic", "synthetic_windows", "synthetic_find", "folder", "magnetic_tile", "neu_seg")
 
 
 def evenly_spaced(length: int, limit: int | None) -> list[int]:
@@ -201,9 +231,13 @@ def dataset_name(dataset: SampleDataset) -> str:
     return str(getattr(dataset, "name", type(dataset).__name__))
 
 
-def _build_one(spec: SyntheticSpec | FolderSpec | MagneticTileSpec | NeuSegSpec) -> SampleDataset:
+def _build_one(spec: AnySpec) -> SampleDataset:
     dataset: SampleDataset
-    if isinstance(spec, SyntheticSpec):
+    if isinstance(spec, SyntheticFindSpec):
+        raise DatasetError("synthetic_find", "is the finder's data (a model.arch finder), not a set of samples")
+    if isinstance(spec, SyntheticWindowsSpec):
+        dataset = SyntheticWindowsDataset(spec.params(), workers=spec.workers, log=_log)
+    elif isinstance(spec, SyntheticSpec):
         try:
             dataset = SyntheticDataset(
                 spec.n, seed=spec.seed, width=spec.width, height=spec.height,
@@ -310,9 +344,7 @@ def _validation_message(error: ValidationError) -> str:
     return f"key '{key}': {first['msg']}"
 
 
-SpecLike = Union[  # noqa: UP007 - a runtime alias
-    str, SyntheticSpec, FolderSpec, MagneticTileSpec, NeuSegSpec, Mapping[str, Any], Sequence[Any]
-]
+SpecLike = Union[str, AnySpec, Mapping[str, Any], Sequence[Any]]  # noqa: UP007 - a runtime alias
 
 
 def build_dataset(spec: SpecLike) -> SampleDataset:
@@ -341,7 +373,25 @@ def build_dataset(spec: SpecLike) -> SampleDataset:
     return merged
 
 
-def validate_spec(raw: Mapping[str, Any]) -> SyntheticSpec | FolderSpec | MagneticTileSpec | NeuSegSpec:
+def validate_spec(raw: Mapping[str, Any]) -> AnySpec:
     """Validate one raw spec (for config loaders); raises pydantic's ValidationError."""
-    spec: SyntheticSpec | FolderSpec | MagneticTileSpec | NeuSegSpec = _SPEC.validate_python(dict(raw))
+    spec: AnySpec = _SPEC.validate_python(dict(raw))
     return spec
+
+
+def build_find_dataset(specs: Sequence[Any], *, crop: int | None, train: bool, seed: int = 0) -> FindDataset:
+    """The finder's data: ``synthetic_find`` specs (one, or several merged). DatasetError for any other kind."""
+    try:
+        validated = _SPECS.validate_python([s.model_dump() if isinstance(s, BaseModel) else s for s in specs])
+    except ValidationError as exc:
+        raise DatasetError("data", f"bad dataset spec: {_validation_message(exc)}") from None
+    sets = []
+    for spec in validated:
+        if not isinstance(spec, SyntheticFindSpec):
+            raise DatasetError(spec.name, "a finder trains on synthetic_find frame sets (4 MP frames, reduced)")
+        sets.append(FrameSet(build_frame_set(spec.params(), workers=spec.workers, log=_log)))
+    return FindDataset(sets, crop=crop, train=train, seed=seed)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

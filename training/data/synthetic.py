@@ -67,4 +67,5 @@ class SyntheticDataset:
             max_defects=self.max_defects,
             pixel_scale=self.pixel_scale,
         )
-        return Sample(image=frame.image, masks=frame.masks, classes=frame.classes, source=f"synthetic:{seed}")
+        return Sample(image=frame.image, masks=frame.masks, classes=frame.classes, source=f"synthetic:{seed}",
+                      sizes=frame.sizes)

@@ -1,13 +1,13 @@
-"""ONNX export of a DefectSegmenter: the fused graph, the decoder-only graph, the engine bundle.
+"""ONNX export of the two models and the engine bundle that carries them.
 
 Tensor names, shapes and dtypes come from engines.contract; every exported graph is checked
-against it. The graphs take the normalised image (the runtime normalises with the manifest's
-mean/std), so nothing here normalises. Weights are stored inside each .onnx file.
+against it. The graphs take normalised inputs (the runtime normalises with the manifest's
+mean/std) and end in their probabilities (softmax over classes, sigmoid per cell), so the
+runtime never post-activates. Both are fully convolutional: batch (segment), height and width
+are dynamic axes. Weights are stored inside each .onnx file.
 
 Exporter: torch.onnx's default torch.export-based exporter (``dynamo=True``) at its native
-opset 18. It gives a static, constant-folded graph; on this project's models ONNX Runtime runs
-it about 3x faster than the TorchScript exporter's graph, whose window arithmetic left shapes
-unknown. (Asking it for opset 17 fails in the ONNX version converter.)
+opset 18 (asking it for opset 17 fails in the ONNX version converter).
 """
 
 from __future__ import annotations
@@ -24,24 +24,32 @@ import onnx
 import torch
 from torch import nn
 
-from engines.bundle import SCHEMA_VERSION, Bundle, outputs_for, utc_now, write_bundle
+from engines.bundle import SCHEMA_VERSION, Bundle, utc_now, write_bundle
 from engines.contract import (
-    DECODER_INPUT_NAMES,
-    DECODER_OUTPUT_NAMES,
-    FUSED_OUTPUT_NAMES,
-    INPUT_NAME,
+    FIND_INPUT,
+    FIND_MEAN,
+    FIND_OUTPUT,
+    FIND_STD,
     PIXEL_MEAN,
     PIXEL_STD,
-    GraphShape,
+    SEGMENT_INPUT,
+    SEGMENT_OUTPUT,
     TensorSpec,
+    find_input,
+    find_output,
+    segment_input,
+    segment_output,
 )
 from engines.errors import DefectsamError
-from training.model.build import parameter_counts
-from training.model.segmenter import DefectSegmenter
+from training.model.build import count_parameters
+from training.model.finder import CandidateFinder
+from training.model.segmenter import WindowSegmenter
 
-# SAM's pixel statistics (RGB, 0..255); the runtime applies them before the graph.
-FUSED_FILE = "model.onnx"
-DECODER_FILE = "decoder.onnx"
+SEGMENT_FILE = "segment.onnx"
+FIND_FILE = "find.onnx"
+DEFAULT_WINDOW = 128
+DEFAULT_MAX_WINDOWS = 24
+DEFAULT_REDUCTION = 4
 _ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64"}
 
 
@@ -54,37 +62,24 @@ class ExportError(DefectsamError):
         super().__init__(f"{self.path}: {cause}")
 
 
-class _FusedGraph(nn.Module):
-    def __init__(self, model: DefectSegmenter) -> None:
+class _SegmentGraph(nn.Module):
+    def __init__(self, model: WindowSegmenter) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """image: 1x3xHxW -> the seven fused outputs of engines.contract."""
-        return self.model.forward_fused(image)
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """windows: Bx3xHxW -> class probabilities Bx(C+1)xHxW."""
+        return torch.softmax(self.model(windows), dim=1)
 
 
-class _DecoderGraph(nn.Module):
-    def __init__(self, model: DefectSegmenter) -> None:
+class _FindGraph(nn.Module):
+    def __init__(self, model: CandidateFinder) -> None:
         super().__init__()
         self.model = model
 
-    def forward(
-        self, image_embedding: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding: 1x256xhxw, point_coords: 1xPx2, point_labels: 1xP -> (1xH/sxW/s, 1)."""
-        masks, iou = self.model.decode(image_embedding, None, point_coords, point_labels)
-        mh, mw = masks.shape[-2:]
-        # Pin the batch axis to 1: the tracer cannot tell it from the dynamic prompt axis.
-        return masks.reshape(1, int(mh), int(mw)), iou.reshape(1)
-
-
-def graph_shape(model: DefectSegmenter) -> GraphShape:
-    """The contract numbers of a model as built."""
-    height, width = model.input_size
-    return GraphShape(
-        height=height, width=width, k=model.k, num_classes=model.num_classes, mask_stride=model.mask_stride
-    )
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: 1x3xhxw -> candidate probabilities 1x1xh/8xw/8."""
+        return torch.sigmoid(self.model(image))
 
 
 def _export(
@@ -121,8 +116,23 @@ def _export(
     program.save(str(path), external_data=False)
 
 
-def _check_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
-    """onnx.checker plus names, shapes and dtypes of every input and output against the contract."""
+def _name_dynamic_axes(path: Path, specs: Mapping[str, TensorSpec]) -> None:
+    """Give the graph's dynamic axes the contract's names (the exporter writes its own, s0, s1, ...)."""
+    if not specs:
+        return
+    model = onnx.load(str(path))
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs.get(value.name)
+        if spec is None:
+            continue
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape, strict=False):
+            if isinstance(want, str):
+                dim.dim_param = want
+    onnx.save(model, str(path))
+
+
+def check_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
+    """onnx.checker plus names, ranks, fixed axes and dtypes of every input and output against the contract."""
     try:
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
@@ -138,43 +148,41 @@ def _check_graph(path: Path, inputs: Sequence[TensorSpec], outputs: Sequence[Ten
             tensor_type = value.type.tensor_type
             dtype = _ONNX_DTYPES.get(tensor_type.elem_type, str(tensor_type.elem_type))
             shape = tuple(d.dim_param if d.dim_param else d.dim_value for d in tensor_type.shape.dim)
-            if dtype != spec.dtype or shape != spec.shape:
-                want = f"{list(spec.shape)} {spec.dtype}"
-                raise ExportError(path, f"{kind} {spec.name} is {list(shape)} {dtype}, the contract says {want}")
+            fixed_ok = len(shape) == len(spec.shape) and all(
+                isinstance(want, str) or got == want for got, want in zip(shape, spec.shape, strict=True)
+            )
+            if dtype != spec.dtype or not fixed_ok:
+                want_text = f"{list(spec.shape)} {spec.dtype}"
+                raise ExportError(path, f"{kind} {spec.name} is {list(shape)} {dtype}, the contract says {want_text}")
 
 
-def export_fused(model: DefectSegmenter, path: Path | str, *, opset: int = 18) -> Path:
-    """Export image 1x3xHxW -> the fused outputs (static shapes) and check them against the contract."""
+def export_segment(model: WindowSegmenter, path: Path | str, *, window: int = DEFAULT_WINDOW, opset: int = 18) -> Path:
+    """Export windows Bx3xHxW -> class_probs Bx(C+1)xHxW (B, H, W dynamic) and check it against the contract."""
     path = Path(path)
-    shape = graph_shape(model)
-    image = torch.zeros(1, 3, shape.height, shape.width)
-    _export(_FusedGraph(model.eval()), (image,), path, [INPUT_NAME], FUSED_OUTPUT_NAMES, opset)
-    _check_graph(path, [shape.input_spec()], shape.fused_outputs())
+    batch = torch.export.Dim("batch", min=1, max=256)
+    height = torch.export.Dim("height_16", min=1, max=256)
+    width = torch.export.Dim("width_16", min=1, max=256)
+    example = torch.zeros(2, 3, window, window)
+    dynamic = {SEGMENT_INPUT: {0: batch, 2: 16 * height, 3: 16 * width}}
+    _export(_SegmentGraph(model.eval()), (example,), path, [SEGMENT_INPUT], [SEGMENT_OUTPUT], opset, dynamic)
+    specs = (segment_input(), segment_output(model.num_classes))
+    _name_dynamic_axes(path, {spec.name: spec for spec in specs})
+    check_graph(path, specs[:1], specs[1:])
     return path
 
 
-def export_decoder(model: DefectSegmenter, path: Path | str, *, opset: int = 18) -> Path:
-    """Export the decoder-only graph: (image_embedding, point_coords 1xPx2, point_labels 1xP) -> (mask, iou).
-
-    P is dynamic. Raises ExportError for a model that fuses the encoder's stride-8 feature: the
-    contract's decoder graph has no input for it.
-    """
+def export_find(model: CandidateFinder, path: Path | str, *, height: int = 384, width: int = 672,
+                opset: int = 18) -> Path:
+    """Export image 1x3xhxw -> candidates 1x1xh/8xw/8 (h, w dynamic multiples of 16) and check it."""
     path = Path(path)
-    if model.mask_decoder.uses_skip:
-        raise ExportError(
-            path, "this model fuses a stride-8 encoder feature; the decoder-only graph has no input for it"
-        )
-    shape = graph_shape(model)
-    eh, ew = shape.embed_hw
-    args = (
-        torch.zeros(1, 256, eh, ew),
-        torch.tensor([[[shape.width / 2, shape.height / 2], [8.0, 8.0], [0.0, 0.0]]]),
-        torch.tensor([[1.0, 0.0, -1.0]]),
-    )
-    num_points = torch.export.Dim("num_points", min=1, max=1024)
-    dynamic = {"image_embedding": None, "point_coords": {1: num_points}, "point_labels": {1: num_points}}
-    _export(_DecoderGraph(model.eval()), args, path, DECODER_INPUT_NAMES, DECODER_OUTPUT_NAMES, opset, dynamic)
-    _check_graph(path, shape.decoder_inputs(), shape.decoder_outputs())
+    h = torch.export.Dim("height_16", min=1, max=512)
+    w = torch.export.Dim("width_16", min=1, max=512)
+    example = torch.zeros(1, 3, height, width)
+    dynamic = {FIND_INPUT: {2: 16 * h, 3: 16 * w}}
+    _export(_FindGraph(model.eval()), (example,), path, [FIND_INPUT], [FIND_OUTPUT], opset, dynamic)
+    specs = (find_input(), find_output())
+    _name_dynamic_axes(path, {spec.name: spec for spec in specs})
+    check_graph(path, specs[:1], specs[1:])
     return path
 
 
@@ -186,17 +194,22 @@ def _tool_version() -> str:
 
 
 def export_bundle(
-    model: DefectSegmenter,
+    model: WindowSegmenter,
     arch_name: str,
     out_dir: Path | str,
     *,
     name: str,
     classes: Sequence[str],
     provenance: Mapping[str, Any],
+    finder: CandidateFinder | None = None,
+    finder_arch: str | None = None,
+    window: int = DEFAULT_WINDOW,
+    max_windows: int = DEFAULT_MAX_WINDOWS,
+    reduction: int = DEFAULT_REDUCTION,
     metrics: Mapping[str, Any] | None = None,
     opset: int = 18,
 ) -> Bundle:
-    """Export the fused graph (and the decoder graph where the model allows) and write a verified bundle.
+    """Export the segment graph (and the find graph, given a finder) and write a verified bundle.
 
     ``provenance`` must give ``weights`` ("trained" or "untrained") and may give notes, seed,
     teacher, recipe, checkpoint_sha256; tool and torch versions are filled in.
@@ -204,25 +217,31 @@ def export_bundle(
     out_dir = Path(out_dir)
     if len(classes) != model.num_classes:
         raise ExportError(out_dir, f"{len(classes)} class names given, the model has {model.num_classes} classes")
-    shape = graph_shape(model)
-    height, width = model.input_size
+    if (finder is None) != (finder_arch is None):
+        raise ExportError(out_dir, "a finder and its architecture name come together")
     with tempfile.TemporaryDirectory(prefix="defectsam-export-") as tmp:
-        files = {FUSED_FILE: export_fused(model, Path(tmp) / FUSED_FILE, opset=opset)}
-        if not model.mask_decoder.uses_skip:
-            files[DECODER_FILE] = export_decoder(model, Path(tmp) / DECODER_FILE, opset=opset)
+        files = {SEGMENT_FILE: export_segment(model, Path(tmp) / SEGMENT_FILE, window=window, opset=opset)}
+        segment_parameters = count_parameters(model)
+        find_spec: dict[str, Any] | None = None
+        if finder is not None:
+            files[FIND_FILE] = export_find(finder, Path(tmp) / FIND_FILE, opset=opset)
+            find_spec = {
+                "arch": finder_arch, "reduction": reduction, "mean": FIND_MEAN, "std": FIND_STD,
+                "parameters": count_parameters(finder),
+            }
         manifest: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
             "name": name,
             "created": utc_now(),
-            "arch": arch_name,
-            "input": {"height": height, "width": width, "mean": PIXEL_MEAN, "std": PIXEL_STD},
-            "outputs": {key: spec.model_dump() for key, spec in outputs_for(shape).items()},
-            "K": shape.k,
-            "mask_stride": shape.mask_stride,
             "classes": list(classes),
+            "segment": {
+                "arch": arch_name, "window": window, "max_windows": max_windows, "mean": PIXEL_MEAN,
+                "std": PIXEL_STD, "parameters": segment_parameters,
+            },
+            "find": find_spec,
             "precision": "fp32",
-            "graphs": {"fused": FUSED_FILE, "decoder": DECODER_FILE if DECODER_FILE in files else None},
-            "parameters": parameter_counts(model)["total"],
+            "graphs": {"segment": SEGMENT_FILE, "find": FIND_FILE if finder is not None else None},
+            "parameters": segment_parameters + (find_spec["parameters"] if find_spec else 0),
             "metrics": dict(metrics or {}),
             "provenance": {"tool_version": _tool_version(), "torch_version": torch.__version__, **provenance},
         }

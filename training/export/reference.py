@@ -36,15 +36,15 @@ from torch import nn
 from engines.atomic import replace_dir
 from engines.benchmark import REFERENCE_FILE, REFERENCE_INPUTS_FILE, REFERENCE_SCHEMA_VERSION
 from engines.bundle import sha256_file, utc_now
-from engines.contract import INPUT_NAME
 from engines.errors import DefectsamError
 
 if TYPE_CHECKING:  # both import more than the command line needs to start
     from training.teachers.sam2 import Sam2Teacher
 
 GRAPH_FILE = "model.onnx"
+INPUT_NAME = "image"
 POINTS_NAME = "points"
-OUTPUT_NAME = "mask_logits"
+OUTPUT_NAME = "foreground"
 
 # Hiera trunks of SAM 2.1 (sam2/configs/sam2.1/sam2.1_hiera_{t,s}.yaml): blocks per stage and the
 # blocks with global attention. Both: embed_dim 96, 1 head, window sizes (8, 4, 14, 7), backbone
@@ -98,9 +98,9 @@ class _TeacherGraph(nn.Module):
         self.teacher = teacher
 
     def forward(self, image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """image: 1x3xHxW, points: Kx2 (x, y input pixels) -> mask_logits KxH/4xW/4."""
+        """image: 1x3xHxW, points: Kx2 (x, y input pixels) -> foreground logits 1xHxW (the K masks united)."""
         image_index = torch.zeros(points.shape[0], dtype=torch.long)  # every prompt on the one image
-        return self.teacher.predict(image, points, image_index).mask_logits
+        return self.teacher.predict(image, points, image_index).foreground
 
 
 def _export(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int) -> str:
@@ -157,7 +157,7 @@ def export_reference(
         raise ValueError(f"input {height}x{width} must be positive multiples of 16 and K >= 1")
     model = build_sam2(arch, image_size=image_size, seed=seed)
     parameters = sum(p.numel() for p in model.parameters())
-    teacher = Sam2Teacher(model, input_size=(height, width), digest="random-init", name=arch)
+    teacher = Sam2Teacher(model, digest="random-init", name=arch)
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((1, 3, height, width), dtype=np.float32)
     points = (rng.random((k, 2)) * (width, height)).astype(np.float32)  # Kx2 inside the frame

@@ -1,4 +1,8 @@
-"""Checkpoints: ``{"arch": name, "config": {...}, "model": state_dict}``, written atomically."""
+"""Checkpoints: ``{"arch": name, "config": {...}, "model": state_dict}``, written atomically.
+
+``config`` holds what the builder needs besides the name: ``num_classes`` for a window segmenter,
+nothing for a finder (``kind`` says which: "segmenter" or "finder").
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from engines.errors import DefectsamError
-from training.model.segmenter import DefectSegmenter
+from training.model.finder import CandidateFinder
+from training.model.segmenter import WindowSegmenter
 
 
 class CheckpointError(DefectsamError):
@@ -22,13 +28,16 @@ class CheckpointError(DefectsamError):
         super().__init__(f"{self.path}: {cause}")
 
 
-def model_config(model: DefectSegmenter) -> dict[str, int]:
-    """The numbers ``build_model`` needs besides the name."""
-    height, width = model.input_size
-    return {"height": height, "width": width, "num_classes": model.num_classes, "k": model.k}
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """What ``build_model`` / ``build_finder`` need besides the name, and the model's kind."""
+    if isinstance(model, WindowSegmenter):
+        return {"kind": "segmenter", "num_classes": model.num_classes}
+    if isinstance(model, CandidateFinder):
+        return {"kind": "finder"}
+    raise TypeError(f"not a model of the family: {type(model).__name__}")
 
 
-def save_checkpoint(path: Path | str, arch: str, model: DefectSegmenter, **extra: Any) -> Path:
+def save_checkpoint(path: Path | str, arch: str, model: nn.Module, **extra: Any) -> Path:
     """Write the checkpoint to a temporary sibling and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +70,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     return payload
 
 
-def load_weights(model: DefectSegmenter, path: Path | str, arch: str) -> dict[str, Any]:
+def load_weights(model: nn.Module, path: Path | str, arch: str) -> dict[str, Any]:
     """Load a checkpoint's weights into ``model`` (built as ``arch``); returns the checkpoint.
 
     Raises CheckpointError, one line naming the file, when it is for another architecture or

@@ -1,8 +1,7 @@
-"""A MobileNetV2-style CNN encoder at stride 16: inverted residuals, BatchNorm, ReLU6.
+"""A MobileNetV2-style CNN encoder: inverted residuals, BatchNorm, ReLU6, features at strides 2-16.
 
-No LayerNorm and no attention, so TensorRT fuses every block and INT8 calibration is easy.
-The default student's encoder: it returns the stride-16 feature for the neck and the
-stride-8 feature for the mask decoder's optional skip fusion.
+No LayerNorm and no attention, so TensorRT fuses every block and INT8 calibration is easy. The
+encoder returns the last feature of every stride (2, 4, 8, 16) for the U-Net decoder's skips.
 """
 
 from __future__ import annotations
@@ -14,26 +13,29 @@ from torch import nn
 
 from training.model.common import ConvBNAct
 
-# (expand ratio t, output channels c, repeats n, stride of the first block s), MobileNetV2's table
-# cut at stride 16 and slimmed for 576x1024 inputs on a CPU.
-DEFAULT_STAGES: tuple[tuple[int, int, int, int], ...] = (
+Stage = tuple[int, int, int, int]  # expand ratio t, output channels c, repeats n, stride of the first block s
+
+# MobileNetV2's table cut at stride 16 and slimmed for 1:1 windows on a CPU.
+DEFAULT_STAGES: tuple[Stage, ...] = (
     (1, 16, 1, 1),  # stride 2
     (4, 24, 2, 2),  # stride 4
-    (4, 40, 3, 2),  # stride 8: the skip feature
+    (4, 40, 3, 2),  # stride 8
     (4, 80, 3, 2),  # stride 16
     (6, 112, 2, 1),
     (6, 160, 1, 1),
 )
 
-# The lite encoder's table: its stem patchifies straight to stride 4 (a 4x4 stride-4 conv), so no
-# layer runs at stride 2, where the table above spends a third of its INT8 time on memory traffic.
-LITE_STAGES: tuple[tuple[int, int, int, int], ...] = (
-    (4, 24, 1, 1),  # stride 4
-    (4, 40, 3, 2),  # stride 8: the skip feature
-    (4, 80, 3, 2),  # stride 16
-    (6, 112, 2, 1),
-    (6, 160, 1, 1),
+# Teacher-sized: the same table at twice the width, one more block per stage from stride 8 on.
+WIDE_STAGES: tuple[Stage, ...] = (
+    (1, 32, 1, 1),
+    (4, 48, 2, 2),
+    (4, 80, 4, 2),
+    (4, 160, 4, 2),
+    (6, 224, 3, 1),
+    (6, 320, 1, 1),
 )
+
+STRIDES: tuple[int, ...] = (2, 4, 8, 16)
 
 
 class InvertedResidual(nn.Module):
@@ -63,61 +65,39 @@ class InvertedResidual(nn.Module):
         return x + y if self.use_residual else y
 
 
-class PatchifyStem(nn.Sequential):
-    """Non-overlapping PxP patches to channels: conv (kernel = stride = P), BatchNorm, ReLU6.
+class MobileCNN(nn.Module):
+    """3x3 stride-2 stem + inverted-residual stages: Bx3xHxW -> [f2, f4, f8, f16], f_s: BxC_sxH/sxW/s.
 
-    Bx3xHxW -> BxCxH/PxW/P.
+    ``channels`` gives C_s for each stride of ``STRIDES``. H and W must be multiples of 16.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, patch: int) -> None:
-        conv = nn.Conv2d(in_channels, out_channels, patch, patch, bias=False)
-        nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
-        super().__init__(conv, nn.BatchNorm2d(out_channels), nn.ReLU6())
-
-
-class MobileCNN(nn.Module):
-    """Stem + inverted-residual stages: Bx3xHxW -> (BxC16xH/16xW/16, BxC8xH/8xW/8)."""
-
-    def __init__(
-        self,
-        stages: Sequence[tuple[int, int, int, int]] = DEFAULT_STAGES,
-        stem_channels: int = 16,
-        in_chans: int = 3,
-        stem_stride: int = 2,
-    ) -> None:
-        """stem_stride: 2 (MobileNetV2's 3x3 stride-2 conv) or 4 (a 4x4 stride-4 patchify conv)."""
+    def __init__(self, stages: Sequence[Stage] = DEFAULT_STAGES, stem_channels: int = 16, in_chans: int = 3) -> None:
         super().__init__()
-        self.stem: nn.Sequential
-        if stem_stride == 2:
-            self.stem = ConvBNAct(in_chans, stem_channels, 3, 2, act=nn.ReLU6)
-        elif stem_stride == 4:
-            self.stem = PatchifyStem(in_chans, stem_channels, 4)
-        else:
-            raise ValueError(f"stem_stride must be 2 or 4, got {stem_stride}")
+        self.stem = ConvBNAct(in_chans, stem_channels, 3, 2, act=nn.ReLU6)
         blocks: list[nn.Module] = []
-        channels = stem_channels
-        stride = stem_stride
-        self.skip_index = -1
+        channels, stride = stem_channels, 2
+        tap_of: dict[int, int] = {2: -1}  # stride -> index of the block whose output is that stride's last
+        tap_channels: dict[int, int] = {2: stem_channels}
         for t, c, n, s in stages:
             for i in range(n):
                 block_stride = s if i == 0 else 1
                 blocks.append(InvertedResidual(channels, c, block_stride, t))
                 channels = c
                 stride *= block_stride
-            if stride == 8:
-                self.skip_index = len(blocks) - 1
-                self.skip_channels = channels
-        if stride != 16 or self.skip_index < 0:
-            raise ValueError(f"stages must reach stride 8 and end at stride 16, they end at stride {stride}")
+                tap_of[stride] = len(blocks) - 1
+                tap_channels[stride] = channels
+        if stride != 16 or set(tap_of) != set(STRIDES):
+            raise ValueError(f"stages must pass through strides {STRIDES} and end at 16, they end at stride {stride}")
         self.blocks = nn.ModuleList(blocks)
-        self.out_channels = channels
+        self.taps = tuple(tap_of[s] for s in STRIDES)
+        self.channels = tuple(tap_channels[s] for s in STRIDES)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: Bx3xHxW -> (BxC16xH/16xW/16, BxC8xH/8xW/8)."""
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x: Bx3xHxW -> [f2, f4, f8, f16]."""
         x = self.stem(x)
-        skip = x
+        features = [x] if self.taps[0] == -1 else []
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if i == self.skip_index:
-                skip = x
-        return x, skip
+            if i in self.taps:
+                features.append(x)
+        return features

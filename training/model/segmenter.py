@@ -1,90 +1,66 @@
-"""The composite student: encoder, neck, saliency head, prompt encoder and mask decoder."""
+"""The window segmenter: a 1:1 window of the frame -> per-pixel class logits, at the window's own scale.
+
+encoder (training/model/mobile_cnn.py) -> neck -> decoder (training/model/decoder.py). Fully
+convolutional: any window whose sides are multiples of 16 (the runtime's default is in the
+bundle's manifest). The image is normalised RGB (the runtime normalises; the graph does not).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from training.model.mask_decoder import MaskDecoder
-from training.model.prompt_encoder import PointPromptEncoder
-from training.model.saliency import SaliencyHead, pick_peaks
+from training.model.decoder import Neck, UNetDecoder
 
-EMBED_STRIDE = 16
+STRIDE = 16  # window sides must be multiples of this
 
 
-class DefectSegmenter(nn.Module):
-    """Image -> embedding -> heatmap -> top-K point prompts -> one mask per prompt.
+@dataclass(frozen=True)
+class SegmenterOutput:
+    """logits Bx(C+1)xHxW (class 0 background); neck [n2, n4, n8, n16]; embedding = n16, BxDxH/16xW/16."""
 
-    The image is the normalised RGB image (the runtime normalises; no normalisation here).
-    """
+    logits: torch.Tensor
+    neck: list[torch.Tensor]
 
-    def __init__(
-        self,
-        encoder: nn.Module,
-        neck: nn.Module,
-        saliency_head: SaliencyHead,
-        prompt_encoder: PointPromptEncoder,
-        mask_decoder: MaskDecoder,
-        input_size: tuple[int, int],
-        k: int = 8,
-    ) -> None:
-        """input_size: (H, W) the model is exported for; k: peaks (prompts) per image."""
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.neck[3]
+
+
+class WindowSegmenter(nn.Module):
+    """image Bx3xHxW -> logits Bx(C+1)xHxW."""
+
+    def __init__(self, encoder: nn.Module, neck: Neck, decoder: UNetDecoder) -> None:
         super().__init__()
         self.encoder = encoder
         self.neck = neck
-        self.saliency_head = saliency_head
-        self.prompt_encoder = prompt_encoder
-        self.mask_decoder = mask_decoder
-        self.input_size = input_size
-        self.k = k
+        self.decoder = decoder
 
     @property
     def num_classes(self) -> int:
-        return self.saliency_head.num_classes
+        """Defect classes (the logits carry one more: background)."""
+        return self.decoder.num_classes
 
     @property
-    def mask_stride(self) -> int:
-        return self.mask_decoder.mask_stride
+    def embed_dim(self) -> int:
+        return self.neck.embed_dim
 
-    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image: Bx3xHxW -> (embedding Bx256xH/16xW/16, skip feature BxCsxH/8xW/8)."""
-        features, skip = self.encoder(image)
-        return self.neck(features), skip
+    def embed(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """image: Bx3xHxW -> neck features [n2, n4, n8, n16]."""
+        return self.neck(self.encoder(image))
 
-    def heatmap(self, embedding: torch.Tensor) -> torch.Tensor:
-        """embedding: Bx256xhxw -> heatmap logits BxCxhxw."""
-        return self.saliency_head(embedding)
+    def run(self, image: torch.Tensor) -> SegmenterOutput:
+        """image: Bx3xHxW -> logits and the neck features (for the distillation terms)."""
+        neck = self.embed(image)
+        return SegmenterOutput(logits=self.decoder(image, neck), neck=neck)
 
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        skip: torch.Tensor | None,
-        point_coords: torch.Tensor,
-        point_labels: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """embedding: Bix256xhxw (Bi = 1 shared by all B prompt sets, or Bi = B),
-        skip: BixCsx2hx2w or None, point_coords: BxPx2 pixels, point_labels: BxP.
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """image: Bx3xHxW -> logits Bx(C+1)xHxW."""
+        return self.decoder(image, self.embed(image))
 
-        Returns mask_logits BxH/sxW/s (s = mask_stride) and iou B.
-        """
-        sparse, dense = self.prompt_encoder(point_coords, point_labels)
-        return self.mask_decoder(embedding, self.prompt_encoder.get_dense_pe(), sparse, dense, skip)
 
-    def forward_fused(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """image: 1x3xHxW -> the fused graph's outputs (engines.contract), in order:
-
-        heatmap 1xCxhxw (probabilities), points Kx2, point_scores K, point_classes K (int64),
-        mask_logits KxH/sxW/s, iou K, image_embedding 1x256xhxw.
-        """
-        embedding, skip = self.embed(image)
-        heatmap = torch.sigmoid(self.heatmap(embedding))
-        points, scores, classes = pick_peaks(heatmap, self.k, EMBED_STRIDE)  # 1xKx2, 1xK, 1xK
-        # Each peak is one single-point foreground prompt: 1xKx2 -> Kx1x2.
-        coords = points.reshape(self.k, 1, 2)
-        labels = torch.ones(self.k, 1, dtype=coords.dtype, device=coords.device)
-        masks, iou = self.decode(embedding, skip, coords, labels)
-        return heatmap, points[0], scores[0], classes[0], masks, iou, embedding
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Same as ``forward_fused``."""
-        return self.forward_fused(image)
+def foreground_logit(logits: torch.Tensor) -> torch.Tensor:
+    """Bx(C+1)xHxW class logits -> BxHxW logit of 'any defect' (log of P(defect) / P(background))."""
+    return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]

@@ -1,6 +1,6 @@
 """INT8 quantization of engine bundles, measured and gated (docs/quantization.md).
 
-``quantize_bundle(DIR, QuantizeOptions(...))`` adds ``model.int8.onnx`` (and ``decoder.int8.onnx``)
+``quantize_bundle(DIR, QuantizeOptions(...))`` adds ``segment.int8.onnx`` (and ``find.int8.onnx``)
 to a bundle when the INT8 graphs lose at most ``max_drop`` points against the FP32 graphs on held-out
 frames, after per-layer fallback; otherwise it raises ``QuantizeGateError`` and leaves the bundle as it was.
 """

@@ -1,12 +1,12 @@
 """Quantize a bundle, gate it against its FP32 graphs, and record the INT8 variant in it.
 
-    load + verify the bundle -> calibration frames -> pre-process each graph (fused, decoder)
+    load + verify the bundle -> calibration frames -> pre-process each graph (segment, find)
     -> FP32 figures on the held-out set (through engines/)
     -> round 0..max_fallback:
          quantize (FP32-kept nodes + the groups the fallback chose) -> a staged candidate bundle
          -> INT8 figures on the held-out set -> drop = FP32 - INT8, in points (x100)
          -> within the bound: done; else keep the next worst-ranked module groups in FP32
-    -> passed: rewrite the bundle atomically with model.int8.onnx (+ decoder.int8.onnx),
+    -> passed: rewrite the bundle atomically with segment.int8.onnx (+ find.int8.onnx),
        variants.int8 (gate: passed) and metrics.quantization
     -> failed: QuantizeGateError; the bundle was never written to
 
@@ -22,18 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.bundle import VARIANTS_SCHEMA_VERSION, Bundle, Manifest, load_bundle, utc_now, write_bundle
+from engines.bundle import Bundle, Manifest, load_bundle, utc_now, write_bundle
+from engines.contract import SEGMENT_OUTPUT
 from engines.errors import DefectsamError
-from engines.preprocess import Preprocessor
 from training.data.registry import build_dataset, dataset_name, evenly_spaced
 from training.data.sample import SampleDataset
 from training.quantize import graph as qgraph
-from training.quantize.calibration import (
-    CalibrationSet,
-    decoder_feeds,
-    fused_feeds,
-    load_calibration,
-)
+from training.quantize.calibration import CalibrationSet, graph_feeds, load_calibration
 from training.quantize.gate import (
     GateMetric,
     agreement,
@@ -83,15 +78,20 @@ class QuantizeOptions:
 
 
 def default_held_out(bundle: Bundle) -> str:
-    spec = bundle.manifest.input
-    return f"synthetic,n={DEFAULT_HELD_OUT_FRAMES},seed={HELD_OUT_SEED},width={spec.width},height={spec.height}"
+    """Synthetic 4 MP test frames for a bundle of the synthetic classes; others must name their held-out set."""
+    if bundle.manifest.classes != ("scratch", "dent", "pinhole"):
+        raise DefectsamError(
+            f"{bundle.path}: its classes {list(bundle.manifest.classes)} are not the synthetic panels'; name the "
+            "held-out set the gate measures on with --held-out (e.g. neu_seg:val)"
+        )
+    return f"synthetic,n={DEFAULT_HELD_OUT_FRAMES},seed={HELD_OUT_SEED}"
 
 
 @dataclass
 class _Graph:
-    """One of the bundle's graphs (fused or decoder) on its way to INT8."""
+    """One of the bundle's graphs (segment or find) on its way to INT8."""
 
-    role: str  # "fused" | "decoder"
+    role: str  # "segment" | "find"
     source: Path  # the FP32 graph in the bundle
     pre: Path  # pre-processed copy (what is quantized)
     out_name: str  # file name of the INT8 graph in the bundle
@@ -117,14 +117,14 @@ def _int8_name(path: Path) -> str:
 
 
 def _fields(manifest: Manifest) -> dict[str, Any]:
-    fields = manifest.model_dump(mode="json", by_alias=True)
+    fields = manifest.model_dump(mode="json")
     fields.pop("files")
     return fields
 
 
 def _fp32_files(bundle: Bundle) -> dict[str, Path]:
     """The bundle's files without any earlier INT8 variant (which this run replaces)."""
-    old = {name for variant in bundle.manifest.variants.values() for name in (variant.fused, variant.decoder) if name}
+    old = {name for variant in bundle.manifest.variants.values() for name in (variant.segment, variant.find) if name}
     return {name: bundle.path / name for name in bundle.manifest.files if name not in old}
 
 
@@ -192,7 +192,7 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions, log: Callable[[s
                 f"in FP32); the bundle is unchanged"
             )
         probes = probes or _probe_feeds(bundle, dataset, graphs, options.probe_frames)
-        sqnr = output_sqnr(graphs[0].source, candidate / graphs[0].out_name, probes[0], ("heatmap", "image_embedding"))
+        sqnr = output_sqnr(graphs[0].source, candidate / graphs[0].out_name, probes[0], (SEGMENT_OUTPUT,))
         log("agreement of INT8 with FP32 on the held-out frames ...")
         agreed = agreement(staged, dataset, options.limit)
         record = _record(bundle, graphs, options, calibration, held_out_name, fp32_report, metric, fp32_value,
@@ -201,7 +201,6 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions, log: Callable[[s
         if load_bundle(bundle.path).manifest.files != manifest.files:
             raise DefectsamError(f"{bundle.path}: the bundle changed while it was being quantized; run again")
         fields = _fields(manifest)
-        fields["schema_version"] = VARIANTS_SCHEMA_VERSION
         fields["variants"] = {PRECISION: _variant(graphs, options, gate="passed")}
         fields["metrics"] = {**fields["metrics"], "quantization": record}
         files = {**_fp32_files(bundle), **{g.out_name: candidate / g.out_name for g in graphs}}
@@ -210,9 +209,9 @@ def quantize_bundle(path: Path | str, options: QuantizeOptions, log: Callable[[s
 
 def _prepare_graphs(bundle: Bundle, work: Path, calibration: CalibrationSet | None) -> list[_Graph]:
     graphs = []
-    sources = [("fused", bundle.fused_graph)]
-    if bundle.decoder_graph is not None:
-        sources.append(("decoder", bundle.decoder_graph))
+    sources = [("segment", bundle.segment_graph)]
+    if bundle.find_graph is not None:
+        sources.append(("find", bundle.find_graph))
     for role, source in sources:
         pre = work / f"{role}.pre.onnx"
         qgraph.preprocess(source, pre)
@@ -220,9 +219,11 @@ def _prepare_graphs(bundle: Bundle, work: Path, calibration: CalibrationSet | No
                              groups=qgraph.node_groups(source, pre), always_fp32=qgraph.float_nodes(pre),
                              cache=work / f"{role}.ranges.json"))
     if calibration is not None:
-        graphs[0].feeds = fused_feeds(calibration)
-        if len(graphs) > 1:
-            graphs[1].feeds = decoder_feeds(_fp32_session(bundle.fused_graph), calibration)
+        feeds = graph_feeds(bundle, calibration.frames)
+        for g in graphs:
+            g.feeds = feeds[g.role]
+            if not g.feeds:
+                raise DefectsamError(f"calibration {calibration.source}: gave the {g.role} graph no input (no windows)")
     return graphs
 
 
@@ -239,8 +240,8 @@ def _quantize_graphs(graphs: list[_Graph], options: QuantizeOptions, excluded: l
 
 def _variant(graphs: list[_Graph], options: QuantizeOptions, gate: str) -> dict[str, Any]:
     return {
-        "fused": graphs[0].out_name,
-        "decoder": graphs[1].out_name if len(graphs) > 1 else None,
+        "segment": graphs[0].out_name,
+        "find": graphs[1].out_name if len(graphs) > 1 else None,
         "mode": options.mode,
         "target": options.target,
         "gate": gate,
@@ -250,7 +251,6 @@ def _variant(graphs: list[_Graph], options: QuantizeOptions, gate: str) -> dict[
 def _stage(bundle: Bundle, graphs: list[_Graph], options: QuantizeOptions, out: Path, gate: str) -> Bundle:
     """A candidate bundle in the scratch directory: the FP32 files plus this round's INT8 graphs."""
     fields = _fields(bundle.manifest)
-    fields["schema_version"] = VARIANTS_SCHEMA_VERSION
     fields["variants"] = {PRECISION: _variant(graphs, options, gate)}
     files = {**_fp32_files(bundle), **{g.out_name: out.parent / g.out_name for g in graphs}}
     return write_bundle(out, fields, files)
@@ -261,13 +261,9 @@ def _probe_feeds(bundle: Bundle, dataset: SampleDataset, graphs: list[_Graph], n
 
     Not the calibration frames: a range fitted to them quantizes them well whatever it does to real frames.
     """
-    preprocess = Preprocessor(bundle.manifest.input)
-    frames = [preprocess(dataset[i].image)[0] for i in evenly_spaced(len(dataset), n)]
-    probe = CalibrationSet(frames, "held-out probe")
-    feeds = [fused_feeds(probe)]
-    if len(graphs) > 1:
-        feeds.append(decoder_feeds(_fp32_session(bundle.fused_graph), probe))
-    return feeds
+    frames = [dataset[i].image for i in evenly_spaced(len(dataset), n)]
+    feeds = graph_feeds(bundle, frames)
+    return [feeds[g.role] for g in graphs]
 
 
 def _fp32_session(path: Path) -> Any:

@@ -1,13 +1,12 @@
-"""Calibration frames: engine inputs preprocessed exactly as the runtime does, and readers feeding them to ORT.
+"""Calibration frames, and the inputs each graph sees on them, made exactly as the runtime makes them.
 
 A calibration set is either a folder of images (``--calib DIR``: the images in DIR, or in
-DIR/images) or synthetic panels (``--calib synthetic``: ``engines.synthetic.render_frame`` at
-seeds from ``CALIBRATION_SEED``, disjoint from the training, validation and test seeds of the
-project's configs). Every frame goes through ``engines.preprocess.Preprocessor``, the runtime's
-own letterbox and normalisation, so the ranges ONNX Runtime calibrates are those the engine sees.
-
-The decoder-only graph is calibrated on what it is fed at run time: the FP32 fused graph's image
-embedding of each calibration frame, prompted with one foreground point at each of its peaks.
+DIR/images) or synthetic panels (``--calib synthetic``: 4 MP ``engines.synthetic.render_frame``
+frames at seeds from ``CALIBRATION_SEED``, disjoint from the training, validation and test seeds of
+the project's configs). Each frame is inspected by the bundle's FP32 graphs through
+``engines.inspector.Inspector`` (its default mode), and what each graph was fed is kept: the find
+input of the frame, and the batches of windows the segment pass cut from it. So the ranges ONNX
+Runtime calibrates are those the engines see, on the windows the find pass really picks.
 """
 
 from __future__ import annotations
@@ -15,15 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from engines.bundle import Bundle
-from engines.contract import DECODER_INPUT_NAMES, INPUT_NAME, LABEL_FOREGROUND
+from engines.contract import FIND_INPUT, SEGMENT_INPUT
 from engines.errors import DefectsamError
-from engines.preprocess import Preprocessor
-from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
+from engines.synthetic import render_frame
 from training.data.folder import IMAGE_SUFFIXES, read_image
 from training.data.registry import evenly_spaced
 
@@ -36,7 +33,7 @@ SYNTHETIC = "synthetic"
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Preprocessed engine inputs (each float32 1x3xHxW) and where they came from."""
+    """Calibration frames (uint8, as a camera gives them) and where they came from."""
 
     frames: list[np.ndarray]
     source: str
@@ -55,23 +52,13 @@ def image_files(directory: Path) -> list[Path]:
     return []
 
 
-def synthetic_pixel_scale(width: int, height: int) -> float:
-    """The defect scale of a full 4 MP frame letterboxed to width x height (as training.data.synthetic)."""
-    return min(max(min(width / FRAME_WIDTH, height / FRAME_HEIGHT), 0.05), 4.0)
-
-
 def load_calibration(bundle: Bundle, source: str | Path, n: int, *, seed: int = CALIBRATION_SEED) -> CalibrationSet:
     """``n`` calibration frames for ``bundle`` from ``source`` (``synthetic`` or a folder). DefectsamError if none."""
     if n < 1:
         raise DefectsamError(f"--n must be at least 1 calibration frame, got {n}")
-    spec = bundle.manifest.input
-    preprocess = Preprocessor(spec)
     if str(source) == SYNTHETIC:
-        scale = synthetic_pixel_scale(spec.width, spec.height)
-        frames = [
-            preprocess(render_frame(seed + i, spec.width, spec.height, pixel_scale=scale).image)[0] for i in range(n)
-        ]
-        return CalibrationSet(frames, f"synthetic(n={n},seed={seed},{spec.width}x{spec.height})")
+        frames = [render_frame(seed + i).image for i in range(n)]
+        return CalibrationSet(frames, f"synthetic(n={n},seed={seed},2688x1520)")
     directory = Path(source)
     if not directory.exists():
         raise DefectsamError(f"--calib {directory}: no such directory (give a folder of images, or 'synthetic')")
@@ -82,8 +69,7 @@ def load_calibration(bundle: Bundle, source: str | Path, n: int, *, seed: int = 
         suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
         raise DefectsamError(f"--calib {directory}: holds no images ({suffixes}), neither directly nor in images/")
     chosen = [files[i] for i in evenly_spaced(len(files), n)]
-    frames = [preprocess(read_image(path))[0] for path in chosen]
-    return CalibrationSet(frames, f"folder({directory},n={len(frames)} of {len(files)})")
+    return CalibrationSet([read_image(path) for path in chosen], f"folder({directory},n={len(chosen)} of {len(files)})")
 
 
 class FeedReader:
@@ -110,17 +96,31 @@ class FeedReader:
         return iter(self._feeds)
 
 
-def fused_feeds(calibration: CalibrationSet) -> list[dict[str, np.ndarray]]:
-    return [{INPUT_NAME: frame} for frame in calibration.frames]
+def graph_feeds(
+    bundle: Bundle, frames: Sequence[np.ndarray], *, max_batch: int = 8, windows_per_frame: int = 16
+) -> dict[str, list[dict[str, np.ndarray]]]:
+    """What each of the bundle's graphs is fed on ``frames``: {"find": [...], "segment": [...]}.
 
+    The FP32 graphs inspect each frame in the Inspector's default mode; the segment feeds are
+    batches of at most ``max_batch`` of the windows it cut (at most ``windows_per_frame`` per frame).
+    """
+    from engines.backends import open_engine
+    from engines.backends.onnxruntime import Config
+    from engines.inspector import Inspector
 
-def decoder_feeds(fp32_session: Any, calibration: CalibrationSet, prompts_per_frame: int = 4) -> list[dict[str, Any]]:
-    """Decoder inputs as the runtime feeds them: the FP32 embedding, one foreground point at each peak."""
-    feeds: list[dict[str, Any]] = []
-    labels = np.full((1, 1), LABEL_FOREGROUND, dtype=np.float32)
-    for frame in calibration.frames:
-        embedding, points = fp32_session.run(["image_embedding", "points"], {INPUT_NAME: frame})
-        for point in points[:prompts_per_frame]:
-            coords = np.ascontiguousarray(point.reshape(1, 1, 2), dtype=np.float32)  # x, y -> 1x1x2
-            feeds.append(dict(zip(DECODER_INPUT_NAMES, (embedding, coords, labels), strict=True)))
+    engine = open_engine(bundle, Config(providers=["cpu"], precision="fp32"))
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {"find": [], "segment": []}
+    try:
+        inspector = Inspector(engine)
+        for frame in frames:
+            prepared = inspector.prepare(frame)
+            if prepared.find_input is not None:
+                feeds["find"].append({FIND_INPUT: prepared.find_input})
+            outputs = inspector.run(prepared)
+            windows = outputs.windows[:windows_per_frame]
+            for start in range(0, len(windows), max_batch):
+                batch = inspector.cut(frame, windows[start : start + max_batch])
+                feeds["segment"].append({SEGMENT_INPUT: batch})
+    finally:
+        engine.close()
     return feeds

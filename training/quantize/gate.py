@@ -1,11 +1,11 @@
 """The precision gate's measurements: held-out figures through engines/, and which module groups quantize worst.
 
 ``measure`` runs one precision of a bundle through the runtime (ONNX Runtime CPU, the
-Preprocessor and Postprocessor the daemon uses) with training.eval: prompted mask IoU at each
-instance's interior point, automatic defect precision/recall, OK/NG accuracy.
+Inspector the daemon uses) with training.eval: the semantic foreground mIoU of the merged windows
+(the gate metric, dataset-level), defect precision/recall, OK/NG accuracy.
 
 ``rank_groups`` orders module groups by how much quantization damages the tensors they touch,
-for the gate's per-layer fallback. Static mode: the FP32 graph runs on a few probe frames with
+for the gate's per-layer fallback. Static mode: the FP32 graph runs on a few probe feeds with
 every calibrated tensor exposed, and each tensor is fake-quantized with its calibrated range the
 way ONNX Runtime would (``graph.fake_quant_error``); a tensor's SQNR counts against the group
 that produces it and the groups that read it, and a group scores its worst tensor. A clipping
@@ -33,45 +33,36 @@ from training.quantize.graph import Target, fake_quant_error
 
 def measure(bundle: Bundle, precision: str, dataset: SampleDataset, limit: int | None = None) -> EvalReport:
     """Evaluate ``bundle``'s graphs at ``precision`` on ONNX Runtime CPU through engines/."""
-    from engines.backends import open_engine
-    from engines.backends.onnxruntime import Config
     from training.eval.evaluate import evaluate_bundle
 
-    engine = open_engine(bundle, Config(providers=["cpu"], precision=precision))  # type: ignore[arg-type]
-    try:
-        return evaluate_bundle(bundle, dataset, limit=limit, engine=engine)
-    finally:
-        engine.close()
+    return evaluate_bundle(bundle, dataset, limit=limit, precision=precision)
 
 
 def figures(report: EvalReport) -> dict[str, Any]:
-    """The headline figures of a report: prompted mIoU/dice, automatic P/R/F1, OK/NG accuracy."""
-    prompted = report["prompted"] or {}
+    """The headline figures of a report: semantic mIoU (foreground, with background), defect P/R/F1, OK/NG."""
     auto = report["automatic"]
+    semantic = report["semantic"]
     return {
-        "prompted_miou": prompted.get("miou"),
-        "prompted_mdice": prompted.get("mdice"),
-        "prompted_instances": prompted.get("n"),
+        "miou_fg": semantic.get("miou_fg"),
+        "miou": semantic.get("miou"),
         "precision": auto.get("precision"),
         "recall": auto.get("recall"),
         "f1": auto.get("f1"),
         "image_accuracy": auto.get("image_accuracy"),
+        "false_ng_rate": auto.get("false_ng_rate"),
     }
 
 
 @dataclass(frozen=True)
 class GateMetric:
-    """What the gate compares: prompted mIoU when the bundle has a decoder-only graph, else automatic F1."""
+    """What the gate compares: the semantic foreground mIoU of the held-out set."""
 
-    key: str
-    label: str
+    key: str = "miou_fg"
+    label: str = "semantic foreground mIoU"
 
     @classmethod
     def for_report(cls, report: EvalReport) -> GateMetric:
-        prompted = report["prompted"]
-        if prompted is not None and prompted.get("miou") is not None:
-            return cls("prompted_miou", "prompted mIoU")
-        return cls("f1", "automatic F1")
+        return cls()
 
     def value(self, report: EvalReport, dataset_name: str) -> float:
         found = figures(report)[self.key]
@@ -85,39 +76,40 @@ class GateMetric:
 def agreement(bundle: Bundle, dataset: SampleDataset, limit: int | None = None) -> dict[str, Any]:
     """INT8 against FP32 on the same frames, the FP32 outputs taken as the truth.
 
-    Automatic: the INT8 defects matched to the FP32 defects (precision, recall at IoU 0.5) and the
-    share of frames with the same verdict. Prompted: IoU of the INT8 mask with the FP32 mask for the
-    same point (each ground-truth instance's interior point), both empty counting as agreement.
-    Unlike the gate's drop it needs no good model: a weak model's FP32 outputs are still a reference.
+    The INT8 defects matched to the FP32 defects (precision, recall at IoU 0.5), the share of frames
+    with the same verdict and the pixel agreement of the semantic maps. Unlike the gate's drop it
+    needs no good model: a weak model's FP32 outputs are still a reference.
     """
     from engines.backends import open_engine
     from engines.backends.onnxruntime import Config
-    from engines.contract import LABEL_FOREGROUND
-    from engines.postprocess import Postprocessor
-    from engines.preprocess import Preprocessor
+    from engines.inspector import Inspector
     from engines.results import Verdict
-    from training.data.prepare import interior_point
+    from engines.windows import semantic_labels
     from training.data.registry import evenly_spaced
-    from training.eval.evaluate import logits_to_region
-    from training.eval.metrics import DetectionScores, Region, iou
+    from training.eval.metrics import DetectionScores, Region
 
     manifest = bundle.manifest
     engines = [open_engine(bundle, Config(providers=["cpu"], precision=p)) for p in ("fp32", "int8")]
-    preprocess = Preprocessor(manifest.input)
-    postprocess = Postprocessor(manifest.classes, manifest.mask_stride)
-    has_decoder = bundle.decoder_graph is not None
-    label = np.full((1, 1), LABEL_FOREGROUND, dtype=np.float32)
     detections = DetectionScores()
     same_verdict = 0
-    prompted: list[float] = []
+    same_pixels = 0
+    pixels = 0
     indices = evenly_spaced(len(dataset), limit)
     try:
+        inspectors = [Inspector(engine) for engine in engines]
         for index in indices:
-            sample = dataset[index]
-            image, box = preprocess(sample.image)
-            outputs = [engine.infer(image, with_embedding=has_decoder) for engine in engines]
-            reference, quantized = (postprocess(out, box) for out in outputs)
+            image = dataset[index].image
+            height, width = image.shape[:2]
+            results, maps = [], []
+            for inspector in inspectors:
+                outputs = inspector.run(inspector.prepare(image))
+                canvases = inspector.merge(outputs)
+                results.append(inspector.finish(outputs, canvases))
+                maps.append(semantic_labels(canvases, width, height))
+            reference, quantized = results
             same_verdict += int(reference.verdict == quantized.verdict)
+            same_pixels += int(np.count_nonzero(maps[0] == maps[1]))
+            pixels += maps[0].size
             detections.add_image(
                 [Region(d.bbox[0], d.bbox[1], d.mask) for d in quantized.defects],
                 [d.class_name for d in quantized.defects], [d.score for d in quantized.defects],
@@ -125,33 +117,18 @@ def agreement(bundle: Bundle, dataset: SampleDataset, limit: int | None = None) 
                 [d.class_name for d in reference.defects],
                 verdict_ng=quantized.verdict != Verdict.OK,
             )
-            if not has_decoder or len(sample.masks) == 0:
-                continue
-            points = box.to_engine(np.array([interior_point(m) for m in sample.masks], dtype=np.float64))
-            embeddings = [out.image_embedding for out in outputs if out.image_embedding is not None]
-            for point in points.astype(np.float32):
-                coords = point.reshape(1, 1, 2)
-                regions = [
-                    logits_to_region(
-                        engine.prompt(embedding, coords, label)[0][0], box, manifest.mask_stride,
-                        postprocess.config.mask_threshold,
-                    )
-                    for engine, embedding in zip(engines, embeddings, strict=True)
-                ]
-                prompted.append(iou(regions[1], regions[0]))
     finally:
         for engine in engines:
             engine.close()
     auto = detections.summary(list(manifest.classes))
     return {
         "n_images": len(indices),
-        "prompted_miou_vs_fp32": float(np.mean(prompted)) if prompted else None,
-        "prompted_instances": len(prompted),
         "precision_vs_fp32": auto["precision"],
         "recall_vs_fp32": auto["recall"],
         "fp32_defects": auto["tp"] + auto["fn"],
         "int8_defects": auto["tp"] + auto["fp"],
         "same_verdict": same_verdict / len(indices) if indices else None,
+        "same_pixel_class": same_pixels / pixels if pixels else None,
     }
 
 

@@ -174,12 +174,21 @@ def float_nodes(model_path: Path) -> list[str]:
     * the attention-weights x values MatMuls (consumers of a Softmax): 8-bit attention weights
       round the ~1/2304 weight of one image token to 0, so Softmax feeds them in FP32;
     * peak picking: the saliency logits' convolution, Sigmoid, max-pool NMS, up to TopK;
-    * every node on a positional-encoding path: upstream of every Sin/Cos through arithmetic and reshapes.
+    * every node on a positional-encoding path: upstream of every Sin/Cos through arithmetic and reshapes;
+    * the head: the convolution whose logits a graph output's Softmax or Sigmoid turns into probabilities
+      (8-bit logits would quantize every probability into 256 steps over the logits' whole range, and the
+      thresholds of a 1 px scratch's edge pixels sit in a few of them).
     """
     onnx = _onnx()
     model = onnx.load(str(model_path), load_external_data=False)
     producer = {t: n for n in model.graph.node for t in n.output}
     keep: set[str] = set()
+    outputs = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.op_type in ("Softmax", "Sigmoid") and any(t in outputs for t in node.output):
+            head = producer.get(node.input[0])
+            if head is not None:
+                keep.add(head.name)
     softmax_outputs = {t for n in model.graph.node if n.op_type == "Softmax" for t in n.output}
     keep.update(n.name for n in model.graph.node
                 if n.op_type in ("MatMul", "Gemm") and any(t in softmax_outputs for t in n.input))

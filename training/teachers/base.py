@@ -1,11 +1,13 @@
 """The one interface every teacher implements, and what it returns.
 
-A teacher sees exactly what the student sees: the normalised, letterboxed input image
-(Bx3xHxW, SAM's mean/std, padding 0) and point prompts in input pixels. It returns its image
-embedding on the student's grid (BxCtxH/16xW/16; Ct may differ from the student's 256, the
-recipes then map the student with an EmbeddingAdapter) and one mask-logit map per prompt on the
-input's grid at the teacher's ``mask_stride``. How a teacher gets there (resizing, padding to
-its own input size) is its own business and documented in its module.
+A teacher sees exactly what the student sees: the normalised window (Bx3xHxW, SAM's mean/std,
+the runtime's normalisation). It returns its image embedding on the student's stride-16 grid
+(BxCtxH/16xW/16; Ct may differ from the student's, the recipes then map the student with an
+EmbeddingAdapter) and its foreground logits at the window's own resolution (BxHxW: the logit of
+"any defect" per pixel). A family teacher also returns its neck features (the transplant and KD
+SAM recipes regress them). A promptable teacher (SAM 2) is prompted at each ground-truth
+instance's interior point and its instance masks are united (max of the logits). How a teacher
+gets there (resizing, padding to its own input size) is its own business and documented in its module.
 """
 
 from __future__ import annotations
@@ -25,40 +27,28 @@ class TeacherError(DefectsamError):
 
 @dataclass(frozen=True)
 class TeacherOutput:
-    """embedding BxCtxhxw (h = H/16, w = W/16); mask_logits MxH/sxW/s, one per prompt (s = mask_stride)."""
+    """embedding BxCtxH/16xW/16; foreground BxHxW logits; neck [n2, n4, n8, n16] (family teachers) or None."""
 
     embedding: torch.Tensor
-    mask_logits: torch.Tensor
+    foreground: torch.Tensor
+    neck: list[torch.Tensor] | None = None
 
 
 class Teacher(nn.Module, abc.ABC):
-    """Frozen by default (eval mode, no gradients); fine-tuning unfreezes what it trains."""
+    """Frozen by default (eval mode, no gradients)."""
 
-    #: Stable identity for the cache: kind, weights digest and input size.
+    #: Stable identity for the cache: kind and weights digest.
     teacher_id: str
     #: Channels of the embedding (Ct).
     channels: int
-    #: Stride of the mask logits relative to the student's input.
-    mask_stride: int
-    #: The student's input size (H, W) this teacher was set up for.
-    input_size: tuple[int, int]
-
-    @abc.abstractmethod
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images: Bx3xHxW -> embedding BxCtxH/16xW/16."""
+    #: Whether ``predict`` returns neck features (family teachers).
+    has_neck: bool = False
 
     @abc.abstractmethod
     def predict(self, images: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor) -> TeacherOutput:
-        """images: Bx3xHxW; points: Mx2 (x, y) input pixels, one positive point per prompt;
-        image_index: M int64, the image of each prompt. Returns the embedding and MxH/sxW/s logits.
-        """
-
-    def check_input(self, images: torch.Tensor) -> None:
-        if tuple(images.shape[-2:]) != self.input_size:
-            raise TeacherError(
-                f"teacher {self.teacher_id} was set up for {self.input_size[0]}x{self.input_size[1]} inputs, "
-                f"got {images.shape[-2]}x{images.shape[-1]}"
-            )
+        """images: Bx3xHxW (H, W multiples of 16); points: Mx2 (x, y) pixel centres, one positive point per
+        ground-truth instance; image_index: M int64, the image of each point (a promptable teacher's
+        prompts; a family teacher ignores them)."""
 
     def freeze(self) -> Teacher:
         self.eval()

@@ -4,21 +4,18 @@ Nothing is downloaded: ``from_pretrained(local_dir, local_files_only=True)``; pu
 checkpoint (``config.json`` + ``model.safetensors``, e.g. sam2.1-hiera-small saved with
 ``save_pretrained``) on disk first.
 
-Mapping to the student's grid (input H x W, e.g. 576 x 1024; SAM 2 input S x S, S = 1024):
+Mapping to the student's window (H x W, e.g. 160 x 160; SAM 2 input S x S, S = 1024):
 
-* Pixels: the student's input is already normalised with SAM's mean/std, which are SAM 2's
-  (ImageNet statistics x 255), and its letterbox padding is 0 after normalisation, which is what
-  SAM pads with. The image is scaled by ``s = S / max(H, W)`` (bilinear; s = 1 for 576x1024)
-  and zero-padded at the right and bottom to S x S, the same top-left letterbox as the runtime.
-  Aspect ratio is kept (SAM 2's own predictor stretches to a square; stretching would move
-  our stride-16 cells off the teacher's).
-* Embedding: SAM 2's last FPN level (256 ch at S/16, plus its "no memory" embedding, as for a
-  single image) is cropped to the cells that hold the image, ceil(H*s/16) x ceil(W*s/16); for
-  s = 1 that is exactly the student's H/16 x W/16 grid (36 x 64 of 64 x 64). Otherwise it is
-  resized bilinearly to H/16 x W/16.
-* Prompts: points scale by s. SAM 2 returns 3 multimask outputs at stride 4 of S; the one with
-  the highest predicted IoU is kept (as the mobilesam decoder does), cropped to the content and
-  resized to the student's input at stride 4 (``mask_stride`` = 4).
+* Pixels: the window is normalised with SAM's mean/std, which are SAM 2's (ImageNet statistics
+  x 255). It is scaled by ``s = S / max(H, W)`` (bilinear) and zero-padded at the right and
+  bottom to S x S, keeping its aspect ratio (SAM 2's own predictor stretches to a square).
+* Embedding: SAM 2's last FPN level (256 ch at S/16) is cropped to the cells that hold the
+  window, ceil(H*s/16) x ceil(W*s/16), and resized bilinearly to the student's H/16 x W/16 grid.
+* Prompts: one positive point per ground-truth instance (its interior point), scaled by s.
+  SAM 2 returns 3 multimask outputs at stride 4 of S; the one with the highest predicted IoU is
+  kept, cropped to the content and resized to H x W. An image's foreground logits are the
+  maximum over its instances' mask logits (``NO_DEFECT_LOGIT`` where it has none): SAM 2 is
+  class-agnostic, so it teaches where the defects are and the ground truth teaches their class.
 """
 
 from __future__ import annotations
@@ -34,6 +31,7 @@ import torch.nn.functional as F
 from training.teachers.base import Teacher, TeacherError, TeacherOutput
 
 MASK_STRIDE = 4
+NO_DEFECT_LOGIT = -20.0  # the foreground logit of an image without instances
 
 
 def _digest(directory: Path) -> str:
@@ -66,78 +64,69 @@ def load_sam2(directory: Path | str) -> Any:
 
 
 class Sam2Teacher(Teacher):
-    def __init__(self, model: Any, *, input_size: tuple[int, int], digest: str, name: str = "sam2") -> None:
+    def __init__(self, model: Any, *, digest: str, name: str = "sam2") -> None:
         super().__init__()
         self.model = model
-        self.input_size = input_size
         config = model.config
         self.image_size = int(config.prompt_encoder_config.image_size)
         self.grid = int(config.vision_config.backbone_feature_sizes[-1][0])
         if self.grid * 16 != self.image_size:
             raise TeacherError(f"{name}: expected an embedding at stride 16 of {self.image_size}, got {self.grid}")
         self.channels = int(config.vision_config.fpn_hidden_size)
-        self.mask_stride = MASK_STRIDE
-        height, width = input_size
-        self.scale = self.image_size / max(height, width)
-        self.teacher_id = f"sam2-{digest[:12]}-{height}x{width}"
+        self.teacher_id = f"sam2-{digest[:12]}"
         self.freeze()
 
     @classmethod
-    def from_directory(cls, directory: Path | str, *, height: int, width: int) -> Sam2Teacher:
+    def from_directory(cls, directory: Path | str) -> Sam2Teacher:
         directory = Path(directory)
         model = load_sam2(directory)
-        return cls(model, input_size=(height, width), digest=_digest(directory), name=str(directory))
+        return cls(model, digest=_digest(directory), name=str(directory))
+
+    def _scale(self, images: torch.Tensor) -> float:
+        return self.image_size / max(images.shape[-2], images.shape[-1])
 
     def _to_sam(self, images: torch.Tensor) -> torch.Tensor:
-        """Bx3xHxW (normalised, letterboxed) -> Bx3xSxS: scale by s, zero-pad right/bottom."""
-        height, width = self.input_size
-        if self.scale != 1.0:
-            size = (max(1, round(height * self.scale)), max(1, round(width * self.scale)))
+        """Bx3xHxW (normalised) -> Bx3xSxS: scale by s, zero-pad right/bottom."""
+        height, width = images.shape[-2:]
+        scale = self._scale(images)
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         pad_h = self.image_size - images.shape[-2]
         pad_w = self.image_size - images.shape[-1]
         return F.pad(images, (0, pad_w, 0, pad_h))
 
-    def _content(self, stride: int) -> tuple[int, int]:
-        """Cells of SAM 2's grid at ``stride`` that hold the image (rows, cols)."""
-        height, width = self.input_size
-        return math.ceil(height * self.scale / stride), math.ceil(width * self.scale / stride)
-
-    def _to_student(self, maps: torch.Tensor, stride: int) -> torch.Tensor:
-        """BxCxS/stridexS/stride -> BxCxH/stridexW/stride: crop to the content, resize if s != 1."""
-        rows, cols = self._content(stride)
-        maps = maps[..., :rows, :cols]
-        target = (self.input_size[0] // stride, self.input_size[1] // stride)
-        if tuple(maps.shape[-2:]) != target:
-            maps = F.interpolate(maps, size=target, mode="bilinear", align_corners=False)
-        return maps
-
-    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(images)
-        return list(self.model.get_image_embeddings(self._to_sam(images)))
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """images: Bx3xHxW -> BxCtxH/16xW/16."""
-        return self._to_student(self._features(images)[-1], 16)
+    @staticmethod
+    def _to_window(
+        maps: torch.Tensor, stride: int, window: tuple[int, int], out: tuple[int, int], scale: float
+    ) -> torch.Tensor:
+        """BxCxS/stridexS/stride -> BxCx``out``: crop to the cells holding the ``window`` (H x W px), resize."""
+        rows, cols = math.ceil(window[0] * scale / stride), math.ceil(window[1] * scale / stride)
+        return F.interpolate(maps[..., :rows, :cols], size=out, mode="bilinear", align_corners=False)
 
     def predict(self, images: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor) -> TeacherOutput:
-        """images: Bx3xHxW, points Mx2, image_index M -> embedding, MxH/4xW/4 logits."""
-        features = self._features(images)
-        embedding = self._to_student(features[-1], 16)
-        height, width = self.input_size
+        """images: Bx3xHxW, points Mx2, image_index M -> embedding BxCtxH/16xW/16, foreground BxHxW."""
+        height, width = images.shape[-2:]
+        scale = self._scale(images)
+        features = list(self.model.get_image_embeddings(self._to_sam(images)))
+        embedding = self._to_window(features[-1], 16, (height, width), (height // 16, width // 16), scale)
+        foreground = images.new_full((images.shape[0], height, width), NO_DEFECT_LOGIT)
         if points.shape[0] == 0:
-            empty = embedding.new_zeros((0, height // MASK_STRIDE, width // MASK_STRIDE))
-            return TeacherOutput(embedding=embedding, mask_logits=empty)
+            return TeacherOutput(embedding=embedding, foreground=foreground)
         # One prompt set per row: gather each prompt's image features (Bx.. -> Mx..).
         per_prompt = [f.index_select(0, image_index) for f in features]
-        coords = (points.to(embedding.dtype) * self.scale).reshape(-1, 1, 1, 2)  # Mx2 -> Mx1x1x2
+        coords = (points.to(embedding.dtype) * scale).reshape(-1, 1, 1, 2)  # Mx2 -> Mx1x1x2
         labels = torch.ones(coords.shape[:3], dtype=torch.long, device=coords.device)
         out = self.model(image_embeddings=per_prompt, input_points=coords, input_labels=labels, multimask_output=True)
         masks = out.pred_masks[:, 0]  # Mx1x3xS/4xS/4 -> Mx3xS/4xS/4
         best = out.iou_scores[:, 0].argmax(dim=1)  # Mx3 -> M
         logits = masks[torch.arange(masks.shape[0], device=masks.device), best]  # MxS/4xS/4
-        logits = self._to_student(logits.unsqueeze(1), MASK_STRIDE).squeeze(1)
-        return TeacherOutput(embedding=embedding, mask_logits=logits)
+        logits = self._to_window(logits.unsqueeze(1), MASK_STRIDE, (height, width), (height, width), scale)[:, 0]
+        for i in range(images.shape[0]):
+            mine = logits[image_index == i]
+            if mine.shape[0]:
+                foreground[i] = mine.max(dim=0).values
+        return TeacherOutput(embedding=embedding, foreground=foreground)
 
     def save(self, directory: Path | str) -> None:
         """``save_pretrained`` into ``directory`` (after fine-tuning)."""
