@@ -7,7 +7,7 @@
 PYTHON ?= python3
 RUN_VENV := .venv-run
 DEV_VENV := .venv
-DEMO_INPUT ?= ../shared/datasets/magnetic_tile/MT_Crack/Imgs
+DEMO_INPUT ?= out/demo/frames
 DEMO_OUT ?= out/demo
 
 DEMO_PORT ?= 8080
@@ -53,10 +53,14 @@ demo-screenshot: $(RUN_VENV)/.installed
 		--screenshot=$(abspath $(DEMO_OUT))/live-page.png http://127.0.0.1:$(DEMO_PORT)/ 2>/dev/null; \
 	kill $$pid; wait $$pid; echo "screenshot: $(DEMO_OUT)/live-page.png"
 
-# The one-shot job: inspect sample images, an overlay PNG and a JSON per image into out/demo/infer.
+# The one-shot job: inspect sample 4 MP frames (rendered synthetic panels), an overlay PNG and a JSON per frame
+# into out/demo/infer.
 demo-infer: $(RUN_VENV)/.installed
 	$(RUN_VENV)/bin/defectsam bundle inspect
-	$(RUN_VENV)/bin/defectsam infer $(DEMO_INPUT) --glob '*.jpg' --limit 8 --out $(DEMO_OUT)/infer
+	$(RUN_VENV)/bin/python -c "import cv2, pathlib; from engines.synthetic import render_frame; \
+		d = pathlib.Path('$(DEMO_INPUT)'); d.mkdir(parents=True, exist_ok=True); \
+		[cv2.imwrite(str(d / f'panel-{s}.png'), render_frame(s, with_masks=False).image) for s in range(2000000, 2000008)]"
+	$(RUN_VENV)/bin/defectsam infer $(DEMO_INPUT) --glob '*.png' --limit 8 --out $(DEMO_OUT)/infer
 
 # Real peers of the integration tests; without them those tests skip and say why.
 peers:
@@ -100,29 +104,30 @@ bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/sam2_small/reference.json
 		--json out/bench/report.json --markdown docs/benchmarks.md $(BENCH_REPORT_FLAGS)
 
 # Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only
-# (licence-clean), about an hour on 2 CPU cores; docs/training.md has the teacher route for a GPU box.
+# (licence-clean): the window segmenter and the finder on 1500 rendered 4 MP frames (rendered once into
+# .cache/data), about 1.5 hours on 2 CPU cores; docs/training.md has the figures and the teacher route.
+SYNTH_VAL := synthetic,n=60,seed=1000000
+SYNTH_TEST := synthetic,n=200,seed=2000000
 default-bundle: $(DEV_VENV)/.installed
-	$(DEV_VENV)/bin/defectsam-train distill --config training/configs/default_synthetic.yaml
-	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic/best.pt \
-		--name defectsam-student-cnn-synthetic --out engines/default
-	$(DEV_VENV)/bin/defectsam-train calibrate engines/default --data synthetic,n=40,seed=1000000,width=1024,height=576
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_synthetic.yaml
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_synthetic_more.yaml
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_finder.yaml
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_finder_more.yaml
+	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic_more/best.pt \
+		--finder runs/default_finder_more/best.pt --name defectsam-synthetic --out engines/default
+	$(DEV_VENV)/bin/defectsam-train calibrate engines/default --data $(SYNTH_VAL)
+	$(DEV_VENV)/bin/defectsam-train quantize engines/default --calib synthetic --n 16
 	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision fp32 --record synthetic_test \
-		--data synthetic,n=60,seed=2000000,width=1024,height=576
-	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision fp32 --record magnetic_tile_test \
-		--data magnetic_tile:test
-	$(DEV_VENV)/bin/defectsam-train quantize engines/default --calib synthetic --n 32
+		--data $(SYNTH_TEST)
 	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision int8 --record synthetic_test_int8 \
-		--data synthetic,n=60,seed=2000000,width=1024,height=576
-	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision int8 --record magnetic_tile_test_int8 \
-		--data magnetic_tile:test
+		--data $(SYNTH_TEST)
 
 # The worked example of docs/training.md: synthetic data to a bundle on a CPU in minutes.
 train-quickstart: $(DEV_VENV)/.installed
-	$(DEV_VENV)/bin/defectsam-train synth --out runs/synth --n 8 --width 256 --height 144 --seed 100000
-	$(DEV_VENV)/bin/defectsam-train finetune-teacher --config training/configs/quickstart_teacher.yaml
-	$(DEV_VENV)/bin/defectsam-train cache-teacher --config training/configs/quickstart.yaml
-	$(DEV_VENV)/bin/defectsam-train distill --config training/configs/quickstart.yaml
-	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/quickstart/best.pt --out runs/quickstart-bundle
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/quickstart.yaml
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/quickstart_finder.yaml
+	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/quickstart/best.pt --finder runs/quickstart-finder/best.pt \
+		--name quickstart --out runs/quickstart-bundle
 
 # The reference run (docs/reference.md): the field report's table on ../shared/datasets with this project's own
 # teacher, students, INT8 and benchmark; reduced schedule, about an hour on 2 CPU cores. Resumable: run it again

@@ -13,17 +13,15 @@
 # daemon may replace them. It prints the plan paths. Without TensorRT or pycuda it fails with one
 # line and exit status 2.
 #
-# The trtexec equivalent (JetPack's /usr/src/tensorrt/bin/trtexec, TensorRT 10), for the fused graph
-# at fp16; `--trtexec` prints these lines with this device's plan file names filled in:
+# The trtexec equivalent (JetPack's /usr/src/tensorrt/bin/trtexec, TensorRT 10), for the segment graph
+# at fp16; `--trtexec` prints these lines (the find graph's too) with this device's plan file names filled in:
 #
-#   trtexec --onnx=BUNDLE/model.onnx --saveEngine=PLAN_DIR/model.<sha12>.fp16.trt<version>.<gpu>-sm<cc>.plan \
-#       --memPoolSize=workspace:1024 --device=0 --skipInference --fp16
+#   trtexec --onnx=BUNDLE/segment.onnx --saveEngine=PLAN_DIR/segment.<sha12>.fp16.trt<version>.<gpu>-sm<cc>.max<profile>.plan \
+#       --memPoolSize=workspace:1024 --device=0 --skipInference --fp16 \
+#       --minShapes=windows:1x3x16x16 --optShapes=windows:24x3x128x128 --maxShapes=windows:24x3x128x128
 #
-# int8 builds from model.int8.onnx (the QDQ graph) with `--fp16 --int8`; fp32 drops `--fp16`. The
-# decoder graph (decoder.onnx) adds its prompt-count optimisation profile (max = backend.max_points):
-#
-#       --minShapes=point_coords:1x1x2,point_labels:1x1 --optShapes=point_coords:1x2x2,point_labels:1x2 \
-#       --maxShapes=point_coords:1x16x2,point_labels:1x16
+# int8 builds from segment.int8.onnx and find.int8.onnx (the QDQ graphs) with `--fp16 --int8`; fp32 drops
+# `--fp16`. The find graph's profile is the camera frame's find input (backend.frame_width/height).
 set -euo pipefail
 
 CONFIG=${DEFECTSAM_CONFIG:-/etc/defectsam/defectsam.yaml}

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engines.atomic import replace_dir
+from engines.atomic import current_umask, replace_dir
 from engines.contract import SIDE_MULTIPLE
 from engines.errors import BundleError
 
@@ -337,7 +337,7 @@ def write_bundle(out_dir: Path | str, manifest_fields: Mapping[str, Any], files:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a bundle is read by the service user
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a bundle is read by the service user
         digests: dict[str, str] = {}
         for name, source in files.items():
             target = staging / name
@@ -360,12 +360,6 @@ def write_bundle(out_dir: Path | str, manifest_fields: Mapping[str, Any], files:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return load_bundle(out_dir)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def update_metrics(bundle_dir: Path | str, key: str, value: Any) -> Bundle:

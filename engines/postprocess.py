@@ -12,8 +12,14 @@ split into connected components (8-connectivity), one defect each:
   probability inside it over its area plus the probability just outside it (2 px around);
 * mask, bbox, centroid in frame pixels; point: the pixel of the highest probability.
 
-Verdict: NG with any defect; else UNCERTAIN when some pixel reached ``uncertain_threshold`` or
-the find pass left a likely cell uncovered (``max_windows`` ran out); else OK.
+Components closer than ``join_px`` to each other are one defect (their pixels stay as found): a
+scratch whose contrast fades in the middle comes out in pieces a pixel or two apart, and the line
+wants one scratch, not five.
+
+Verdict: NG with any defect; else UNCERTAIN when a component large enough to be a defect peaked at
+``uncertain_threshold`` or more (short of the score threshold; with an uncertain threshold under
+the mask threshold, a region of pixels at or above it counts as a component), or the find pass left a likely cell
+uncovered (``max_windows`` ran out); else OK. A lone pixel below ``min_area_px`` decides nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +58,10 @@ class PostprocessConfig(BaseModel):
         description="defects whose masks the model's own probabilities rate below this are dropped",
     )
     min_area_px: int = Field(default=3, ge=1, title="Minimum defect area", description="in frame pixels")
+    join_px: int = Field(
+        default=3, ge=0, le=32, title="Join distance",
+        description="defect pixels this close (frame pixels) belong to one defect; 0: only touching pixels do",
+    )
     max_defects: int = Field(default=32, ge=1, title="Most defects reported per frame")
 
     @model_validator(mode="after")
@@ -99,10 +109,9 @@ class Postprocessor:
         defects: list[Defect] = []
         max_peak = 0.0
         for canvas in canvases:
-            foreground = 1.0 - canvas.probs[0]
-            if foreground.size:
-                max_peak = max(max_peak, float(foreground.max()))
-            defects.extend(self._canvas_defects(canvas, foreground))
+            found, peak = self._canvas_defects(canvas, 1.0 - canvas.probs[0])
+            defects.extend(found)
+            max_peak = max(max_peak, peak)
         defects.sort(key=lambda d: (-d.score, -d.area_px))
         defects = defects[: cfg.max_defects]
         if defects:
@@ -116,12 +125,22 @@ class Postprocessor:
             max_peak_score=max(max_peak, uncovered),
         )
 
-    def _canvas_defects(self, canvas: Canvas, foreground: np.ndarray) -> list[Defect]:
+    def _canvas_defects(self, canvas: Canvas, foreground: np.ndarray) -> tuple[list[Defect], float]:
+        """The canvas's defects, and the highest peak of any component of defect size (kept or not)."""
         cfg = self.config
         binary = (foreground >= cfg.mask_threshold).astype(np.uint8)
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+        if cfg.join_px > 0 and binary.any():
+            # Components of the mask grown by join_px (pieces that close join), then back to the mask's own pixels.
+            size = 2 * cfg.join_px + 1
+            grown = cv2.dilate(binary, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)))
+            count, labels, _, _ = cv2.connectedComponentsWithStats(grown, connectivity=8)
+            labels = np.where(binary > 0, labels, 0).astype(np.int32)
+            stats = _stats(labels, count)
+        else:
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
         out: list[Defect] = []
         height, width = binary.shape
+        max_peak = _weak_peak(foreground, cfg) if cfg.uncertain_threshold < cfg.mask_threshold else 0.0
         for component in range(1, count):
             x, y, w, h, area = (int(v) for v in stats[component])
             if area < cfg.min_area_px:
@@ -130,6 +149,7 @@ class Postprocessor:
             fg = foreground[y : y + h, x : x + w]
             inside = fg[mask]
             score = float(inside.max())
+            max_peak = max(max_peak, score)
             if score < cfg.score_threshold:
                 continue
             # Expected IoU under the model's own probabilities: what it puts inside / (the mask + what it
@@ -157,4 +177,39 @@ class Postprocessor:
                 point=(fx + px + 0.5, fy + py + 0.5),
                 mask=mask,
             ))
-        return out
+        return out, max_peak
+
+
+def _weak_peak(foreground: np.ndarray, cfg: PostprocessConfig) -> float:
+    """The highest peak of a region of defect size whose probability reaches ``uncertain_threshold`` while
+    staying under ``mask_threshold`` somewhere (an uncertain threshold under the mask threshold asks for them)."""
+    weak = (foreground >= cfg.uncertain_threshold).astype(np.uint8)
+    if not weak.any():
+        return 0.0
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(weak, connectivity=8)
+    big = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= cfg.min_area_px)
+    big = big[big > 0]
+    if big.size == 0:
+        return 0.0
+    return float(foreground[np.isin(labels, big)].max())
+
+
+def _stats(labels: np.ndarray, count: int) -> np.ndarray:
+    """cv2's component stats (x, y, width, height, area) of a label image whose labels may not be connected."""
+    stats = np.zeros((count, 5), np.int64)
+    ys, xs = np.nonzero(labels)
+    if ys.size == 0:
+        return stats
+    ids = labels[ys, xs]
+    order = np.argsort(ids, kind="stable")
+    ids, ys, xs = ids[order], ys[order], xs[order]
+    starts = np.searchsorted(ids, np.arange(count))
+    ends = np.searchsorted(ids, np.arange(count), side="right")
+    for k in range(1, count):
+        a, b = starts[k], ends[k]
+        if a == b:
+            continue
+        x0, x1 = int(xs[a:b].min()), int(xs[a:b].max())
+        y0, y1 = int(ys[a:b].min()), int(ys[a:b].max())
+        stats[k] = (x0, y0, x1 - x0 + 1, y1 - y0 + 1, b - a)
+    return stats

@@ -67,7 +67,7 @@ class InspectionResult:
     frame_height: int
     verdict: Verdict
     defects: tuple[Defect, ...]
-    max_peak_score: float  # highest saliency peak, kept or not: how close an OK frame came to NG
+    max_peak_score: float  # highest peak of a region of defect size, kept or not: how close an OK frame came to NG
     timings: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self, *, with_polygons: bool = True) -> dict[str, Any]:

@@ -351,7 +351,10 @@ def run(config: DaemonConfig, **kwargs: Any) -> int:
 
 
 def _input_text(manifest: Any, inspector: Inspector | None) -> str:
-    """'find 1/4, windows 128 px' or 'tiles 128 px': how the engine sees a frame (EngineSnapshot.input)."""
+    """'find 1/4, windows 128 px', 'tiles 128 px' or 'whole frame' (mode whole: each frame one window, whatever
+    the window side): how the engine sees a frame (EngineSnapshot.input)."""
+    if inspector is not None and inspector.config.mode == "whole":
+        return "whole frame"
     window = inspector.window if inspector is not None else manifest.segment.window
     if manifest.find is not None and (inspector is None or inspector.config.mode in ("auto", "windows")):
         return f"find 1/{manifest.find.reduction}, windows {window} px"

@@ -372,7 +372,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     if scaling is not None and scaling.get("rows"):
         batches = list(scaling["rows"][0]["segment_ms"])
         out += ["## How cost grows: the two graphs alone", "",
-                f"The find graph on a 4 MP frame's find input and the segment graph on batches of {scaling['window']} px "
-                f"windows, {settings['scaling_iterations']} timed runs each (median): what each window the find pass "
-                "asks for adds to a frame's time.", "", *_scaling_table(scaling, batches), ""]
+                f"The find graph on a 4 MP frame's find input and the segment graph on batches of "
+                f"{scaling['window']} px windows, {settings['scaling_iterations']} timed runs each (median): "
+                "what each window the find pass asks for adds to a frame's time.", "",
+                *_scaling_table(scaling, batches), ""]
     return "\n".join(out).rstrip() + "\n"

@@ -9,7 +9,8 @@ engine can take them, so the engine is the bottleneck. After a warm-up the run a
    stage stamps, the process's CPU; and
 2. an engine-only slice: the pipeline held (``Pipeline.hold``: the engine idle, the camera still
    capturing), the daemon's own inspector (both passes, engines.inspector) run on the synthetic
-   camera's own 2688x1520 frames in turn, ``engine_iterations`` times; FPS from the median latency.
+   camera's own frames (its pool, at its size) in turn, ``engine_iterations`` times; FPS from the
+   median latency.
 
 The ratio pipeline FPS / engine FPS says how much the overlapped stages cost the engine (1.0:
 nothing). It is taken pair by pair and the median quoted, so a shared machine whose speed drifts
@@ -37,6 +38,7 @@ from engines.errors import DefectsamError
 from engines.inspector import Inspector
 from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
 from service.app import Daemon
+from service.capture.synthetic import SyntheticSource
 from service.config import DaemonConfig
 from service.pipeline.record import InspectionRecord, StageTimes
 
@@ -114,8 +116,12 @@ def bench_pipeline(
         plc = daemon.plc
         plc_latencies: list[float] = []
         camera = config.camera
-        seeds = range(camera.seed, camera.seed + camera.pool_size) if camera.type == "synthetic" else range(4)
-        frames = [render_frame(seed, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image for seed in seeds]
+        if camera.type == "synthetic":  # the very frames the camera plays (its pool, at its size), not 4 MP ones
+            source = SyntheticSource(camera)
+            frames = [source.read() for _ in range(camera.pool_size)]
+            source.close()
+        else:
+            frames = [render_frame(seed, FRAME_WIDTH, FRAME_HEIGHT, with_masks=False).image for seed in range(4)]
         inspector = pipeline.inspector
         with pipeline.hold():
             _engine_slice(inspector, frames, 3)  # the engine's own warm-up

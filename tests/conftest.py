@@ -10,25 +10,31 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO.parent / "shared" / "datasets"
 
-TINY_HW = (128, 256)
-TINY_K = 4
+TINY_WINDOW = 64  # the tiny bundle's window side
+TINY_MAX_WINDOWS = 4
 TINY_CLASSES = ("scratch", "dent", "pinhole")
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """student_cnn exported at 128x256, K=4; do not modify: copy it with ``tiny_bundle``."""
+    """student_seg + finder, random weights, 64 px windows, at most 4 a frame; do not modify: copy it with
+    ``tiny_bundle``."""
+    import os  # DEV-ONLY (helper): remove before handing back
+
+    if os.environ.get("DEFECTSAM_DEV_TINY_MASTER"):
+        return Path(os.environ["DEFECTSAM_DEV_TINY_MASTER"])
     pytest.importorskip("torch", reason="exporting a bundle needs the 'train' extra (torch)")
     import torch
 
     from training.export.onnx import export_bundle
-    from training.model.build import build_model
+    from training.model.build import build_finder, build_model
 
     torch.manual_seed(0)
-    model = build_model("student_cnn", height=TINY_HW[0], width=TINY_HW[1], num_classes=len(TINY_CLASSES), k=TINY_K)
+    model = build_model("student_seg", num_classes=len(TINY_CLASSES))
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(
-        model, "student_cnn", out, name="tiny-student", classes=TINY_CLASSES,
+        model, "student_seg", out, name="tiny-student", classes=TINY_CLASSES, finder=build_finder("finder"),
+        finder_arch="finder", window=TINY_WINDOW, max_windows=TINY_MAX_WINDOWS,
         provenance={"weights": "untrained", "notes": "test fixture", "seed": 0},
     )
     return out

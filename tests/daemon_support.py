@@ -35,13 +35,14 @@ def free_port() -> int:
 
 
 def ng_bundle(master: Path, base: Path) -> Path:
-    """The tiny test bundle made to find defects: its saliency and IoU biases raised (ONNX edited, no torch).
+    """The tiny test bundle made to find defects: two head biases raised (ONNX edited, no torch).
 
-    Untrained weights put every peak near score 0.01 with a negative predicted IoU, so nothing is
-    ever a defect. Raising two biases makes every peak a confident defect; with mask_threshold
-    -1e6 (config_data) its mask covers its whole region, so every frame is NG with large masks:
-    the store, the overlay colours and the defect counters all have something to show. Cached
-    under ``base`` (pytest's basetemp), so the test modules share one copy.
+    Untrained weights put every candidate cell near probability 0.01 and every pixel's class near
+    uniform, so nothing is ever a defect. Raising the finder's head bias makes every cell a
+    candidate (the windows go to the first cells, at most 4), and raising the segmenter's
+    first-class ("scratch") logit makes every pixel of every window a confident defect, so every
+    frame is NG with large masks: the store, the overlay colours and the defect counters all have
+    something to show. Cached under ``base`` (pytest's basetemp), so the test modules share one copy.
     """
     import onnx
     from onnx import numpy_helper
@@ -52,19 +53,25 @@ def ng_bundle(master: Path, base: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     source = load_bundle(master)
-    raise_by = {"model.saliency_head.out.bias": 8.0, "model.mask_decoder.iou_prediction_head.layers.2.bias": 3.0}
+    # name -> (channel or None for all, amount)
+    raise_by = {"model.head.bias": (None, 8.0), "model.decoder.head.bias": (1, 8.0)}
     files = {}
     staging = base / "ng-bundle-src"
     staging.mkdir(exist_ok=True)
     for name in source.manifest.files:
         graph = onnx.load(str(master / name))
         for init in graph.graph.initializer:
-            for suffix, delta in raise_by.items():
-                if init.name.endswith(suffix.removeprefix("model.")):
-                    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(delta), init.name))
+            if init.name in raise_by:
+                channel, delta = raise_by[init.name]
+                value = numpy_helper.to_array(init).copy()
+                if channel is None:
+                    value += np.float32(delta)
+                else:
+                    value[channel] += np.float32(delta)
+                init.CopyFrom(numpy_helper.from_array(value, init.name))
         onnx.save(graph, str(staging / name))
         files[name] = staging / name
-    fields = source.manifest.model_dump(mode="json", by_alias=True, exclude={"files"})
+    fields = source.manifest.model_dump(mode="json", exclude={"files"})
     fields["name"] = "tiny-student-ng"
     write_bundle(out, fields, files)
     return out
@@ -77,7 +84,6 @@ def config_data(tmp_path: Path, bundle: Path | None, **sections: dict[str, Any])
         "engine": {
             "bundle": str(bundle) if bundle else None,
             "backend": {"type": "onnxruntime", "providers": ["cpu"], "intra_op_threads": 1},
-            "postprocess": {"mask_threshold": -1e6},
         },
         "api": {"host": "127.0.0.1", "port": 0, "token": TOKEN},
         "store": {"path": str(tmp_path / "store"), "ok_sample_share": 1.0, "min_free_mb": 0},

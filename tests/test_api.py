@@ -49,7 +49,7 @@ def test_status_reports_the_pipeline(url: str) -> None:
     assert status == 200 and body["ready"] is True
     assert body["camera"]["state"] == "connected" and body["camera"]["type"] == "synthetic"
     assert body["engine"] | {"error": None} == body["engine"] and body["engine"]["bundle"] == "tiny-student-ng"
-    assert body["engine"]["weights"] == "untrained" and body["engine"]["input"] == "128x256"
+    assert body["engine"]["weights"] == "untrained" and body["engine"]["input"] == "find 1/4, windows 64 px"
     assert body["pipeline"]["frames_processed"] >= 3 and body["pipeline"]["verdicts"]["NG"] >= 3
     assert body["pipeline"]["latency"]["infer"]["count"] >= 3
     assert set(body["store"]["dropped"]) == {"queue_full", "disk_full", "error"}

@@ -12,14 +12,14 @@ from pathlib import Path
 import cv2
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, TINY_MAX_WINDOWS, TINY_WINDOW
 
 
 def defectsam(*args: str | Path, prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [*(prefix or []), sys.executable, "-m", "service.cli", *map(str, args)],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=900,
     )
 
 
@@ -49,11 +49,26 @@ def test_infer_writes_overlays_and_json_for_real_defect_images(
         assert record["frame"] == {"width": frame.shape[1], "height": frame.shape[0]}
         assert record["verdict"] in {"OK", "NG", "UNCERTAIN"}
         assert record["defect_count"] == len(record["defects"])
-        assert record["bundle"] == "tiny-student"
+        assert record["bundle"] == "tiny-student" and record["weights"] == "untrained"
+        assert set(record["timings_ms"]) == {"preprocess", "find", "segment", "postprocess", "total"}  # windows mode
         overlay = cv2.imread(str(out / f"{image.stem}.overlay.png"))
         assert overlay.shape == frame.shape
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["images"]) == 2 and summary["failed"] == 0
+    assert len(summary["images"]) == 2 and summary["failed"] == 0 and summary["bundle"] == "tiny-student"
+    assert summary["backend"].startswith("onnxruntime:")
+
+
+def test_infer_takes_the_inspection_mode_and_window(tiny_bundle: Path, dataset_images: list[Path],
+                                                    tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = defectsam("infer", dataset_images[0], "--bundle", tiny_bundle, "--out", out, "--mode", "tiles",
+                     "--window", "48", "--score-threshold", "0.9")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / f"{dataset_images[0].stem}.json").read_text())
+    assert "find" not in record["timings_ms"] and "segment" in record["timings_ms"]  # tiles: no find pass
+    assert all(d["score"] >= 0.9 for d in record["defects"])
+    assert_one_line_error(defectsam("infer", dataset_images[0], "--bundle", tiny_bundle, "--window", "100"),
+                          "--window must be a positive multiple of 16 pixels")
 
 
 def test_infer_reads_the_dataset_in_place_with_a_glob(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -67,6 +82,25 @@ def test_infer_reads_the_dataset_in_place_with_a_glob(tiny_bundle: Path, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert len(list((tmp_path / "o").glob("*.overlay.png"))) == 2
     assert len(list((tmp_path / "o").glob("*.json"))) == 3  # two images and the summary
+
+
+def test_an_image_smaller_than_a_window_is_reported_and_the_rest_are_inspected(
+    tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(dataset_images[0], folder / "good.jpg")
+    frame = cv2.imread(str(dataset_images[0]))
+    cv2.imwrite(str(folder / "tiny.png"), frame[:40, :50])
+    out = tmp_path / "out"
+    proc = defectsam("infer", folder, "--bundle", tiny_bundle, "--out", out, "--mode", "windows")
+    assert_one_line_error(proc, "tiny.png", f"inspection.window {TINY_WINDOW} is larger than the frame (50x40)")
+    assert (out / "good.json").is_file() and not (out / "tiny.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == 1 and len(summary["images"]) == 1
+    # auto inspects the small image whole instead.
+    assert defectsam("infer", folder / "tiny.png", "--bundle", tiny_bundle, "--out", out).returncode == 0
+    assert json.loads((out / "tiny.json").read_text())["frame"] == {"width": 50, "height": 40}
 
 
 def test_infer_on_a_file_that_is_not_an_image(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -85,12 +119,20 @@ def test_infer_on_a_missing_path_and_an_empty_directory(tiny_bundle: Path, tmp_p
     assert_one_line_error(defectsam("infer", tmp_path / "empty", "--bundle", tiny_bundle), "no images matching")
 
 
-def test_infer_with_a_tampered_bundle(tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path) -> None:
-    with (tiny_bundle / "model.onnx").open("ab") as handle:
+def test_infer_with_a_tampered_or_a_single_pass_bundle(
+    tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path
+) -> None:
+    with (tiny_bundle / "segment.onnx").open("ab") as handle:
         handle.write(b"tamper")
     proc = defectsam("infer", dataset_images[0], "--bundle", tiny_bundle, "--out", tmp_path / "out")
-    assert_one_line_error(proc, "model.onnx", "checksum mismatch")
+    assert_one_line_error(proc, "segment.onnx", "checksum mismatch")
     assert not (tmp_path / "out").exists()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"schema_version": 2, "name": "letterboxed", "K": 8}))
+    proc = defectsam("infer", dataset_images[0], "--bundle", old, "--out", tmp_path / "out")
+    assert_one_line_error(proc, str(old / "manifest.json"), "schema_version 2 is a single-pass bundle",
+                          "train and export the model again")
 
 
 def test_infer_on_an_unreadable_directory(tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path) -> None:
@@ -131,28 +173,41 @@ def test_a_bad_image_among_good_ones_is_reported_and_the_rest_are_inspected(
 def test_bundle_inspect(tiny_bundle: Path) -> None:
     proc = defectsam("bundle", "inspect", tiny_bundle)
     assert proc.returncode == 0, proc.stderr
-    assert "tiny-student" in proc.stdout and "sha256 verified" in proc.stdout
-    assert "untrained" in proc.stdout
+    out = proc.stdout
+    assert "tiny-student" in out and "(schema 3," in out and "sha256 verified" in out and "untrained" in out
+    assert "segmenter student_seg" in out and "finder finder" in out
+    assert f"{TINY_WINDOW} x {TINY_WINDOW} px at 1:1, at most {TINY_MAX_WINDOWS} per frame" in out
+    assert "the frame in grey at 1/4" in out and "candidates per 32 x 32 frame pixels" in out
+    assert "1:scratch, 2:dent, 3:pinhole (0: background)" in out
     as_json = json.loads(defectsam("bundle", "inspect", tiny_bundle, "--json").stdout)
-    assert as_json["K"] == 4
+    assert as_json["segment"]["window"] == TINY_WINDOW and as_json["find"]["reduction"] == 4
+    assert set(as_json["files"]) == {"segment.onnx", "find.onnx"}
     (tiny_bundle / "manifest.json").write_text("{")
     assert_one_line_error(defectsam("bundle", "inspect", tiny_bundle), "manifest.json", "malformed JSON")
 
 
-def test_bench_engine_compares_bundles_in_one_run(tiny_bundle: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_bench_engine_compares_bundles_and_window_sizes_in_one_run(tiny_bundle: Path, tmp_path: Path) -> None:
     report = tmp_path / "bench.json"
-    proc = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tiny_bundle,
-                     "--iterations", "3", "--warmup", "1", "--json", report)
+    proc = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tiny_bundle, "--modes", "windows",
+                     "--windows", "64,128", "--iterations", "3", "--warmup", "1", "--json", report)
     assert proc.returncode == 0, proc.stderr
     assert "FPS (median)" in proc.stdout and "tiny-student (fp32) / tiny-student (fp32)" in proc.stdout
     results = json.loads(report.read_text())["results"]
-    assert len(results) == 2
+    assert len(results) == 4  # two bundles x two window sides
+    assert [(r["mode"], r["window"]) for r in results] == [("windows", 64), ("windows", 128)] * 2
+    assert all(r["input_hw"] == [1520, 2688] for r in results)  # 4 MP synthetic test frames
     assert all(r["fps_median"] > 0 and r["latency_ms_p99"] >= r["latency_ms_p50"] for r in results)
-    missing = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tmp_path / "mobilesam")
-    assert_one_line_error(missing, "reference bundle does not exist", "defectsam-train export --arch mobilesam")
+    missing = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tmp_path / "other")
+    assert_one_line_error(missing, "reference bundle does not exist",
+                          "defectsam-train export --arch student_seg --random-init --random-finder")
+    assert_one_line_error(defectsam("bench", "engine", "--bundle", tiny_bundle, "--modes", "grid"), "--modes")
+    assert_one_line_error(defectsam("bench", "engine", "--bundle", tiny_bundle, "--windows", "100"), "--windows")
 
 
 def test_usage_errors_exit_2_in_one_line() -> None:
     proc = defectsam("infer")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "the following arguments are required: input" in proc.stderr
+    proc = defectsam("infer", "x.png", "--mode", "letterbox")
+    assert proc.returncode == 2 and "argument --mode: invalid choice: 'letterbox'" in proc.stderr

@@ -59,6 +59,22 @@ def test_yaml_file_and_environment_overrides(tmp_path: Path) -> None:
     assert config.pipeline.mode == "triggered"
 
 
+def test_inspection_section_from_the_file_and_the_environment(tmp_path: Path) -> None:
+    assert DaemonConfig().engine.inspection.mode == "auto" and DaemonConfig().engine.inspection.window is None
+    path = write(tmp_path, "engine:\n  inspection:\n    mode: tiles\n    window: 128\n    tile_overlap: 16\n"
+                           "  postprocess:\n    mask_threshold: 0.4\n")
+    config = load_config(path, {"DEFECTSAM__ENGINE__INSPECTION__MAX_WINDOWS": "12",
+                                "DEFECTSAM__ENGINE__INSPECTION__CANDIDATE_THRESHOLD": "0.25"})
+    inspection = config.engine.inspection
+    assert (inspection.mode, inspection.window, inspection.tile_overlap) == ("tiles", 128, 16)
+    assert inspection.max_windows == 12 and inspection.candidate_threshold == 0.25
+    assert inspection.margin == 16 and inspection.batch == 16  # defaults kept
+    assert config.engine.postprocess.mask_threshold == 0.4
+    message = error_of(tmp_path, "", {"DEFECTSAM__ENGINE__INSPECTION__WINDOW": "100"})
+    assert "key 'engine.inspection.window' = '100'" in message and "multiple of 16" in message
+    assert "(from DEFECTSAM__ENGINE__INSPECTION__WINDOW)" in message
+
+
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, "api:\n  port: 9001\n")
     assert load_config(None, {"DEFECTSAM_CONFIG": str(path)}).api.port == 9001
@@ -74,6 +90,20 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     ("api:\n  token: short\n", ["key 'api.token' = '***'", "at least 8 characters"]),
     ("engine:\n  backend:\n    type: onnxruntime\n    providers: [gpu]\n", ["engine.backend.providers"]),
     ("engine:\n  postprocess:\n    score_threshold: 0.2\n", ["engine.postprocess", "must not exceed"]),
+    ("engine:\n  postprocess:\n    mask_threshold: -1000000.0\n",  # the old logit threshold: now a probability
+     ["key 'engine.postprocess.mask_threshold' = -1000000.0", "greater than 0"]),
+    ("engine:\n  postprocess:\n    mask_threshold: 1\n", ["key 'engine.postprocess.mask_threshold' = 1", "less than"]),
+    ("engine:\n  inspection:\n    window: 100\n", ["key 'engine.inspection.window' = 100", "multiple of 16"]),
+    ("engine:\n  inspection:\n    window: 0\n", ["key 'engine.inspection.window' = 0", "greater than or equal to 16"]),
+    ("engine:\n  inspection:\n    tile_overlap: -1\n",
+     ["key 'engine.inspection.tile_overlap' = -1", "greater than or equal to 0"]),
+    ("engine:\n  inspection:\n    mode: full\n", ["key 'engine.inspection.mode' = 'full'", "'windows', 'tiles'"]),
+    ("engine:\n  inspection:\n    max_windows: 0\n", ["key 'engine.inspection.max_windows' = 0"]),
+    ("engine:\n  inspection:\n    margin: 65\n", ["key 'engine.inspection.margin' = 65", "less than or equal to 64"]),
+    ("engine:\n  inspection:\n    candidate_threshold: 1.5\n", ["key 'engine.inspection.candidate_threshold' = 1.5"]),
+    ("engine:\n  inspection:\n    batch: 0\n", ["key 'engine.inspection.batch' = 0"]),
+    ("engine:\n  inspection:\n    windw: 64\n", ["key 'engine.inspection.windw'", "unknown key"]),
+    ("engine:\n  inspection: tiles\n", ["key 'engine.inspection' = 'tiles'", "valid dictionary"]),
     ("store:\n  ok_sample_share: 2\n", ["key 'store.ok_sample_share' = 2"]),
     ("pipeline:\n  mode: sometimes\n", ["key 'pipeline.mode' = 'sometimes'", "free_run"]),
     ("camera: [1, 2]\n", ["camera"]),
@@ -161,6 +191,10 @@ def test_serve_with_a_bad_config_stops_with_one_line(tmp_path: Path) -> None:
     proc = cli("serve", env={"DEFECTSAM__STORE__RETENTION_DAYS": "-1"})
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "store.retention_days" in proc.stderr and "DEFECTSAM__STORE__RETENTION_DAYS" in proc.stderr
+    proc = cli("serve", env={"DEFECTSAM__ENGINE__INSPECTION__TILE_OVERLAP": "-8"})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "key 'engine.inspection.tile_overlap' = '-8'" in proc.stderr
+    assert "DEFECTSAM__ENGINE__INSPECTION__TILE_OVERLAP" in proc.stderr
 
 
 def _update_docs() -> None:  # pragma: no cover - run by hand: python -m tests.test_config

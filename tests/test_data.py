@@ -1,31 +1,42 @@
-"""Dataset readers, specs, the synth command and training-example preparation, on real data where it exists."""
+"""Dataset readers, specs, the synth command, training windows and the 4 MP frame sets, on real data where it exists."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from engines.preprocess import Letterbox, Preprocessor
+from engines.contract import CELL_STRIDE
+from engines.find import find_geometry, reduce_grey, to_grey
+from engines.preprocess import WindowCutter
+from engines.synthetic import GENERATOR_VERSION, render_frame
+from engines.windows import Window
 from tests.conftest import DATASETS
 from training.data.errors import DatasetError
 from training.data.folder import FolderDataset
 from training.data.magnetic_tile import MagneticTileDataset
 from training.data.neu_seg import NeuSegDataset
-from training.data.prepare import (
-    collate,
-    input_spec,
-    interior_point,
-    prepare_example,
-    resize_mask,
-)
-from training.data.registry import MergedDataset, build_dataset, parse_spec
-from training.data.sample import Sample
+from training.data.registry import MergedDataset, build_dataset, build_find_dataset, parse_spec
+from training.data.sample import IGNORE_LABEL, Sample, interior_point, label_map
 from training.data.synthetic import SyntheticDataset
+from training.data.synthetic_frames import (
+    CACHE_ENV,
+    FrameSet,
+    FrameSetParams,
+    SyntheticWindowsDataset,
+    build_frame_set,
+    find_cells_shape,
+)
 
 from .support import run_command_module
+
+torch = pytest.importorskip("torch", reason="training windows are torch datasets (the 'train' extra)")
+
+from training.data.windows import WindowDataset, collate_windows, orient, segment_spec  # noqa: E402
 
 MAGNETIC_TILE = DATASETS / "magnetic_tile"
 NEU_SEG = DATASETS / "neu_seg"
@@ -76,17 +87,17 @@ def test_magnetic_tile_samples_align_and_carry_their_folder_class() -> None:
         else:
             assert set(sample.classes.tolist()) <= {dataset.class_names.index(folder)}
             union = sample.masks.any(axis=0) if len(sample.masks) else np.zeros_like(mask, dtype=bool)
-            assert not (union & (mask < 128)).any()  # every instance pixel is foreground
+            assert np.array_equal(union, mask >= 128)  # every foreground pixel, nothing else (min area 1)
             seen_defects += int(len(sample.masks) > 0)
     assert seen_defects and seen_free
 
 
 @needs_neu_seg
-def test_neu_seg_split_sizes_class_names_and_instances() -> None:
+def test_neu_seg_split_sizes_three_classes_and_every_labelled_pixel() -> None:
     sizes = {split: len(NeuSegDataset(NEU_SEG, split)) for split in ("train", "val", "test")}
     assert sizes == {"train": 3129, "val": 894, "test": 447}
     dataset = build_dataset("neu_seg:test")
-    assert tuple(dataset.class_names) == ("Inclusions", "Patches", "Scratches", "others")
+    assert tuple(dataset.class_names) == ("Inclusions", "Patches", "Scratches")  # labels.txt's "others" dropped
     for index in (0, 100, 446):
         sample = dataset[index]
         name = Path(sample.source).with_suffix(".png").name
@@ -95,9 +106,25 @@ def test_neu_seg_split_sizes_class_names_and_instances() -> None:
         assert len(sample.masks) > 0
         for mask, class_id in zip(sample.masks, sample.classes, strict=True):
             assert (label[mask] == class_id + 1).all()  # value v is class v-1
-        # Instances cover every labelled pixel but specks under min_instance_area (4 px).
-        uncovered = (label > 0) & ~sample.masks.any(axis=0)
-        assert uncovered.sum() < 4 * 8
+        np.testing.assert_array_equal(label_map(sample), label)  # instances cover every labelled pixel
+
+
+@needs_neu_seg
+def test_a_neu_seg_label_of_the_unused_class_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    root = tmp_path / "neu"
+    name = sorted((NEU_SEG / "img_dir" / "test").iterdir())[0].name
+    for sub in ("img_dir", "ann_dir"):
+        (root / sub / "test").mkdir(parents=True)
+    shutil.copy(NEU_SEG / "labels.txt", root / "labels.txt")
+    shutil.copy(NEU_SEG / "img_dir" / "test" / name, root / "img_dir" / "test" / name)
+    label = cv2.imread(str(NEU_SEG / "ann_dir" / "test" / Path(name).with_suffix(".png")), cv2.IMREAD_UNCHANGED)
+    label[:3, :3] = 4  # "others"
+    mask_path = root / "ann_dir" / "test" / Path(name).with_suffix(".png")
+    cv2.imwrite(str(mask_path), label)
+    with pytest.raises(DatasetError) as caught:
+        NeuSegDataset(root, "test")[0]
+    message = _one_line(caught.value)
+    assert str(mask_path) in message and "label value 4 but the reader knows 3 classes" in message
 
 
 @needs_magnetic_tile
@@ -107,7 +134,7 @@ def test_merged_datasets_share_one_class_list() -> None:
     assert isinstance(merged, MergedDataset)
     assert len(merged) == 8
     assert list(merged.class_names) == [
-        "Inclusions", "Patches", "Scratches", "others", "scratch", "dent", "pinhole",
+        "Inclusions", "Patches", "Scratches", "scratch", "dent", "pinhole",
         "Blowhole", "Break", "Crack", "Fray", "Uneven",
     ]
     synthetic = SyntheticDataset(2, seed=0, width=256, height=144)
@@ -184,6 +211,9 @@ def test_label_values_beyond_the_class_list_and_bad_specs(tmp_path: Path) -> Non
         ("nothing", "unknown dataset 'nothing'"),
         ("synthetic,n=0", "key 'n'"),
         ("synthetic,colour", "expected KEY=VALUE"),
+        ("synthetic_windows,window=100", "key 'window'"),
+        ("synthetic_windows,per_frame=0", "key 'per_frame'"),
+        ("synthetic_find,frames=1", "is the finder's data"),
         (str(tmp_path / "missing.yaml"), "cannot be read"),
     ]:
         with pytest.raises(DatasetError, match=pattern) as caught:
@@ -195,16 +225,34 @@ def test_label_values_beyond_the_class_list_and_bad_specs(tmp_path: Path) -> Non
     ]
 
 
-# -- synthetic reader and the synth command ------------------------------------------------------
+# -- samples, the synthetic reader and the synth command -----------------------------------------
 
 
-def test_synthetic_reader_is_deterministic_by_index_and_seed() -> None:
+def test_label_map_and_interior_point() -> None:
+    masks = np.zeros((2, 40, 60), bool)
+    masks[0, 10:31, 5:56] = True  # a 21 x 51 rectangle: deepest on its middle row
+    masks[1, 0:2, 0:2] = True
+    sample = Sample(image=np.zeros((40, 60, 3), np.uint8), masks=masks, classes=np.array([2, 0]), source="s")
+    labels = label_map(sample)
+    assert labels.dtype == np.uint8 and int(labels[20, 30]) == 3 and int(labels[0, 0]) == 1
+    assert int((labels == 3).sum()) == 21 * 51 and int((labels == 0).sum()) == 40 * 60 - 21 * 51 - 4
+    x, y = interior_point(masks[0])
+    assert y == pytest.approx(20.5) and 15 <= x <= 46
+    with pytest.raises(ValueError, match="empty mask"):
+        interior_point(np.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match="1 sizes for 2 instances"):
+        Sample(image=sample.image, masks=masks, classes=sample.classes, source="s", sizes=np.array([1.0]))
+
+
+def test_synthetic_reader_is_deterministic_by_index_and_seed_and_keeps_sizes() -> None:
     a, b = SyntheticDataset(4, seed=5, width=320, height=180), SyntheticDataset(4, seed=5, width=320, height=180)
     first, again = a[2], b[2]
     assert first.source == "synthetic:7"
     assert np.array_equal(first.image, again.image) and np.array_equal(first.masks, again.masks)
     assert not np.array_equal(a[1].image, first.image)
     assert first.image.shape == (180, 320, 3) and tuple(a.class_names) == ("scratch", "dent", "pinhole")
+    frame = render_frame(7, 320, 180, pixel_scale=a.pixel_scale)
+    assert first.sizes is not None and np.array_equal(first.sizes, frame.sizes)
     with pytest.raises(IndexError):
         a[4]
 
@@ -239,97 +287,200 @@ def test_synth_command_writes_what_the_folder_reader_reads_back(
     assert code == 2 and err.count("\n") == 1 and "--n must be at least 1" in err
 
 
-# -- preparation ----------------------------------------------------------------------------------
+# -- training windows ------------------------------------------------------------------------------
 
 
-def test_prepare_example_matches_the_runtime_preprocessor_bit_for_bit() -> None:
-    height, width = 128, 256
-    runtime = Preprocessor(input_spec(height, width))
-    synthetic = SyntheticDataset(2, seed=11, width=800, height=450)  # shrunk, INTER_AREA
-    tall = Sample(  # grown, INTER_LINEAR, padded on the right
-        image=np.random.default_rng(0).integers(0, 256, (90, 70, 3), dtype=np.uint8),
-        masks=np.zeros((0, 90, 70), bool), classes=np.zeros(0, np.int64), source="random",
-    )
-    for sample in [synthetic[0], synthetic[1], tall]:
-        example = prepare_example(sample, height=height, width=width, num_classes=3)
-        expected, box = runtime(sample.image)
-        assert example.image.dtype == np.float32 and example.image.shape == (3, height, width)
-        assert np.array_equal(example.image, expected[0])
-        assert example.letterbox == box
-        assert example.valid.sum() == box.content_width * box.content_height
-        assert example.valid[: box.content_height, : box.content_width].all()
-        assert not example.masks[:, ~example.valid].any()
+def _sample(height: int = 100, width: int = 132, seed: int = 0) -> Sample:
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((2, height, width), bool)
+    masks[0, 20:24, 30:90] = True  # a scratch
+    masks[1, 60:70, 100:110] = True  # a pinhole
+    return Sample(image=rng.integers(0, 256, (height, width, 3), dtype=np.uint8), masks=masks,
+                  classes=np.array([0, 2]), source=f"test:{seed}")
 
 
-def test_points_fall_inside_their_masks_and_the_heatmap_peaks_at_the_anchor_cell() -> None:
-    sample = SyntheticDataset(1, seed=3, width=1024, height=576, defect_free_prob=0.0, max_defects=6)[0]
-    assert len(sample.masks) >= 2
-    evaluation = prepare_example(sample, height=288, width=512, num_classes=3)
-    training = prepare_example(sample, height=288, width=512, num_classes=3, rng=np.random.default_rng(0), negatives=3)
-    for example in (evaluation, training):
-        assert example.masks.shape[0] == len(example.classes) == len(example.points)
-        for mask, point, anchor, class_id in zip(
-            example.masks, example.points, example.anchors, example.classes, strict=True
-        ):
-            x, y = int(point[0]), int(point[1])
-            assert mask[y, x], "a positive prompt lies inside its instance"
-            assert mask[int(anchor[1]), int(anchor[0])]
-            cell = (int(anchor[1] // 16), int(anchor[0] // 16))
-            assert example.heatmap[class_id][cell] == pytest.approx(1.0)
-        assert example.heatmap.shape == (3, 18, 32) and example.heatmap.max() <= 1.0
-    # Evaluation prompts at the interior point; training at random pixels of the instance.
-    assert np.array_equal(evaluation.points, evaluation.anchors)
-    assert not np.array_equal(training.points, training.anchors)
-    for mask, negatives, labels in zip(training.masks, training.neg_points, training.neg_labels, strict=True):
-        for (x, y), label in zip(negatives, labels, strict=True):
-            assert label == 0 and not mask[int(y), int(x)]
-    # Classes with no instance have an all-zero target.
-    absent = set(range(3)) - set(evaluation.classes.tolist())
-    assert all(evaluation.heatmap[c].max() == 0.0 for c in absent)
+class _Samples:
+    class_names = ("scratch", "dent", "pinhole")
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.samples[index]
 
 
-def test_interior_point_is_the_deepest_pixel() -> None:
-    mask = np.zeros((40, 60), bool)
-    mask[10:31, 5:56] = True  # a 21 x 51 rectangle: deepest on its middle row
-    x, y = interior_point(mask)
-    assert y == pytest.approx(20.5) and 15 <= x <= 46
+def test_evaluation_windows_are_the_whole_sample_normalised_as_the_runtime_cuts_it() -> None:
+    sample = _sample()
+    (example,) = [WindowDataset(_Samples([sample]), window=64, train=False)[0]]
+    assert example.image.shape == (3, 112, 144) and example.image.dtype == np.float32  # padded to multiples of 16
+    assert example.label.shape == (112, 144) and example.label.dtype == np.int64
+    padded = np.pad(sample.image, ((0, 12), (0, 12), (0, 0)), mode="edge")
+    runtime = WindowCutter(segment_spec(64))(padded, [Window(0, 0, 144, 112)])[0]
+    np.testing.assert_array_equal(example.image, runtime)  # bit for bit what engines.preprocess makes
+    np.testing.assert_array_equal(example.label[:100, :132], label_map(sample))
+    assert (example.label[100:] == IGNORE_LABEL).all() and (example.label[:, 132:] == IGNORE_LABEL).all()
+    assert example.source == "test:0" and example.index == 0
 
 
-def test_hairline_masks_survive_the_shrink() -> None:
-    mask = np.zeros((1520, 2688), bool)
-    mask[700, 100:2500] = True  # one pixel wide at 4 MP, 0.38 px at 1024 wide
-    box = Letterbox.fit(2688, 1520, 1024, 576)
-    small = resize_mask(mask, box)
-    assert small.shape == (box.content_height, box.content_width)
-    assert small.any(axis=0)[50:940].all()  # continuous along its length
-    assert small.any(axis=1).sum() <= 2
+def test_training_windows_are_crops_on_the_16_pixel_grid_drawn_per_epoch() -> None:
+    samples = _Samples([_sample(160, 160, seed) for seed in range(6)])
+    dataset = WindowDataset(samples, window=64, train=True, augment=False, positive_fraction=1.0, seed=3)
+    for i in range(len(samples)):
+        example = dataset[i]
+        crop = example.crop
+        assert example.image.shape == (3, 64, 64) and example.label.shape == (64, 64)
+        assert crop.size == 64 and crop.x % 16 == 0 and crop.y % 16 == 0
+        assert crop.x + 64 <= 160 and crop.y + 64 <= 160
+        assert not crop.flip and crop.turns == 0
+        source = samples[i]
+        np.testing.assert_array_equal(example.label, label_map(source)[crop.y : crop.y + 64, crop.x : crop.x + 64])
+        window = Window(crop.x, crop.y, 64, 64)
+        np.testing.assert_array_equal(example.image, WindowCutter(segment_spec(64))(source.image, [window])[0])
+        assert (example.label > 0).any(), "positive_fraction 1: every crop holds a defect"
+    again = WindowDataset(samples, window=64, train=True, augment=False, positive_fraction=1.0, seed=3)
+    assert [again[i].crop for i in range(6)] == [dataset[i].crop for i in range(6)]  # the same on any worker
+    dataset.set_epoch(1)
+    assert [dataset[i].crop for i in range(6)] != [again[i].crop for i in range(6)]  # another epoch, other crops
 
 
-def test_augmented_examples_keep_points_in_masks_and_collate_pads_instances() -> None:
-    dataset = SyntheticDataset(3, seed=21, width=640, height=360, defect_free_prob=0.0)
-    examples = [
-        prepare_example(dataset[i], height=128, width=256, num_classes=3,
-                        rng=np.random.default_rng(i), augment=True, negatives=2)
-        for i in range(3)
-    ]
-    for example in examples:
-        assert example.image.shape == (3, 128, 256)
-        for mask, point in zip(example.masks, example.points, strict=True):
-            assert mask[int(point[1]), int(point[0])]
-    plain = prepare_example(dataset[0], height=128, width=256, num_classes=3)
-    assert not np.array_equal(examples[0].image, plain.image)
-    batch = collate([*examples, plain])
-    n = max(len(e.classes) for e in [*examples, plain])
-    assert batch["image"].shape == (4, 3, 128, 256)
-    assert batch["masks"].shape == (4, n, 128, 256) and batch["points"].shape == (4, n, 2)
-    assert batch["neg_points"].shape == (4, n, 2, 2) and batch["heatmap"].shape == (4, 3, 8, 16)
-    for i, example in enumerate([*examples, plain]):
-        k = len(example.classes)
-        assert batch["instance_valid"][i].sum() == k
-        assert (batch["classes"][i, k:] == -1).all()
-        assert (batch["neg_labels"][i, k:] == -1).all()
-    mask = np.zeros((1, 20, 20), bool)
-    mask[0, 5:9, 5:9] = True
-    odd = Sample(image=np.zeros((20, 20, 3), np.uint8), masks=mask, classes=np.array([2]), source="odd")
-    with pytest.raises(DatasetError, match="odd: class index 2 but the model has 2 classes"):
-        prepare_example(odd, height=128, width=256, num_classes=2)
+def test_augmented_windows_turn_image_and_labels_together_and_collate() -> None:
+    samples = _Samples([_sample(160, 160, seed) for seed in range(8)])
+    dataset = WindowDataset(samples, window=64, train=True, augment=True, positive_fraction=0.5, seed=0)
+    examples = [dataset[i] for i in range(8)]
+    assert any(e.crop.flip or e.crop.turns for e in examples)
+    for example, source in zip(examples, samples.samples, strict=True):
+        crop = example.crop
+        labels = label_map(source)[crop.y : crop.y + 64, crop.x : crop.x + 64]
+        np.testing.assert_array_equal(example.label, orient(labels, crop))
+    batch = collate_windows(examples)
+    assert batch["image"].shape == (8, 3, 64, 64) and batch["image"].dtype == torch.float32
+    assert batch["label"].shape == (8, 64, 64) and batch["label"].dtype == torch.int64
+    assert batch["index"].tolist() == list(range(8))
+    with pytest.raises(ValueError, match="at least one example"):
+        collate_windows([])
+
+
+def test_a_sample_smaller_than_the_window_is_padded_with_ignored_labels() -> None:
+    small = _Samples([_sample(40, 50)])
+    small.samples[0].masks[:] = False
+    small.samples[0].masks[0, 5:10, 5:10] = True
+    example = WindowDataset(small, window=64, train=True, augment=False)[0]
+    assert example.image.shape == (3, 64, 64) and (example.crop.x, example.crop.y) == (0, 0)
+    assert (example.label[40:] == IGNORE_LABEL).all() and (example.label[:, 50:] == IGNORE_LABEL).all()
+    assert (example.label[:40, :50] != IGNORE_LABEL).all()
+
+
+def test_windows_refuse_a_bad_window_and_classes_beyond_the_model() -> None:
+    with pytest.raises(ValueError, match="window must be a positive multiple of 16, got 100"):
+        WindowDataset(_Samples([_sample()]), window=100)
+    narrow = WindowDataset(_Samples([_sample()]), window=64, num_classes=2)
+    with pytest.raises(DatasetError) as caught:
+        narrow[0]
+    assert "test:0: class index 2 but the model has 2 classes" in _one_line(caught.value)
+
+
+# -- 4 MP frame sets: 1:1 windows and find inputs -------------------------------------------------
+
+
+PARAMS = FrameSetParams(frames=2, seed=41, per_frame=4, window=64, defect_free_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def frame_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two 4 MP frames rendered into a frame set, in this process (workers=1)."""
+    return build_frame_set(PARAMS, tmp_path_factory.mktemp("cache"), workers=1)
+
+
+def test_a_frame_set_holds_1_to_1_windows_and_the_runtimes_find_input(frame_set: Path) -> None:
+    index = json.loads((frame_set / "index.json").read_text())
+    assert index["generator"] == GENERATOR_VERSION and index["params"]["frames"] == 2
+    assert frame_set.name == PARAMS.key() and PARAMS.key().startswith("frames2-seed41-w64x4-r4-")
+    frames = FrameSet(frame_set)
+    windows, labels, origins = frames.array("windows"), frames.array("labels"), frames.array("origins")
+    assert windows.shape == (8, 64, 64, 3) and labels.shape == (8, 64, 64) and origins.shape == (8, 2)
+    geometry = find_geometry(2688, 1520, 4)
+    assert frames.array("find").shape == (2, 3, 380, 672)
+    assert frames.array("cells").shape == (2, *geometry.cells) == (2, *find_cells_shape(4))
+    for f in range(2):
+        rendered = render_frame(41 + f, defect_free_prob=0.0)
+        truth = np.zeros((1520, 2688), np.uint8)
+        for mask, class_id in zip(rendered.masks, rendered.classes, strict=True):
+            truth[mask] = class_id + 1
+        for j in range(4):
+            x, y = (int(v) for v in origins[f * 4 + j])
+            np.testing.assert_array_equal(windows[f * 4 + j], rendered.image[y : y + 64, x : x + 64])
+            np.testing.assert_array_equal(labels[f * 4 + j], truth[y : y + 64, x : x + 64])
+        # One window on each of up to per_frame - 2 defects: the frame's defects are seen.
+        assert (labels[f * 4 : f * 4 + 4] > 0).any()
+        np.testing.assert_array_equal(frames.array("find")[f], reduce_grey(to_grey(rendered.image), 4))
+        cell = CELL_STRIDE * 4
+        padded = np.zeros((48 * cell, 84 * cell), bool)
+        padded[:1520, :2688] = truth > 0
+        np.testing.assert_array_equal(frames.array("cells")[f], padded.reshape(48, cell, 84, cell).any(axis=(1, 3)))
+
+
+def test_a_frame_set_is_rendered_once_and_a_changed_one_anew(frame_set: Path) -> None:
+    stamp = (frame_set / "windows.npy").stat().st_mtime_ns
+    assert build_frame_set(PARAMS, frame_set.parent, workers=1) == frame_set
+    assert (frame_set / "windows.npy").stat().st_mtime_ns == stamp
+    other = FrameSetParams(frames=2, seed=42, per_frame=4, window=64, defect_free_prob=0.0)
+    assert other.key() != PARAMS.key()
+    assert FrameSetParams(**PARAMS.__dict__).key() == PARAMS.key()
+    assert not [p for p in frame_set.parent.iterdir() if ".tmp" in p.name], "no staging left behind"
+
+
+def test_synthetic_windows_spec_reads_the_cached_windows_as_samples(
+    frame_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(frame_set.parent))
+    dataset = build_dataset({"name": "synthetic_windows", "frames": 2, "seed": 41, "per_frame": 4, "window": 64,
+                             "defect_free_prob": 0.0, "workers": 1})
+    assert isinstance(dataset, SyntheticWindowsDataset) and len(dataset) == 8
+    assert tuple(dataset.class_names) == ("scratch", "dent", "pinhole")
+    frames = FrameSet(frame_set)
+    for i in (0, 5):
+        sample = dataset[i]
+        assert sample.source == f"synthetic:{41 + i // 4}:w{i % 4}"
+        np.testing.assert_array_equal(sample.image, frames.array("windows")[i])
+        np.testing.assert_array_equal(label_map(sample), frames.array("labels")[i])
+    with pytest.raises(IndexError):
+        dataset[8]
+
+
+def test_an_unreadable_frame_cache_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "index.json").write_text("{")
+    with pytest.raises(DatasetError) as caught:
+        FrameSet(tmp_path / "broken")
+    message = _one_line(caught.value)
+    assert str(tmp_path / "broken") in message and "delete it to render again" in message
+
+
+def test_the_finder_reads_the_frames_reduced_with_their_cell_targets(
+    frame_set: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engines.bundle import FindSpec
+    from engines.contract import FIND_MEAN, FIND_STD
+    from engines.find import FindPreprocessor
+
+    monkeypatch.setenv(CACHE_ENV, str(frame_set.parent))
+    spec = {"name": "synthetic_find", "frames": 2, "seed": 41, "per_frame": 4, "window": 64, "defect_free_prob": 0.0,
+            "workers": 1}
+    whole = build_find_dataset([spec], crop=None, train=False)
+    assert len(whole) == 2
+    example = whole[1]
+    frames = FrameSet(frame_set)
+    pre = FindPreprocessor(FindSpec(arch="x", reduction=4, mean=FIND_MEAN, std=FIND_STD, parameters=0))
+    geometry = find_geometry(2688, 1520, 4)
+    np.testing.assert_array_equal(example.image, pre.normalise(np.asarray(frames.array("find")[1]), geometry)[0])
+    assert example.image.shape == (3, 384, 672) and example.cells.shape == (1, 48, 84)
+    np.testing.assert_array_equal(example.cells[0], frames.array("cells")[1])
+    crops = build_find_dataset([spec], crop=64, train=True, seed=1)
+    first, again = crops[0], crops[0]
+    assert first.image.shape == (3, 64, 64) and first.cells.shape == (1, 8, 8)
+    np.testing.assert_array_equal(first.image, again.image)
+    with pytest.raises(DatasetError, match="a finder trains on synthetic_find frame sets"):
+        build_find_dataset([{"name": "synthetic", "n": 1}], crop=None, train=False)

@@ -47,7 +47,7 @@ def test_onnxruntime_engine_reports_ready_and_closed_through_the_registry(tiny_b
 
 def test_onnxruntime_engine_that_cannot_load_reports_failed(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    (tiny_bundle / bundle.manifest.graphs.fused).write_bytes(b"not onnx")  # after the checksum check
+    (tiny_bundle / bundle.manifest.graphs.segment).write_bytes(b"not onnx")  # after the checksum check
     states: list[str] = []
     with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
         ort_backend.open_engine(bundle, ort_backend.Config(providers=["cpu"]), on_state=states.append)
@@ -153,7 +153,8 @@ def test_engine_build_int8_without_a_qdq_graph_fails_before_tensorrt(
 ) -> None:
     code = main(["engine", "build", "--bundle", str(tiny_bundle), "--precision", "int8"])
     _, err = capsys.readouterr()
-    assert code == 2 and err.count("\n") == 1 and "model.int8.onnx" in err
+    assert code == 2 and err.count("\n") == 1 and str(tiny_bundle) in err
+    assert "backend.precision 'int8' needs the bundle's INT8 QDQ graphs" in err and "--target tensorrt" in err
 
 
 def test_engine_build_takes_bundle_and_backend_settings_from_the_config(
@@ -163,7 +164,7 @@ def test_engine_build_takes_bundle_and_backend_settings_from_the_config(
     config.write_text(f"engine:\n  bundle: {tiny_bundle}\n  backend:\n    type: tensorrt\n    precision: int8\n")
     monkeypatch.setenv("DEFECTSAM_CONFIG", str(config))
     code = main(["engine", "build"])  # the config's int8 is refused for this bundle: the config was read
-    assert code == 2 and "model.int8.onnx" in capsys.readouterr().err
+    assert code == 2 and "needs the bundle's INT8 QDQ graphs" in capsys.readouterr().err
     monkeypatch.setenv("DEFECTSAM__ENGINE__BACKEND__WORKSPACE_MIB", "1")
     code = main(["engine", "build"])
     assert code == 2 and "engine.backend.workspace_mib" in capsys.readouterr().err
@@ -173,21 +174,21 @@ def test_engine_build_takes_bundle_and_backend_settings_from_the_config(
 
 
 def test_trtexec_command_matches_the_builder_settings(tiny_bundle: Path, tmp_path: Path) -> None:
-    pytest.importorskip("onnx", reason="reading the decoder's profile needs onnx")
+    pytest.importorskip("onnx", reason="reading the graphs' profiles needs onnx")
     bundle = load_bundle(tiny_bundle)
-    config = trt_backend.Config(max_points=16, workspace_mib=512, device=1, plan_dir=tmp_path)
-    fused = trt_backend.plan_path(bundle, config, "10.3.0.30", "Orin", (8, 7))
-    assert trtexec_command(bundle.fused_graph, fused, config, graph_profiles(bundle, "fused", config)) == [
-        "/usr/src/tensorrt/bin/trtexec", f"--onnx={bundle.fused_graph}", f"--saveEngine={fused}",
+    config = trt_backend.Config(max_batch=8, workspace_mib=512, device=1, plan_dir=tmp_path)
+    segment = trt_backend.plan_path(bundle, config, "10.3.0.30", "Orin", (8, 7))
+    assert trtexec_command(bundle.segment_graph, segment, config, graph_profiles(bundle, "segment", config)) == [
+        "/usr/src/tensorrt/bin/trtexec", f"--onnx={bundle.segment_graph}", f"--saveEngine={segment}",
         "--memPoolSize=workspace:512", "--device=1", "--skipInference", "--fp16",
+        "--minShapes=windows:1x3x16x16", "--optShapes=windows:8x3x64x64", "--maxShapes=windows:8x3x64x64",
     ]
-    assert bundle.decoder_graph is not None
-    decoder = trt_backend.plan_path(bundle, config, "10.3.0.30", "Orin", (8, 7), graph="decoder")
-    command = trtexec_command(bundle.decoder_graph, decoder, config, graph_profiles(bundle, "decoder", config))
+    assert bundle.find_graph is not None
+    find = trt_backend.plan_path(bundle, config, "10.3.0.30", "Orin", (8, 7), graph="find")
+    command = trtexec_command(bundle.find_graph, find, config, graph_profiles(bundle, "find", config))
+    assert command[1:3] == [f"--onnx={bundle.find_graph}", f"--saveEngine={find}"] and find != segment
     assert command[-3:] == [
-        "--minShapes=point_coords:1x1x2,point_labels:1x1",
-        "--optShapes=point_coords:1x2x2,point_labels:1x2",
-        "--maxShapes=point_coords:1x16x2,point_labels:1x16",
+        "--minShapes=image:1x3x16x16", "--optShapes=image:1x3x384x672", "--maxShapes=image:1x3x384x672",
     ]
     int8 = trt_backend.Config(precision="int8")
     assert trtexec_command(Path("m.int8.onnx"), Path("p.plan"), int8, {})[-2:] == ["--fp16", "--int8"]

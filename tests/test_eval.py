@@ -1,28 +1,33 @@
-"""Metrics on hand-made masks; a model and its exported bundle scored alike; the eval command."""
+"""Metrics on hand-made masks and sizes; a bundle scored through the runtime against truths it must score
+perfectly on; the eval command."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
-from engines.postprocess import PostprocessConfig
-from engines.preprocess import Letterbox
-from training.commands import eval as eval_command
-from training.data.prepare import collate, prepare_example
-from training.data.registry import build_dataset
-from training.eval.evaluate import logits_to_region
-from training.eval.metrics import DetectionScores, PromptedScores, Region, dice, iou, match
+from engines.backends import open_engine
+from engines.backends.onnxruntime import Config as OrtConfig
+from engines.errors import DefectsamError
+from engines.inspector import InspectionConfig, Inspector
+from engines.windows import semantic_labels
+from training.eval.metrics import DetectionScores, Region, SizeScores, dice, instance_size, iou, match
 
+from .conftest import TINY_CLASSES
 from .support import run_command_module
 
-torch = pytest.importorskip("torch", reason="evaluating a model needs the 'train' extra (torch)")
+torch = pytest.importorskip("torch", reason="evaluating needs the 'train' extra (torch)")
 
-HW = (128, 256)
+from training.commands import eval as eval_command  # noqa: E402
+from training.data.registry import build_dataset  # noqa: E402
+from training.eval.evaluate import evaluate_bundle  # noqa: E402
+
 CLASSES = ("scratch", "dent", "pinhole")
+DATA = "synthetic,n=3,seed=7,width=256,height=192"
 
 
 def _square(x: int, y: int, side: int, shape: tuple[int, int] = (100, 100)) -> np.ndarray:
@@ -56,13 +61,13 @@ def test_matching_is_one_to_one_by_score() -> None:
     assert pairs == [(1, 0, pytest.approx(360 / 440))]
 
 
-def test_detection_scores_precision_recall_and_image_accuracy() -> None:
+def test_detection_scores_precision_recall_and_image_rates() -> None:
     scores = DetectionScores(threshold=0.5)
     t0, t1 = Region.from_mask(_square(10, 10, 20)), Region.from_mask(_square(60, 60, 20))
     hit, miss = Region.from_mask(_square(11, 11, 20)), Region.from_mask(_square(40, 5, 10))
     # Image 1: two truths, one found with the wrong class, one false alarm -> tp 1, fp 1, fn 1.
     scores.add_image([hit, miss], ["dent", "scratch"], [0.9, 0.7], [t0, t1], ["scratch", "scratch"], verdict_ng=True)
-    # Image 2: a clean part passed; image 3: a clean part flagged UNCERTAIN (counts as NG).
+    # Image 2: a clean part passed; image 3: a clean part flagged UNCERTAIN (rejected, as NG is).
     scores.add_image([], [], [], [], [], verdict_ng=False)
     scores.add_image([], [], [], [], [], verdict_ng=True, uncertain=True)
     # Image 4: a defective part missed entirely.
@@ -72,9 +77,14 @@ def test_detection_scores_precision_recall_and_image_accuracy() -> None:
     assert summary["precision"] == pytest.approx(0.5)
     assert summary["recall"] == pytest.approx(1 / 3)
     assert summary["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 2))
-    assert summary["class_accuracy"] == 0.0
+    assert summary["class_accuracy"] == 0.0 and summary["matched_miou"] == pytest.approx(iou(hit, t0))
     assert summary["image_accuracy"] == pytest.approx(2 / 4)
-    assert summary["images"] == {"ng_as_ng": 1, "ok_as_ok": 1, "ok_as_ng": 1, "ng_as_ok": 1, "uncertain": 1}
+    assert summary["images"] == {"ng_as_ng": 1, "ok_as_ok": 1, "ok_as_ng": 1, "ng_as_ok": 1, "uncertain": 1,
+                                 "ok_as_uncertain": 1}
+    assert (summary["good_images"], summary["defective_images"]) == (2, 2)
+    assert summary["false_reject_rate"] == pytest.approx(0.5)  # the UNCERTAIN clean part is rejected...
+    assert summary["false_ng_rate"] == 0.0  # ...but was not called NG
+    assert summary["miss_rate"] == pytest.approx(0.5)
     per_class = summary["per_class"]
     assert per_class["scratch"] == {"precision": 0.0, "recall": 0.5, "n_gt": 2, "n_pred": 1}
     assert per_class["dent"] == {"precision": 1.0, "recall": 0.0, "n_gt": 1, "n_pred": 1}
@@ -82,169 +92,175 @@ def test_detection_scores_precision_recall_and_image_accuracy() -> None:
     json.dumps(summary)
 
 
-def test_prompted_scores_average_per_class_then_over_classes() -> None:
-    scores = PromptedScores()
-    truth = Region.from_mask(_square(10, 10, 20))
-    scores.add("scratch", Region.from_mask(_square(10, 10, 20)), truth)  # IoU 1
-    scores.add("scratch", Region.from_mask(_square(20, 10, 20)), truth)  # IoU 1/3
-    scores.add("dent", Region.empty(), truth)  # IoU 0
-    summary = scores.summary(CLASSES)
-    assert summary["per_class"]["scratch"]["iou"] == pytest.approx(2 / 3)
-    assert summary["per_class"]["scratch"]["dice"] == pytest.approx(0.75)
-    assert summary["per_class"]["pinhole"] == {"iou": None, "dice": None, "n": 0}
-    assert summary["miou"] == pytest.approx((2 / 3 + 0) / 2)
-    assert summary["instance_miou"] == pytest.approx((1 + 1 / 3) / 3)
-    assert summary["n"] == 3
+def test_instance_sizes_are_widths_of_thin_defects_and_diameters_of_the_others() -> None:
+    line = np.zeros((50, 120), bool)
+    line[20:22, 5:105] = True  # 2 px wide, 100 long
+    kind, width = instance_size(line)
+    assert kind == "width" and width == pytest.approx(2.0, abs=0.1)
+    assert instance_size(line, nominal=1.7) == ("width", 1.7)  # the generator's nominal width wins
+    yy, xx = np.mgrid[0:40, 0:40]
+    disk = (xx - 20) ** 2 + (yy - 20) ** 2 <= 7**2
+    kind, diameter = instance_size(disk)
+    assert kind == "diameter" and diameter == pytest.approx(np.sqrt(4 * disk.sum() / np.pi)) and 13 < diameter < 15
+    dot = np.zeros((5, 5), bool)
+    dot[2, 2] = True
+    assert instance_size(dot) == ("diameter", pytest.approx(np.sqrt(4 / np.pi)))
 
 
-def test_mask_logits_map_back_to_frame_pixels() -> None:
-    """A blob drawn at stride 8 of a letterboxed frame comes back where it was, at frame resolution."""
-    frame_mask = np.zeros((450, 800), bool)
-    yy, xx = np.mgrid[0:450, 0:800]
-    frame_mask[(xx - 500) ** 2 + ((yy - 200) * 1.5) ** 2 < 90**2] = True
-    box = Letterbox.fit(800, 450, 256, 128)
-    stride = 8
-    cells = np.zeros((128 // stride, 256 // stride), np.float32)
-    centres_y, centres_x = (np.mgrid[0 : cells.shape[0], 0 : cells.shape[1]] + 0.5) * stride / box.scale
-    inside = frame_mask[np.clip(centres_y.astype(int), 0, 449), np.clip(centres_x.astype(int), 0, 799)]
-    cells[:] = np.where(inside, 8.0, -8.0)
-    region = logits_to_region(cells, box, stride)
-    assert iou(region, Region.from_mask(frame_mask)) > 0.85
-    assert logits_to_region(np.full_like(cells, -5.0), box, stride).area == 0
+def test_recall_by_size_and_the_size_it_becomes_reliable_from() -> None:
+    sizes = SizeScores()
+    for i in range(10):
+        sizes.add("scratch", "width", 1.5, i < 2, 0.3)  # hairlines: 2 of 10 found
+        sizes.add("scratch", "width", 2.5, True, 0.8)  # 10 of 10
+        sizes.add("scratch", "width", 4.5, i < 9, 0.7)  # 9 of 10
+        sizes.add("pinhole", "diameter", 2.5, i < 3, 0.2)
+    summary = sizes.summary(["scratch", "dent", "pinhole"], pixel_size_um=5.0)
+    widths = summary["scratch"]["width"]
+    assert [(b["bucket"], b["n"], b["recall"]) for b in widths["buckets"]] == [
+        ("1-2 px", 10, 0.2), ("2-3 px", 10, 1.0), ("4-6 px", 10, 0.9)]
+    assert widths["buckets"][0]["from_um"] == 5.0 and widths["buckets"][1]["instance_iou"] == pytest.approx(0.8)
+    assert widths["found_from_px"] == 2.0 and widths["found_from_um"] == 10.0  # 90% of scratches from 2 px on
+    assert summary["pinhole"]["diameter"]["found_from_px"] is None  # never 90%
+    assert summary["dent"] == {}
+    assert sizes.instance_iou("scratch", min_width=2.0) == {"n": 20, "recall": pytest.approx(19 / 20),
+                                                            "instance_iou": pytest.approx(0.75)}
+    assert sizes.instance_iou()["n"] == 40
+    json.dumps(summary)
 
 
-# -- model and bundle agree --------------------------------------------------------------------
+# -- a bundle scored through the runtime ---------------------------------------------------------
+
+
+def _pseudo_truths(bundle: Path, root: Path) -> tuple[Path, Path]:
+    """Folders of the dataset's images whose truths are the tiny bundle's own output in tiles mode:
+    ``semantic`` holds its per-pixel label maps (label PNGs), ``defects`` its defects (one PNG each)."""
+    dataset = build_dataset(DATA)
+    engine = open_engine(bundle, OrtConfig(providers=["cpu"]))
+    semantic, defects = root / "semantic", root / "defects"
+    for folder in (semantic, defects):
+        (folder / "images").mkdir(parents=True)
+        (folder / "masks").mkdir()
+        (folder / "classes.txt").write_text("\n".join(TINY_CLASSES) + "\n")
+    try:
+        inspector = Inspector(engine, InspectionConfig(mode="tiles"))
+        for i in range(len(dataset)):
+            image = dataset[i].image
+            outputs = inspector.run(inspector.prepare(image))
+            canvases = inspector.merge(outputs)
+            result = inspector.finish(outputs, canvases)
+            name = f"{i:03d}"
+            for folder in (semantic, defects):
+                cv2.imwrite(str(folder / "images" / f"{name}.png"), image)
+            cv2.imwrite(str(semantic / "masks" / f"{name}.png"), semantic_labels(canvases, image.shape[1],
+                                                                                  image.shape[0]))
+            (defects / "masks" / name).mkdir()
+            for j, d in enumerate(result.defects):
+                mask = np.zeros(image.shape[:2], np.uint8)
+                x, y, w, h = d.bbox
+                mask[y : y + h, x : x + w] = d.mask.astype(np.uint8) * 255
+                cv2.imwrite(str(defects / "masks" / name / f"{j:02d}_{d.class_name}.png"), mask)
+    finally:
+        engine.close()
+    return semantic, defects
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-    """A random-init student whose BatchNorm statistics are set on real frames, and its bundle.
-
-    Freshly initialised, the model's embedding is ~1e-7 and its heatmap flat, so peak picking is
-    decided by rounding and a model and its export legitimately differ. Setting the BatchNorm
-    statistics on a few frames (no gradient) gives it input-dependent outputs.
-    """
-    from training.export.onnx import export_bundle
-    from training.model.build import build_model
-
-    torch.manual_seed(0)
-    model = build_model("student_cnn", height=HW[0], width=HW[1], num_classes=len(CLASSES), k=4)
-    frames = build_dataset("synthetic,n=6,seed=100,width=512,height=288")
-    batch = collate([prepare_example(frames[i], height=HW[0], width=HW[1], num_classes=3) for i in range(6)])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: one pass sets the statistics
-    model.train()
-    with torch.no_grad():
-        embedding, _ = model.embed(batch["image"])
-        model.heatmap(embedding)
-    model.eval()
-    out = tmp_path_factory.mktemp("eval") / "bundle"
-    export_bundle(model, "student_cnn", out, name="calibrated", classes=CLASSES,
-                  provenance={"weights": "untrained", "notes": "test_eval fixture"})
-    return model, out
+def truths(tiny_bundle_master: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _pseudo_truths(tiny_bundle_master, tmp_path_factory.mktemp("truths"))
 
 
 @pytest.mark.slow
-def test_model_and_bundle_evaluations_agree(calibrated: tuple[Any, Path]) -> None:
-    from training.eval.evaluate import evaluate_bundle, evaluate_model
-
-    model, bundle = calibrated
-    dataset = build_dataset("synthetic,n=5,seed=7,width=512,height=288")
-    # Score threshold 0: every peak becomes a defect, so automatic mode has matches to compare.
-    post = PostprocessConfig(score_threshold=0.0, uncertain_threshold=0.0)
-    by_model = evaluate_model(model, dataset, postprocess=post, batch_size=3)
-    by_bundle = evaluate_bundle(bundle, dataset, postprocess=post)
-    json.dumps(by_model)
-    json.dumps(by_bundle)
-    assert by_model["n_images"] == by_bundle["n_images"] == 5
-    assert by_model["dataset"] == by_bundle["dataset"] == "synthetic(n=5,seed=7,512x288)"
-    pm, pb = by_model["prompted"], by_bundle["prompted"]
-    assert pm is not None and pb is not None and pm["n"] == pb["n"] > 0
-    assert abs(pm["miou"] - pb["miou"]) < 0.02
-    assert abs(pm["mdice"] - pb["mdice"]) < 0.02
-    am, ab = by_model["automatic"], by_bundle["automatic"]
-    assert am["tp"] + am["fp"] > 0
-    for key in ("tp", "fp", "fn"):
-        assert abs(am[key] - ab[key]) <= 1, key
-    assert am["images"] == ab["images"]
-    assert model.training is False  # given back in the mode it came in
+def test_a_bundle_scores_perfectly_on_its_own_semantic_output(tiny_bundle: Path, truths: tuple[Path, Path]) -> None:
+    semantic, _ = truths
+    report = evaluate_bundle(tiny_bundle, build_dataset(f"folder,root={semantic}"),
+                             inspection=InspectionConfig(mode="tiles"))
+    json.dumps(report)
+    assert report["n_images"] == 3 and report["mode"] == "tiles" and report["window"] == 64
+    assert report["classes"] == list(TINY_CLASSES) and report["model"] == "bundle:tiny-student (fp32)"
+    sem = report["semantic"]
+    assert sem["aacc"] == 1.0 and sem["pixels"] == 3 * 256 * 192
+    present = {name: value for name, value in sem["iou"].items() if value is not None}
+    assert len(present) >= 2 and set(present.values()) == {1.0}
+    assert sem["miou"] == 1.0 and (sem["miou_fg"] == 1.0 or sem["miou_fg"] is None)
+    assert report["timing"]["median_ms"] > 0 and report["timing"]["windows_median"] > 1
+    assert report["seconds"] >= 0.0
 
 
 @pytest.mark.slow
-def test_prompt_masks_from_torch_and_the_decoder_graph_match(calibrated: tuple[Any, Path]) -> None:
-    """The two runners' raw prompt logits, on the same embedding and point."""
-    from engines.backends import open_engine
-    from engines.preprocess import Preprocessor
-    from training.data.prepare import input_spec
-    from training.eval.evaluate import _EngineRunner, _TorchRunner
+def test_a_bundle_finds_every_one_of_its_own_defects(tiny_bundle: Path, truths: tuple[Path, Path]) -> None:
+    _, defects = truths
+    dataset = build_dataset(f"folder,root={defects}")
+    n_truth = sum(len(dataset[i].masks) for i in range(len(dataset)))
+    if n_truth == 0:
+        pytest.skip("the random tiny bundle found no defect on the frames")
+    report = evaluate_bundle(tiny_bundle, dataset, inspection=InspectionConfig(mode="tiles"), pixel_size_um=10.0)
+    auto = report["automatic"]
+    assert (auto["tp"], auto["fp"], auto["fn"]) == (n_truth, 0, 0)
+    assert auto["precision"] == auto["recall"] == auto["f1"] == 1.0
+    assert auto["matched_miou"] == pytest.approx(1.0) and auto["class_accuracy"] == 1.0
+    assert auto["miss_rate"] in (0.0, None)
+    for kinds in auto["by_size"].values():
+        for entry in kinds.values():
+            assert all(b["recall"] == 1.0 and "from_um" in b for b in entry["buckets"])
 
-    model, bundle = calibrated
-    sample = build_dataset("synthetic,n=1,seed=9,width=512,height=288")[0]
-    tensor, _ = Preprocessor(input_spec(*HW))(sample.image)
-    engine = open_engine(bundle)
-    points = np.array([[40.5, 60.5], [200.0, 20.0]], np.float32)
-    with torch.inference_mode():
-        torch_runner = _TorchRunner(model, CLASSES, input_spec(*HW))
-        (outputs_t, handle_t), = torch_runner.infer([tensor])
-        masks_t = torch_runner.prompt(handle_t, points)
-    engine_runner = _EngineRunner(engine)
-    (outputs_e, handle_e), = engine_runner.infer([tensor])
-    masks_e = engine_runner.prompt(handle_e, points)
-    assert masks_t is not None and masks_e is not None
-    np.testing.assert_allclose(outputs_t.heatmap, outputs_e.heatmap, atol=1e-4)
-    np.testing.assert_array_equal(outputs_t.points, outputs_e.points)
-    for a, b in zip(masks_t, masks_e, strict=True):
-        np.testing.assert_allclose(a, b, atol=2e-3)
-    engine.close()
+
+def test_evaluation_refuses_classes_that_are_not_the_bundles(tiny_bundle: Path) -> None:
+    renamed = build_dataset("synthetic,n=1,width=128,height=96,class_map.dent=bump")
+    with pytest.raises(DefectsamError) as caught:
+        evaluate_bundle(tiny_bundle, renamed)
+    message = str(caught.value)
+    assert "its classes ['scratch', 'bump', 'pinhole'] are not the bundle's" in message and "class_map" in message
+    with pytest.raises(DefectsamError, match="--pixel-size-um must be a number of micrometres > 0"):
+        evaluate_bundle(tiny_bundle, build_dataset("synthetic,n=1,width=128,height=96"), pixel_size_um=0.0)
 
 
 # -- the eval command --------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_eval_command_prints_a_table_and_writes_json(
-    calibrated: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_eval_command_prints_the_tables_and_writes_json(
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, bundle = calibrated
     report = tmp_path / "report.json"
-    code, out, _ = run_command_module(eval_command,
-        ["eval", "--bundle", str(bundle), "--data", "synthetic,n=3,seed=1,width=384,height=216",
-         "--json", str(report)], capsys,
+    code, out, _ = run_command_module(
+        eval_command, ["eval", "--bundle", str(tiny_bundle), "--data", DATA, "--limit", "2", "--json", str(report)],
+        capsys,
     )
     assert code == 0
-    assert "bundle:calibrated (fp32) on synthetic(n=3,seed=1,384x216): 3 image(s)" in out
-    assert "mean over classes" in out and "image OK/NG accuracy" in out
+    first = out.splitlines()[0]
+    assert first.startswith("bundle:tiny-student (fp32) on synthetic(n=3,seed=7,256x192): 2 image(s), mode windows")
+    assert "window 64 px" in first
+    for heading in ("semantic (dataset-level, as mmsegmentation)", "defects (matched at IoU >= 0.5",
+                    "images: OK/NG accuracy", "recall by size"):
+        assert heading in out
     written = json.loads(report.read_text())
-    assert written["n_images"] == 3 and set(written) >= {"prompted", "automatic", "dataset"}
+    assert written["n_images"] == 2 and set(written) >= {"semantic", "automatic", "dataset", "timing", "targets"}
+    code, out, _ = run_command_module(
+        eval_command, ["eval", "--bundle", str(tiny_bundle), "--data", DATA, "--limit", "1", "--mode", "tiles",
+                       "--window", "48"], capsys,
+    )
+    assert code == 0 and "mode tiles, window 48 px" in out.splitlines()[0]
 
 
+@pytest.mark.slow
 def test_eval_command_records_its_figures_in_the_bundle(
-    calibrated: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import shutil
-
     from engines.bundle import load_bundle
 
-    _, master = calibrated
-    bundle = tmp_path / "bundle"
-    shutil.copytree(master, bundle)
-    files = load_bundle(bundle).manifest.files
-    code, _, err = run_command_module(eval_command,
-        ["eval", "--bundle", str(bundle), "--data", "synthetic,n=2,seed=1,width=384,height=216",
-         "--record", "synthetic_test"], capsys,
+    files = load_bundle(tiny_bundle).manifest.files
+    code, _, err = run_command_module(
+        eval_command, ["eval", "--bundle", str(tiny_bundle), "--data", DATA, "--limit", "2", "--record",
+                       "synthetic_test"], capsys,
     )
     assert code == 0, err
-    manifest = load_bundle(bundle).manifest
+    manifest = load_bundle(tiny_bundle).manifest
     recorded = manifest.metrics["synthetic_test"]
-    assert recorded["n_images"] == 2 and recorded["prompted"]["miou"] is not None
-    assert set(recorded["automatic"]) >= {"precision", "recall", "image_accuracy"}
-    assert "--record synthetic_test" in recorded["command"]
+    assert recorded["n_images"] == 2 and recorded["mode"] == "windows" and recorded["window"] == 64
+    assert set(recorded["semantic"]) == {"miou_fg", "miou", "aacc", "iou"}
+    assert set(recorded["automatic"]) >= {"precision", "recall", "image_accuracy", "false_ng_rate", "per_class"}
+    assert "--limit 2 --record synthetic_test" in recorded["command"]
     assert manifest.files == files  # what was measured is what ships
-    code, _, err = run_command_module(eval_command,
-        ["eval", "--checkpoint", str(tmp_path / "x.pt"), "--data", "synthetic,n=1", "--record", "k"], capsys)
-    assert code == 2 and "--record needs --bundle" in err
 
 
 @pytest.mark.parametrize(
@@ -255,13 +271,38 @@ def test_eval_command_records_its_figures_in_the_bundle(
         (["--bundle", "{bundle}", "--data", "folder,root={tmp}/empty"], "dataset folder does not exist"),
         (["--checkpoint", "{tmp}/missing.pt", "--data", "synthetic,n=1"], "checkpoint does not exist"),
         (["--bundle", "{bundle}", "--data", "synthetic,n=1", "--limit", "0"], "--limit must be at least 1"),
+        (["--bundle", "{bundle}", "--data", "synthetic,n=1", "--pixel-size-um", "-2"], "--pixel-size-um"),
+        (["--bundle", "{bundle}", "--data", "synthetic,n=1", "--window", "100"], "--window/--max-windows"),
+        (["--bundle", "{bundle}", "--data", "synthetic,n=1", "--score-threshold", "2"], "--score-threshold"),
+        (["--bundle", "{bundle}", "--data", "synthetic,n=1", "--json", "{tmp}"], "--json is a directory"),
+        (["--bundle", "{bundle}", "--data", "synthetic,n=1", "--finder", "f.pt"], "--finder goes with --checkpoint"),
+        (["--checkpoint", "{tmp}/x.pt", "--data", "synthetic,n=1", "--record", "k"], "--record needs --bundle"),
     ],
 )
 def test_eval_command_bad_input_is_one_line_and_exit_2(
-    calibrated: tuple[Any, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+    tiny_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
 ) -> None:
-    _, bundle = calibrated
-    filled = [a.format(tmp=tmp_path, bundle=bundle) for a in argv]
+    filled = [a.format(tmp=tmp_path, bundle=tiny_bundle) for a in argv]
     code, out, err = run_command_module(eval_command, ["eval", *filled], capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and expected in err
+
+
+@pytest.mark.slow
+def test_eval_of_a_checkpoint_and_its_finder_runs_through_a_temporary_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.model.build import build_finder, build_model
+    from training.model.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    segmenter = save_checkpoint(tmp_path / "seg.pt", "student_seg", build_model("student_seg"), classes=list(CLASSES))
+    finder = save_checkpoint(tmp_path / "finder.pt", "finder", build_finder())
+    code, out, err = run_command_module(
+        eval_command, ["eval", "--checkpoint", str(segmenter), "--finder", str(finder), "--data",
+                       "synthetic,n=1,seed=3,width=256,height=192", "--window", "64"], capsys,
+    )
+    assert code == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith(f"checkpoint:{segmenter} + {finder} on synthetic(n=1,seed=3,256x192): 1 image(s)")
+    assert "mode windows" in first and "window 64 px" in first

@@ -178,7 +178,7 @@ def _break_bundle(bundle: Path, target: Path, how: str) -> Path:
     if how == "missing":
         return target / "no-such-bundle"
     shutil.copytree(bundle, target / "bundle")
-    graph = target / "bundle" / "model.onnx"
+    graph = target / "bundle" / "segment.onnx"
     if how == "tampered":  # one byte changed: the manifest's checksum no longer matches
         raw = bytearray(graph.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
@@ -188,7 +188,7 @@ def _break_bundle(bundle: Path, target: Path, how: str) -> Path:
         from engines.bundle import sha256_file
 
         manifest = json.loads((target / "bundle" / "manifest.json").read_text())
-        manifest["files"]["model.onnx"] = sha256_file(graph)
+        manifest["files"]["segment.onnx"] = sha256_file(graph)
         (target / "bundle" / "manifest.json").write_text(json.dumps(manifest))
     return target / "bundle"
 
@@ -196,7 +196,7 @@ def _break_bundle(bundle: Path, target: Path, how: str) -> Path:
 @pytest.mark.parametrize(("how", "cause"), [
     ("missing", "bundle directory does not exist"),
     ("tampered", "checksum mismatch"),
-    ("unloadable", "model.onnx"),
+    ("unloadable", "segment.onnx"),
 ])
 def test_a_missing_or_corrupt_engine_leaves_the_daemon_up_and_the_plc_error_bit_set(
         bundle: Path, tmp_path: Path, how: str, cause: str) -> None:

@@ -62,11 +62,13 @@ def test_chromium_screenshot_shows_the_masks(
             image = cv2.imread(str(shot), cv2.IMREAD_COLOR)
             assert image is not None and image.shape[1] == 1280
             share = _saturated_share(image)
-            if share > 0.05:
+            if share > 0.03:
                 break
         shutil.copy(shot, tmp_path_factory.getbasetemp() / "live-page.png")  # kept for a look by hand
         assert daemon.live.encoded > 0  # the page's stream made the daemon encode
-    assert share > 0.05, f"only {share:.1%} of the screenshot is mask-coloured"
+    # The NG bundle's mask: 3 windows of 64 px at the frame's top (192x64 of 640x360), about 2.5% of the
+    # 1280x800 screenshot at the page's scale, its label boxes about 1% more.
+    assert share > 0.03, f"only {share:.1%} of the screenshot is mask-coloured"
     # the page itself is grey: the colour comes from the stream's masks
     assert _saturated_share(image[:40]) < 0.01
 

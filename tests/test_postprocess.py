@@ -1,128 +1,121 @@
-"""Engine outputs -> defects in frame pixels and a verdict (engines.postprocess)."""
+"""Merged window probabilities -> defects in frame pixels and a verdict (engines.postprocess), and the overlay."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engines.engine import EngineOutputs
 from engines.postprocess import PostprocessConfig, Postprocessor
-from engines.preprocess import Letterbox
 from engines.results import Verdict
+from engines.windows import Canvas
 
 CLASSES = ("scratch", "dent", "pinhole")
-STRIDE = 8
-H, W = 576, 1024
-BOX = Letterbox.fit(2688, 1520, W, H)  # scale 576/1520, 5 engine columns of padding
+FRAME_W, FRAME_H = 2688, 1520
 
 
-def outputs(
-    scores: list[float], classes: list[int], points: list[tuple[float, float]], masks: list[np.ndarray]
-) -> EngineOutputs:
-    k = len(scores)
-    return EngineOutputs(
-        heatmap=np.zeros((len(CLASSES), H // 16, W // 16), np.float32),
-        points=np.asarray(points, np.float32).reshape(k, 2),
-        point_scores=np.asarray(scores, np.float32),
-        point_classes=np.asarray(classes, np.int64),
-        mask_logits=np.stack(masks).astype(np.float32),
-        iou=np.full(k, 0.9, np.float32),
-    )
+def canvas(x: int, y: int, height: int, width: int, regions: list[tuple[int, int, int, int, int, float]]) -> Canvas:
+    """A canvas at frame pixel (x, y): background everywhere but ``regions`` of (x0, y0, x1, y1, class, p),
+    canvas coordinates, where class ``class`` has probability p and background 1 - p."""
+    probs = np.zeros((len(CLASSES) + 1, height, width), np.float32)
+    probs[0] = 1.0
+    for x0, y0, x1, y1, class_id, p in regions:
+        probs[:, y0:y1, x0:x1] = 0.0
+        probs[0, y0:y1, x0:x1] = 1.0 - p
+        probs[class_id + 1, y0:y1, x0:x1] = p
+    return Canvas(x, y, probs)
 
 
-def rect_logits(x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-    """Mask logits at stride 8: +8 inside cells [x0, x1) x [y0, y1), -8 elsewhere."""
-    logits = np.full((H // STRIDE, W // STRIDE), -8.0, np.float32)
-    logits[y0:y1, x0:x1] = 8.0
-    return logits
+def test_a_rectangle_in_a_canvas_is_a_defect_in_frame_pixels() -> None:
+    c = canvas(1000, 600, 128, 128, [(20, 40, 60, 50, 1, 0.9)])  # a dent, 40 x 10, at canvas (20, 40)
+    c.probs[0, 45, 30], c.probs[2, 45, 30] = 0.03, 0.97  # its strongest pixel
+    result = Postprocessor(CLASSES)([c], FRAME_W, FRAME_H)
+    assert result.verdict is Verdict.NG and (result.frame_width, result.frame_height) == (FRAME_W, FRAME_H)
+    (defect,) = result.defects
+    assert (defect.class_id, defect.class_name) == (1, "dent")
+    assert defect.bbox == (1020, 640, 40, 10) and defect.area_px == 400
+    assert defect.mask.shape == (10, 40) and defect.mask.all()
+    assert defect.score == pytest.approx(0.97) and result.max_peak_score == pytest.approx(0.97)
+    assert defect.point == (1030.5, 645.5)  # the centre of the highest-probability pixel
+    assert defect.centroid == pytest.approx((1039.5, 644.5))
+    assert defect.predicted_iou == pytest.approx((399 * 0.9 + 0.97) / 400)  # nothing just outside it
 
 
-def empty() -> np.ndarray:
-    return np.full((H // STRIDE, W // STRIDE), -8.0, np.float32)
+def test_one_region_of_two_classes_is_one_defect_of_the_class_with_more_probability() -> None:
+    c = canvas(0, 0, 64, 64, [(10, 10, 30, 20, 0, 0.8), (30, 10, 34, 20, 2, 0.95)])  # mostly scratch, a pinhole end
+    (defect,) = Postprocessor(CLASSES)([c], 64, 64).defects
+    assert defect.class_name == "scratch" and defect.score == pytest.approx(0.95)
+    assert defect.bbox == (10, 10, 24, 10)
 
 
-def test_a_rectangle_mask_maps_back_to_frame_pixels() -> None:
-    # cells x 10..20, y 5..9 -> engine pixels x 80..160, y 40..72 -> frame pixels / (576/1520)
-    out = outputs([0.9, 0.1], [1, 0], [(120.0, 56.0), (500.0, 300.0)], [rect_logits(10, 5, 20, 9), empty()])
-    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
-    assert result.verdict is Verdict.NG
-    assert len(result.defects) == 1
-    defect = result.defects[0]
-    assert defect.class_name == "dent" and defect.class_id == 1
-    scale = 576 / 1520
-    x, y, w, h = defect.bbox
-    # Bilinear upsampling puts the 0-crossing half a cell outside the cell centres: allow one cell.
-    cell = STRIDE / scale
-    assert abs(x - 80 / scale) <= cell and abs(y - 40 / scale) <= cell
-    assert abs((x + w) - 160 / scale) <= cell and abs((y + h) - 72 / scale) <= cell
-    assert defect.mask.shape == (h, w) and defect.mask.sum() == defect.area_px
-    expected_area = (80 / scale) * (32 / scale)
-    assert 0.7 * expected_area < defect.area_px < 1.3 * expected_area
-    assert defect.centroid == pytest.approx((120 / scale, 56 / scale), abs=cell)
-    assert defect.point == pytest.approx((120 / scale, 56 / scale), abs=1e-3)
-    assert result.max_peak_score == pytest.approx(0.9)
-
-
-def test_two_peaks_on_one_region_make_one_defect_with_the_stronger_class() -> None:
-    out = outputs(
-        [0.8, 0.95], [0, 2], [(100.0, 100.0), (180.0, 100.0)],
-        [rect_logits(10, 10, 20, 14), rect_logits(18, 10, 30, 14)],
-    )
-    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
-    assert len(result.defects) == 1
-    assert result.defects[0].class_name == "pinhole"
-    assert result.defects[0].score == pytest.approx(0.95)
-
-
-def test_separate_regions_are_separate_defects_sorted_by_score() -> None:
-    out = outputs(
-        [0.7, 0.9], [0, 1], [(100.0, 100.0), (700.0, 400.0)],
-        [rect_logits(10, 10, 16, 14), rect_logits(85, 48, 90, 52)],
-    )
-    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
-    assert [d.class_name for d in result.defects] == ["dent", "scratch"]
-    assert result.to_dict()["defect_count"] == 2
+def test_separate_regions_are_separate_defects_highest_score_first_across_canvases() -> None:
+    a = canvas(0, 0, 64, 64, [(5, 5, 15, 15, 0, 0.7)])
+    b = canvas(500, 300, 64, 64, [(0, 0, 4, 4, 2, 0.9), (40, 40, 60, 44, 1, 0.6)])
+    result = Postprocessor(CLASSES)([a, b], 1000, 1000)
+    assert [d.class_name for d in result.defects] == ["pinhole", "scratch", "dent"]
+    assert [d.bbox[:2] for d in result.defects] == [(500, 300), (5, 5), (540, 340)]
+    assert result.to_dict()["defect_count"] == 3
 
 
 def test_a_weak_peak_makes_the_verdict_uncertain_and_no_peak_ok() -> None:
-    post = Postprocessor(CLASSES, STRIDE, PostprocessConfig(score_threshold=0.5, uncertain_threshold=0.3))
-    weak = post(outputs([0.4], [0], [(100.0, 100.0)], [rect_logits(10, 10, 20, 14)]), BOX)
-    assert weak.verdict is Verdict.UNCERTAIN and not weak.defects
-    calm = post(outputs([0.1], [0], [(100.0, 100.0)], [rect_logits(10, 10, 20, 14)]), BOX)
-    assert calm.verdict is Verdict.OK
+    post = Postprocessor(CLASSES, PostprocessConfig(score_threshold=0.5, uncertain_threshold=0.3))
+    weak = post([canvas(0, 0, 32, 32, [(4, 4, 12, 12, 0, 0.4)])], 32, 32)
+    assert weak.verdict is Verdict.UNCERTAIN and not weak.defects and weak.max_peak_score == pytest.approx(0.4)
+    calm = post([canvas(0, 0, 32, 32, [(4, 4, 12, 12, 0, 0.2)])], 32, 32)
+    # A region under both thresholds is no region: nothing of defect size came close.
+    assert calm.verdict is Verdict.OK and calm.max_peak_score == 0.0
+    specks = post([canvas(0, 0, 32, 32, [(4, 4, 5, 5, 0, 0.9), (20, 20, 21, 22, 1, 0.9)])], 32, 32)
+    assert specks.verdict is Verdict.OK and specks.max_peak_score == 0.0  # 1 and 2 px: under min_area_px (3)
+    assert post([], 32, 32).verdict is Verdict.OK  # no window at all
 
 
-def test_peaks_in_the_letterbox_padding_are_ignored() -> None:
-    # x = 1022 engine pixels lies in the padding (content is 1019 wide).
-    out = outputs([0.99], [0], [(1022.0, 100.0)], [rect_logits(120, 10, 128, 14)])
-    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
-    assert result.verdict is Verdict.OK and result.max_peak_score == 0.0
-
-
-def test_a_confident_peak_with_an_empty_mask_is_not_a_defect() -> None:
-    out = outputs([0.9], [0], [(100.0, 100.0)], [empty()])
-    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
+def test_a_mask_whose_peak_is_under_the_score_threshold_is_not_a_defect() -> None:
+    post = Postprocessor(CLASSES, PostprocessConfig(score_threshold=0.8, uncertain_threshold=0.3))
+    result = post([canvas(0, 0, 32, 32, [(4, 4, 12, 12, 1, 0.7)])], 32, 32)  # a mask (>= 0.5) peaking at 0.7
     assert not result.defects and result.verdict is Verdict.UNCERTAIN
 
 
+def test_a_cell_the_find_pass_left_uncovered_makes_a_clean_frame_uncertain() -> None:
+    post = Postprocessor(CLASSES)
+    clean = [canvas(0, 0, 32, 32, [])]
+    left = post(clean, 100, 100, uncovered=0.6, uncovered_threshold=0.3)
+    assert left.verdict is Verdict.UNCERTAIN and left.max_peak_score == pytest.approx(0.6)
+    assert post(clean, 100, 100, uncovered=0.2, uncovered_threshold=0.3).verdict is Verdict.OK
+    found = post([canvas(0, 0, 32, 32, [(4, 4, 12, 12, 0, 0.9)])], 100, 100, uncovered=0.6, uncovered_threshold=0.3)
+    assert found.verdict is Verdict.NG  # a defect decides, whatever was left
+
+
 def test_min_area_and_max_defects_are_applied() -> None:
-    masks = [rect_logits(10 + 10 * i, 10, 12 + 10 * i, 12) for i in range(4)]
-    points = [(88.0 + 80 * i, 88.0) for i in range(4)]
-    out = outputs([0.9, 0.8, 0.7, 0.6], [0] * 4, points, masks)
-    capped = Postprocessor(CLASSES, STRIDE, PostprocessConfig(max_defects=2))(out, BOX)
+    regions = [(10 + 10 * i, 10, 12 + 10 * i, 12, 0, 0.9 - 0.1 * i) for i in range(4)]  # four 2 x 2 defects
+    c = canvas(0, 0, 64, 64, regions)
+    capped = Postprocessor(CLASSES, PostprocessConfig(max_defects=2))([c], 64, 64)
     assert [d.score for d in capped.defects] == pytest.approx([0.9, 0.8])
-    none = Postprocessor(CLASSES, STRIDE, PostprocessConfig(min_area_px=10**6))(out, BOX)
-    assert not none.defects
+    assert not Postprocessor(CLASSES, PostprocessConfig(min_area_px=5))([c], 64, 64).defects
+    assert len(Postprocessor(CLASSES, PostprocessConfig(min_area_px=4))([c], 64, 64).defects) == 4
+
+
+def test_predicted_iou_counts_the_probability_just_outside_the_mask() -> None:
+    probs = np.zeros((4, 32, 32), np.float32)
+    probs[0] = 1.0
+    probs[0, 9:15, 9:15], probs[1, 9:15, 9:15] = 0.7, 0.3  # a 1 px ring at 0.3 (below the mask threshold)
+    probs[0, 10:14, 10:14], probs[1, 10:14, 10:14] = 0.1, 0.9  # the 4 x 4 mask at 0.9
+    (defect,) = Postprocessor(CLASSES)([Canvas(0, 0, probs)], 32, 32).defects
+    assert defect.area_px == 16
+    assert defect.predicted_iou == pytest.approx(16 * 0.9 / (16 + 20 * 0.3), abs=1e-6)
+    crisp = canvas(0, 0, 32, 32, [(10, 10, 14, 14, 0, 1.0)])
+    assert Postprocessor(CLASSES)([crisp], 32, 32).defects[0].predicted_iou == pytest.approx(1.0)
+    strict = Postprocessor(CLASSES, PostprocessConfig(min_predicted_iou=0.7))
+    assert not strict([Canvas(0, 0, probs)], 32, 32).defects
 
 
 def test_polygon_outlines_the_mask_in_frame_pixels() -> None:
-    out = outputs([0.9], [0], [(120.0, 56.0)], [rect_logits(10, 5, 20, 9)])
-    defect = Postprocessor(CLASSES, STRIDE)(out, BOX).defects[0]
+    c = canvas(200, 100, 128, 128, [(20, 40, 60, 70, 0, 0.9)])
+    defect = Postprocessor(CLASSES)([c], 1000, 1000).defects[0]
     polygon = np.asarray(defect.polygon())
     x, y, w, h = defect.bbox
     assert len(polygon) >= 4
-    assert polygon[:, 0].min() >= x and polygon[:, 0].max() <= x + w
-    assert polygon[:, 1].min() >= y and polygon[:, 1].max() <= y + h
+    assert polygon[:, 0].min() == x and polygon[:, 0].max() == x + w - 1
+    assert polygon[:, 1].min() == y and polygon[:, 1].max() == y + h - 1
+    assert defect.to_dict()["polygon"] == polygon.tolist()
 
 
 def test_config_rejects_inverted_thresholds() -> None:
@@ -133,11 +126,11 @@ def test_config_rejects_inverted_thresholds() -> None:
 def test_overlay_tints_each_defect_with_its_class_colour() -> None:
     from engines.overlay import class_colour, render_overlay
 
-    out = outputs([0.9], [2], [(120.0, 56.0)], [rect_logits(10, 5, 20, 9)])
-    result = Postprocessor(CLASSES, STRIDE)(out, BOX)
-    frame = np.full((1520, 2688), 128, np.uint8)
+    c = canvas(1000, 600, 128, 128, [(20, 40, 100, 100, 2, 0.9)])  # a pinhole-class region
+    result = Postprocessor(CLASSES)([c], FRAME_W, FRAME_H)
+    frame = np.full((FRAME_H, FRAME_W), 128, np.uint8)
     overlay = render_overlay(frame, result)
-    assert overlay.shape == (1520, 2688, 3)
+    assert overlay.shape == (FRAME_H, FRAME_W, 3)
     x, y, w, h = result.defects[0].bbox
     inside = overlay[y + h // 2, x + w // 2].astype(int)
     blue, _, red = class_colour(2)

@@ -1,4 +1,4 @@
-"""Loss terms and recipes: each recipe's loss on a real tiny batch, what it trains and what it freezes."""
+"""Loss terms and recipes: each recipe's loss on a real tiny batch of windows, what it trains and what it freezes."""
 
 from __future__ import annotations
 
@@ -8,201 +8,233 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import torch.nn.functional as F  # noqa: E402
+
 from training.config import RecipeConfig  # noqa: E402
+from training.data.sample import IGNORE_LABEL  # noqa: E402
 from training.losses import (  # noqa: E402
     cosine_embedding_loss,
+    cross_entropy,
     dice_loss,
-    focal_heatmap_loss,
+    focal_cell_loss,
+    mse_embedding_loss,
     perceptual_loss,
     soft_mask_bce,
 )
 from training.model.build import build_model  # noqa: E402
 from training.recipes import DECODER_PARTS, ENCODER_PARTS, build_recipe  # noqa: E402
-from training.teachers.base import TeacherError  # noqa: E402
+from training.teachers.base import Teacher, TeacherError, TeacherOutput  # noqa: E402
+from training.teachers.cache import instance_points  # noqa: E402
 from training.teachers.family import FamilyTeacher  # noqa: E402
-from training.trainer import flatten_prompts  # noqa: E402
 
-H, W = 64, 128
+WINDOW = 64
 
 
 def _batch() -> dict[str, torch.Tensor]:
-    from training.data.prepare import PreparedDataset, collate
+    """Two 64 px training windows of synthetic panels, each holding a defect."""
     from training.data.synthetic import SyntheticDataset
+    from training.data.windows import WindowDataset, collate_windows
 
-    samples = SyntheticDataset(2, seed=5, width=128, height=72, pixel_scale=0.5, defect_free_prob=0.0)
-    prepared = PreparedDataset(samples, height=H, width=W, train=True, seed=0)
-    batch = collate([prepared[i] for i in range(2)])
-    flatten_prompts(batch)
+    samples = SyntheticDataset(2, seed=5, width=160, height=128, pixel_scale=0.5, defect_free_prob=0.0)
+    windows = WindowDataset(samples, window=WINDOW, train=True, positive_fraction=1.0, seed=0)
+    batch = collate_windows([windows[i] for i in range(2)])
+    assert (batch["label"] > 0).any()
     return batch
 
 
 @pytest.fixture(scope="module")
 def teacher() -> FamilyTeacher:
     torch.manual_seed(1)
-    return FamilyTeacher(build_model("teacher_cnn", height=H, width=W, k=2), "teacher_cnn", "f" * 64)
+    return FamilyTeacher(build_model("teacher_seg"), "teacher_seg", "f" * 64)
 
 
-def _with_teacher(batch: dict[str, torch.Tensor], teacher: FamilyTeacher) -> dict[str, torch.Tensor]:
+def _with_teacher(batch: dict[str, torch.Tensor], teacher: Teacher) -> dict[str, torch.Tensor]:
+    points, index = [], []
+    for j, label in enumerate(batch["label"].numpy()):
+        mine = instance_points(label)
+        points.extend(mine)
+        index.extend([j] * len(mine))
     with torch.no_grad():
-        out = teacher.predict(batch["image"], batch["prompts"], batch["image_index"])
-    return {**batch, "teacher_embedding": out.embedding, "teacher_logits": out.mask_logits}
+        out = teacher.predict(batch["image"], torch.tensor(points).reshape(-1, 2), torch.tensor(index))
+    extra = {"teacher_embedding": out.embedding, "teacher_foreground": out.foreground}
+    if out.neck is not None:
+        extra["teacher_neck"] = out.neck  # type: ignore[assignment]
+    return {**batch, **extra}
 
 
 def _grads(recipe: torch.nn.Module, part: str) -> bool:
     return any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(recipe.student, part).parameters())
 
 
-def test_loss_terms_behave() -> None:
-    target = torch.zeros(2, 8, 8)
-    target[:, 2:6, 2:6] = 1
-    assert dice_loss(target * 40 - 20, target) < 0.01 < dice_loss(-target * 40 + 20, target)
+class Foreign(Teacher):
+    """A teacher of another family: 32 channels, no neck features (as SAM 2)."""
+
+    teacher_id, channels = "sam2-test", 32
+
+    def predict(self, images: torch.Tensor, points: torch.Tensor, image_index: torch.Tensor) -> TeacherOutput:
+        b, _, h, w = images.shape
+        return TeacherOutput(embedding=torch.zeros(b, 32, h // 16, w // 16), foreground=torch.zeros(b, h, w))
+
+
+# -- loss terms ------------------------------------------------------------------------------------
+
+
+def test_cross_entropy_and_dice_reward_the_right_classes_and_skip_ignored_pixels() -> None:
+    labels = torch.zeros(2, 8, 8, dtype=torch.int64)
+    labels[:, 2:6, 2:6] = 1
+    labels[1, 0, :] = 3
+    right = F.one_hot(labels, 4).permute(0, 3, 1, 2).float() * 40 - 20
+    wrong = -right
+    assert cross_entropy(right, labels) < 1e-6 < 10 < cross_entropy(wrong, labels)
+    assert dice_loss(right, labels) < 0.01 and dice_loss(wrong, labels) > 0.95
+    torch.testing.assert_close(cross_entropy(wrong, labels), F.cross_entropy(wrong, labels))
+    # Pixels labelled IGNORE_LABEL count in neither: whatever the logits say there.
+    ignored = labels.clone()
+    ignored[:, 6:] = IGNORE_LABEL
+    scrambled = right.clone()
+    scrambled[:, :, 6:] = torch.randn(2, 4, 2, 8) * 10
+    torch.testing.assert_close(cross_entropy(scrambled, ignored), cross_entropy(right, ignored))
+    torch.testing.assert_close(dice_loss(scrambled, ignored), dice_loss(right, ignored))
+    # No defect anywhere: dice pushes every defect probability down (and is ~0 when they are).
+    clean = torch.zeros(1, 8, 8, dtype=torch.int64)
+    confident = F.one_hot(clean, 4).permute(0, 3, 1, 2).float() * 40 - 20
+    assert dice_loss(confident, clean) < 1e-6 and dice_loss(-confident, clean) > 0.3  # the mean defect probability
+
+
+def test_soft_mask_bce_is_minimal_at_the_softened_teacher_and_skips_ignored_pixels() -> None:
+    teacher = torch.randn(3, 16, 16) * 4
+    labels = torch.zeros(3, 16, 16, dtype=torch.int64)
+    softened = teacher / 2.0
+    assert soft_mask_bce(softened, teacher, labels) < soft_mask_bce(teacher, teacher, labels)
+    assert soft_mask_bce(softened, teacher, labels, temperature=1.0) > soft_mask_bce(teacher, teacher, labels, 1.0)
+    labels[:, 8:] = IGNORE_LABEL
+    off = softened.clone()
+    off[:, 8:] += 50
+    torch.testing.assert_close(soft_mask_bce(off, teacher, labels), soft_mask_bce(softened, teacher, labels))
+
+
+def test_embedding_terms_and_the_finders_focal_loss() -> None:
     emb = torch.randn(2, 16, 4, 8)
     assert cosine_embedding_loss(emb, emb * 3) < 1e-5 and cosine_embedding_loss(emb, -emb) > 1.99
     assert perceptual_loss(emb, emb * 2) < 1e-5 < perceptual_loss(emb, torch.randn_like(emb))
-    # Soft-mask BCE is minimal when the student matches sigmoid(teacher / T), at any resolution.
-    teacher = torch.randn(3, 16, 16) * 4
-    student = teacher / 2.0
-    assert soft_mask_bce(student, teacher) < soft_mask_bce(teacher, teacher)
-    assert soft_mask_bce(torch.zeros(3, 8, 8), teacher).isfinite()
-    heat = torch.zeros(1, 3, 4, 8)
-    heat[0, 1, 2, 3] = 1.0
-    good, bad = (heat * 12 - 6), (heat * -12 + 6)
-    assert focal_heatmap_loss(good, heat) < 0.05 < focal_heatmap_loss(bad, heat)
-    assert math.isfinite(float(focal_heatmap_loss(torch.zeros(1, 3, 4, 8), torch.zeros(1, 3, 4, 8))))
+    assert mse_embedding_loss(emb, emb) == 0 and mse_embedding_loss(emb, emb + 1) == pytest.approx(1.0)
+    cells = torch.zeros(1, 1, 4, 8)
+    cells[0, 0, 2, 3] = 1.0
+    good, bad = cells * 12 - 6, cells * -12 + 6
+    assert focal_cell_loss(good, cells) < 0.05 < focal_cell_loss(bad, cells)
+    assert math.isfinite(float(focal_cell_loss(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, 8))))
+    # A missed defect cell costs more than a false one (alpha 0.75 on the positives).
+    one_false = torch.full((1, 1, 4, 8), -6.0)
+    one_false[0, 0, 0, 0] = 6.0
+    one_false[0, 0, 2, 3] = 6.0
+    one_missed = torch.full((1, 1, 4, 8), -6.0)
+    assert focal_cell_loss(one_missed, cells) > focal_cell_loss(one_false, cells)
+
+
+# -- recipes -----------------------------------------------------------------------------------
+
+
+def test_supervised_needs_no_teacher_and_trains_every_part() -> None:
+    torch.manual_seed(0)
+    recipe = build_recipe("supervised", build_model("student_seg"), RecipeConfig())
+    recipe.apply_phase(0)
+    recipe.train()
+    loss, parts = recipe(_batch())
+    assert set(parts) == {"ce", "dice"} and loss.isfinite()
+    torch.testing.assert_close(loss, parts["ce"] + parts["dice"])
+    loss.backward()
+    for part in (*ENCODER_PARTS, *DECODER_PARTS):
+        assert _grads(recipe, part), part
+    with pytest.raises(TeacherError, match="recipe 'blog' needs a teacher"):
+        build_recipe("blog", build_model("student_seg"), RecipeConfig())
+    with pytest.raises(KeyError, match="unknown recipe"):
+        build_recipe("magic", build_model("student_seg"), RecipeConfig())
 
 
 def test_blog_is_the_weighted_sum_and_trains_every_part(teacher: FamilyTeacher) -> None:
     torch.manual_seed(0)
     batch = _with_teacher(_batch(), teacher)
-    recipe = build_recipe("blog", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig(), teacher)
+    recipe = build_recipe("blog", build_model("student_seg"), RecipeConfig(name="blog"), teacher)
+    assert recipe.adapter is None, "same channels (96): no adapter"
     recipe.apply_phase(0)
     recipe.train()
     loss, parts = recipe(batch)
-    assert set(parts) == {"feature", "soft_mask", "dice", "iou", "saliency"}
-    expected = 0.4 * parts["feature"] + 0.3 * parts["soft_mask"] + 0.3 * parts["dice"]
-    expected = expected + 0.1 * parts["iou"] + 1.0 * parts["saliency"]
-    assert torch.allclose(loss, expected)
-    assert recipe.adapter is None, "same channels: no adapter"
+    assert set(parts) == {"feature", "soft_mask", "ce", "dice"}
+    torch.testing.assert_close(loss, 0.4 * parts["feature"] + 0.3 * parts["soft_mask"] + 0.3 * parts["dice"])
     loss.backward()
-    for part in ("encoder", "neck", "saliency_head", "mask_decoder"):
+    for part in (*ENCODER_PARTS, *DECODER_PARTS):
         assert _grads(recipe, part), part
+    with_ce = build_recipe("blog", build_model("student_seg"), RecipeConfig(name="blog", ce_weight=0.5), teacher)
+    loss, parts = with_ce(batch)
+    torch.testing.assert_close(
+        loss, 0.4 * parts["feature"] + 0.3 * parts["soft_mask"] + 0.3 * parts["dice"] + 0.5 * parts["ce"])
+
+
+def test_a_teacher_of_other_channels_gets_the_student_an_adapter() -> None:
+    student = build_model("student_seg")
+    recipe = build_recipe("blog", student, RecipeConfig(name="blog"), Foreign())
+    assert recipe.adapter is not None and recipe.adapter.proj.out_channels == 32
+    assert recipe.adapter.proj.in_channels == student.embed_dim
+    batch = _with_teacher(_batch(), Foreign())
+    loss, parts = recipe(batch)
+    assert loss.isfinite() and "feature" in parts
 
 
 def test_nofeature_drops_the_cosine_term(teacher: FamilyTeacher) -> None:
     batch = _with_teacher(_batch(), teacher)
-    recipe = build_recipe("nofeature", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig(), teacher)
-    _, parts = recipe(batch)
-    assert "feature" not in parts and {"soft_mask", "dice", "saliency"} <= set(parts)
-    no_logits = {k: v for k, v in batch.items() if k != "teacher_embedding"}
-    recipe(no_logits)  # it needs no teacher embedding
+    recipe = build_recipe("nofeature", build_model("student_seg"), RecipeConfig(name="nofeature"), teacher)
+    no_embedding = {k: v for k, v in batch.items() if k != "teacher_embedding"}
+    _, parts = recipe(no_embedding)  # it needs no teacher embedding
+    assert set(parts) == {"soft_mask", "ce", "dice"}
 
 
 def test_mobilesam_copies_and_freezes_the_teachers_decoder(teacher: FamilyTeacher) -> None:
     batch = _with_teacher(_batch(), teacher)
-    student = build_model("student_cnn", height=H, width=W, k=2)
+    student = build_model("student_seg")
     recipe = build_recipe("mobilesam", student, RecipeConfig(name="mobilesam"), teacher)
-    for part in DECODER_PARTS:
-        mine, theirs = getattr(student, part).state_dict(), getattr(teacher.model, part).state_dict()
-        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    mine, theirs = student.decoder.state_dict(), teacher.model.decoder.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     recipe.apply_phase(0)
     recipe.train()
-    assert not student.mask_decoder.training, "frozen parts stay in eval mode"
+    assert not student.decoder.training and student.encoder.training, "frozen parts stay in eval mode"
     loss, parts = recipe(batch)
-    assert set(parts) == {"mse", "saliency"}
+    assert set(parts) == {"mse"}
+    expected = torch.stack([F.mse_loss(s, t) for s, t in zip(student.embed(batch["image"]),
+                                                              batch["teacher_neck"], strict=True)]).mean()
+    torch.testing.assert_close(loss, expected)
     loss.backward()
-    assert _grads(recipe, "encoder") and _grads(recipe, "saliency_head")
-    assert not _grads(recipe, "mask_decoder")
+    assert _grads(recipe, "encoder") and _grads(recipe, "neck")
+    assert not _grads(recipe, "decoder")
 
 
-def test_mobilesam_needs_a_family_teacher() -> None:
-    from training.teachers.base import Teacher
-
-    class Foreign(Teacher):
-        teacher_id, channels, mask_stride, input_size = "sam2-x", 32, 4, (H, W)
-
-        def embed(self, images):  # pragma: no cover - never called
-            raise NotImplementedError
-
-        def predict(self, images, points, image_index):  # pragma: no cover
-            raise NotImplementedError
-
-    student = build_model("student_cnn", height=H, width=W, k=2)
-    with pytest.raises(TeacherError, match="family teacher"):
-        build_recipe("mobilesam", student, RecipeConfig(name="mobilesam"), Foreign())
-    # A teacher with other channels gets the student an adapter (kdsam may train its own decoder).
-    recipe = build_recipe("kdsam", student, RecipeConfig(name="kdsam"), Foreign())
-    assert recipe.adapter is not None and recipe.adapter.proj.out_channels == 32
+def test_neck_recipes_need_a_family_teacher() -> None:
+    for name in ("mobilesam", "kdsam"):
+        with pytest.raises(TeacherError, match="needs a family teacher") as caught:
+            build_recipe(name, build_model("student_seg"), RecipeConfig(name=name), Foreign())  # type: ignore[arg-type]
+        assert "sam2-test" in str(caught.value)
 
 
 def test_kdsam_phases(teacher: FamilyTeacher) -> None:
     batch = _with_teacher(_batch(), teacher)
-    recipe = build_recipe("kdsam", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig(), teacher)
+    recipe = build_recipe("kdsam", build_model("student_seg"), RecipeConfig(name="kdsam"), teacher)
     assert [recipe.phase(e, 4) for e in range(4)] == [0, 0, 1, 1]
+    early = build_recipe("kdsam", build_model("student_seg"), RecipeConfig(name="kdsam", phase1_epochs=1), teacher)
+    assert [early.phase(e, 4) for e in range(4)] == [0, 1, 1, 1]
     recipe.apply_phase(0)
     recipe.train()
     loss, parts = recipe(batch)
-    assert set(parts) == {"mse", "perceptual", "saliency"}
+    assert set(parts) == {"mse", "perceptual"}
+    torch.testing.assert_close(loss, parts["mse"] + 0.5 * parts["perceptual"])
     loss.backward()
-    assert _grads(recipe, "encoder") and not _grads(recipe, "mask_decoder")
+    assert _grads(recipe, "encoder") and not _grads(recipe, "decoder")
     recipe.zero_grad(set_to_none=True)
     recipe.apply_phase(1)
     recipe.train()
-    assert not recipe.student.encoder.training
-    loss, parts = recipe(batch)
-    assert set(parts) == {"dice", "iou", "saliency"}
+    assert not recipe.student.encoder.training and not recipe.student.neck.training
+    assert not recipe.needs_teacher_now  # phase 2 trains on ground truth alone
+    no_teacher = {k: v for k, v in batch.items() if not k.startswith("teacher_")}
+    loss, parts = recipe(no_teacher)
+    assert set(parts) == {"ce", "dice"}
     loss.backward()
-    assert _grads(recipe, "mask_decoder")
+    assert _grads(recipe, "decoder")
     assert not any(_grads(recipe, part) for part in ENCODER_PARTS)
-
-
-def test_supervised_needs_no_teacher() -> None:
-    recipe = build_recipe("supervised", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig())
-    loss, parts = recipe(_batch())
-    assert set(parts) == {"focal", "dice", "iou", "saliency"} and loss.isfinite()
-    with pytest.raises(TeacherError, match="needs a teacher"):
-        build_recipe("blog", build_model("student_cnn", height=H, width=W, k=2), RecipeConfig())
-
-
-def test_focal_mask_loss_stops_pushing_confident_background() -> None:
-    """Why GT masks use focal, not BCE: a background pixel already at p=0.007 (logit -5) is left alone,
-    so logits do not saturate near -30 where dice has no gradient left (what BCE did)."""
-    from training.losses import bce_loss, focal_mask_loss
-
-    confident = torch.full((1, 8, 8), -5.0, requires_grad=True)
-    target = torch.zeros(1, 8, 8)
-    focal_grad = torch.autograd.grad(focal_mask_loss(confident, target), confident)[0].abs().max()
-    bce_grad = torch.autograd.grad(bce_loss(confident, target), confident)[0].abs().max()
-    assert focal_grad < 1e-3 * bce_grad
-    wrong = torch.full((1, 8, 8), -5.0)
-    assert focal_mask_loss(wrong, torch.ones(1, 8, 8)) > 100 * focal_mask_loss(confident.detach(), target)
-
-
-def test_grown_targets_make_a_hairline_drawable() -> None:
-    """A 1 px line grown by 5 is a 5 px band; size 1 leaves it as drawn; an even size is refused."""
-    from pydantic import ValidationError
-
-    from training.losses import grow_targets
-
-    line = torch.zeros(1, 16, 16)
-    line[0, 8, 2:14] = 1.0
-    assert torch.equal(grow_targets(line, 1), line)
-    grown = grow_targets(line, 5)
-    assert grown[0, :, 8].nonzero().flatten().tolist() == [6, 7, 8, 9, 10]
-    assert grown.sum() == 5 * 16  # 12 px long + 2 px each end, 5 rows
-    with pytest.raises(ValidationError, match="must be odd"):
-        RecipeConfig(grow_targets_px=4)
-
-
-def test_area_weighted_dice_stops_tiny_misses_outvoting_a_large_hit() -> None:
-    """Three missed 2 px pinholes and one dent drawn right: equal weights call that mostly wrong,
-    area weights (full weight at 256 px) call it mostly right."""
-    logits = torch.full((4, 32, 32), -10.0)
-    targets = torch.zeros(4, 32, 32)
-    for i in range(3):
-        targets[i, 5, 5 + i : 7 + i] = 1.0  # 2 px each, predicted nowhere
-    targets[3, 8:24, 8:24] = 1.0  # 256 px, predicted exactly
-    logits[3, 8:24, 8:24] = 10.0
-    equal = float(dice_loss(logits, targets))
-    weighted = float(dice_loss(logits, targets, full_weight_area=256))
-    assert equal > 0.5
-    assert weighted < 0.05

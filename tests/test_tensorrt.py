@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,8 @@ from engines.backends.onnx_checks import (
     check_bundle_for_tensorrt,
     check_onnx_for_tensorrt,
 )
-from engines.bundle import DEFAULT_BUNDLE_DIR, MANIFEST_NAME, Bundle, load_bundle, outputs_for, write_bundle
-from engines.contract import GraphShape, TensorSpec
+from engines.bundle import DEFAULT_BUNDLE_DIR, MANIFEST_NAME, Bundle, load_bundle, write_bundle
+from engines.contract import TensorSpec, segment_input, segment_output
 from engines.errors import BackendUnavailableError, DefectsamError
 
 onnx = pytest.importorskip("onnx", reason="the TensorRT pre-build checks need onnx (the tensorrt/dev extra)")
@@ -58,98 +59,69 @@ def _constant(name: str, array: np.ndarray) -> Any:
     )
 
 
-def _fused_graph(shape: GraphShape, input_hw: tuple[int, int] | None = None) -> Any:
-    """A graph with the fused contract's I/O: a real heatmap path, constants for the rest."""
-    h, w = input_hw or (shape.height, shape.width)
-    eh, ew = shape.embed_hw
-    mh, mw = shape.mask_hw
-    k, c = shape.k, shape.num_classes
-    nodes = [
-        helper.make_node("ReduceMean", ["image", "axes1"], ["gray"], name="gray", keepdims=1),
-        helper.make_node("AveragePool", ["gray"], ["pooled"], name="pool", kernel_shape=[16, 16], strides=[16, 16]),
-        helper.make_node("Sigmoid", ["pooled"], ["heatmap"], name="sigmoid"),
-        _constant("points", np.zeros((k, 2), np.float32)),
-        _constant("point_scores", np.zeros((k,), np.float32)),
-        _constant("point_classes", np.zeros((k,), np.int64)),
-        _constant("mask_logits", np.zeros((k, mh, mw), np.float32)),
-        _constant("iou", np.zeros((k,), np.float32)),
-        _constant("image_embedding", np.zeros((1, 256, eh, ew), np.float32)),
-    ]
-    assert c == 1, "this helper makes a one-class heatmap"
-    outputs = [
-        helper.make_tensor_value_info(spec.name, F32 if spec.dtype == "float32" else TensorProto.INT64, spec.shape)
-        for spec in shape.fused_outputs()
-    ]
+def _segment_graph(num_classes: int = 1, channels: int = 3, fixed: tuple[int, int] | None = None) -> Any:
+    """The segment contract's I/O (windows B x 3 x H x W -> class_probs B x (C+1) x H x W): a 1x1 conv and softmax."""
+    h, w = fixed or ("height", "width")
+    weight = np.random.default_rng(0).standard_normal((num_classes + 1, channels, 1, 1)).astype(np.float32)
     return helper.make_graph(
-        nodes,
-        "fused",
-        [helper.make_tensor_value_info("image", F32, [1, 3, h, w])],
-        outputs,
+        [
+            helper.make_node("Conv", ["windows", "weight"], ["logits"], name="head"),
+            helper.make_node("Softmax", ["logits"], ["class_probs"], name="softmax", axis=1),
+        ],
+        "segment",
+        [helper.make_tensor_value_info("windows", F32, ["batch", channels, h, w])],
+        [helper.make_tensor_value_info("class_probs", F32, ["batch", num_classes + 1, h, w])],
+        initializer=[onnx.numpy_helper.from_array(weight, "weight")],
+    )
+
+
+def _find_graph() -> Any:
+    """The find contract's I/O (image 1 x 3 x h x w -> candidates 1 x 1 x h/8 x w/8): pool, grey, sigmoid."""
+    return helper.make_graph(
+        [
+            helper.make_node("AveragePool", ["image"], ["pooled"], name="pool", kernel_shape=[8, 8], strides=[8, 8]),
+            helper.make_node("ReduceMean", ["pooled", "axes1"], ["grey"], name="grey", keepdims=1),
+            helper.make_node("Sigmoid", ["grey"], ["candidates"], name="sigmoid"),
+        ],
+        "find",
+        [helper.make_tensor_value_info("image", F32, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("candidates", F32, [1, 1, "cells_y", "cells_x"])],
         initializer=[onnx.numpy_helper.from_array(np.array([1], np.int64), "axes1")],
     )
 
 
-def _decoder_graph(shape: GraphShape) -> Any:
-    eh, ew = shape.embed_hw
-    mh, mw = shape.mask_hw
-    nodes = [
-        helper.make_node("ReduceMean", ["image_embedding", "axes1"], ["mean"], name="embed_mean", keepdims=0),
-        helper.make_node(
-            "Resize", ["mean", "", "scales"], ["mask_logits"], name="upscale", mode="linear",
-            coordinate_transformation_mode="half_pixel",
-        ),
-        helper.make_node("ReduceMean", ["point_labels", "axes1"], ["iou"], name="iou_head", keepdims=0),
-    ]
-    return helper.make_graph(
-        nodes,
-        "decoder",
-        [
-            helper.make_tensor_value_info("image_embedding", F32, [1, 256, eh, ew]),
-            helper.make_tensor_value_info("point_coords", F32, [1, "num_points", 2]),
-            helper.make_tensor_value_info("point_labels", F32, [1, "num_points"]),
-        ],
-        [
-            helper.make_tensor_value_info("mask_logits", F32, [1, mh, mw]),
-            helper.make_tensor_value_info("iou", F32, [1]),
-        ],
-        initializer=[
-            onnx.numpy_helper.from_array(np.array([1], np.int64), "axes1"),
-            onnx.numpy_helper.from_array(np.array([1.0, mh / eh, mw / ew], np.float32), "scales"),
-        ],
-    )
-
-
-SHAPE = GraphShape(height=32, width=64, k=2, num_classes=1, mask_stride=8)
+WINDOW = 64
 
 
 def _bundle(
     tmp_path: Path,
     *,
-    input_hw: tuple[int, int] | None = None,
+    segment: Any = None,
     extra: dict[str, Path] | None = None,
     manifest: dict[str, Any] | None = None,
+    with_find: bool = True,
 ) -> Bundle:
     src = tmp_path / "src"
     src.mkdir(parents=True, exist_ok=True)
-    fused = _save(src, _fused_graph(SHAPE, input_hw), "model.onnx")
-    decoder = _save(src, _decoder_graph(SHAPE), "decoder.onnx")
+    files = {"segment.onnx": _save(src, segment if segment is not None else _segment_graph(), "segment.onnx")}
+    if with_find:
+        files["find.onnx"] = _save(src, _find_graph(), "find.onnx")
     fields = {
-        "schema_version": 1,
+        "schema_version": 3,
         "name": "synthetic",
         "created": "2025-01-01T00:00:00Z",
-        "arch": "student_cnn",
-        "input": {"height": SHAPE.height, "width": SHAPE.width, "mean": (0, 0, 0), "std": (1, 1, 1)},
-        "outputs": {k: v.model_dump() for k, v in outputs_for(SHAPE).items()},
-        "K": SHAPE.k,
-        "mask_stride": SHAPE.mask_stride,
-        "classes": ("scratch",),
+        "classes": ["scratch"],
+        "segment": {"arch": "student_seg", "window": WINDOW, "max_windows": 8, "mean": (0, 0, 0), "std": (1, 1, 1),
+                    "parameters": 8},
+        "find": {"arch": "finder", "reduction": 4, "mean": (0, 0, 0), "std": (1, 1, 1), "parameters": 0}
+        if with_find else None,
         "precision": "fp32",
-        "graphs": {"fused": "model.onnx", "decoder": "decoder.onnx"},
-        "parameters": 0,
+        "graphs": {"segment": "segment.onnx", "find": "find.onnx" if with_find else None},
+        "parameters": 8,
         "provenance": {"weights": "untrained", "notes": "test"},
         **(manifest or {}),
     }
-    return write_bundle(tmp_path / "bundle", fields, {"model.onnx": fused, "decoder.onnx": decoder, **(extra or {})})
+    return write_bundle(tmp_path / "bundle", fields, {**files, **(extra or {})})
 
 
 def _causes(report: Any) -> list[str]:
@@ -290,19 +262,36 @@ def test_manifest_input_mismatch_fails(tmp_path: Path) -> None:
 
 
 def test_allowed_dynamic_axis_passes_and_is_reported(tmp_path: Path) -> None:
-    path = _save(tmp_path, _decoder_graph(SHAPE), "decoder.onnx")
-    report = check_onnx_for_tensorrt(path, SHAPE.decoder_inputs(), SHAPE.decoder_outputs())
+    bundle = _bundle(tmp_path)
+    path = bundle.segment_graph
+    report = check_onnx_for_tensorrt(path, [segment_input()], [segment_output(1)])
     assert report.ok, _causes(report)
-    assert report.dynamic_axes == {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}}
-    profiles = trt_backend.profile_shapes(report, {s.name: s.shape for s in SHAPE.decoder_inputs()}, 16)
-    assert profiles == {
-        "point_coords": ((1, 1, 2), (1, 2, 2), (1, 16, 2)),
-        "point_labels": ((1, 1), (1, 2), (1, 16)),
-    }
-    # without the contract, the same axis is a problem: only declared names may be dynamic
+    assert report.dynamic_axes == {"windows": {0: "batch", 2: "height", 3: "width"}}
+    ranges = trt_backend.profile_ranges(bundle, trt_backend.Config(max_batch=6), "segment")
+    assert ranges == {"batch": (1, 6, 6), "height": (16, WINDOW, WINDOW), "width": (16, WINDOW, WINDOW)}
+    profiles = trt_backend.profile_shapes(report, {"windows": segment_input().shape}, ranges)
+    assert profiles == {"windows": ((1, 3, 16, 16), (6, 3, WINDOW, WINDOW), (6, 3, WINDOW, WINDOW))}
+    # without the contract, the same axes are problems: only declared names may be dynamic
     bare = check_onnx_for_tensorrt(path)
-    assert any("input 'point_coords'" in line and "'num_points'" in line for line in _causes(bare))
-    assert check_onnx_for_tensorrt(path, allowed_dynamic={"num_points"}).ok
+    assert any("input 'windows'" in line and "'batch'" in line for line in _causes(bare))
+    assert check_onnx_for_tensorrt(path, allowed_dynamic={"batch", "height", "width"}).ok
+
+
+def test_profile_ranges_of_both_graphs(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path)
+    larger = trt_backend.profile_ranges(bundle, trt_backend.Config(max_side=256), "segment")
+    assert larger["height"] == (16, WINDOW, 256) and larger["batch"] == (1, 24, 24)
+    # The find plan is built for the camera's frame: 2688 x 1520 at 1/4 is 672 x 380, padded to 384.
+    assert trt_backend.profile_ranges(bundle, trt_backend.Config(), "find") == {
+        "height": (16, 384, 384), "width": (16, 672, 672)}
+    small = trt_backend.Config(frame_width=1001, frame_height=777)
+    assert trt_backend.profile_ranges(bundle, small, "find") == {"height": (16, 208, 208), "width": (16, 256, 256)}
+    with pytest.raises(DefectsamError, match=r"backend\.max_side 32 is smaller than the bundle's window 64"):
+        trt_backend.profile_ranges(bundle, trt_backend.Config(max_side=32), "segment")
+    plain = _bundle(tmp_path / "plain", with_find=False)
+    with pytest.raises(DefectsamError, match="bundle has no find graph"):
+        trt_backend.profile_ranges(plain, trt_backend.Config(), "find")
+    assert trt_backend.source_graph(plain, "fp16", "find") is None
 
 
 def test_parser_restrictions_resize_and_qdq(tmp_path: Path) -> None:
@@ -346,32 +335,43 @@ def test_check_error_lists_every_problem_one_per_line(tmp_path: Path) -> None:
     assert message.splitlines()[1:] == [f"  {p}" for p in report.problems]
 
 
-def test_synthetic_bundle_checks_against_its_manifest(tmp_path: Path) -> None:
+def test_synthetic_bundle_checks_against_the_contract(tmp_path: Path) -> None:
     reports = check_bundle_for_tensorrt(_bundle(tmp_path / "good"))
-    assert [r.file.name for r in reports] == ["model.onnx", "decoder.onnx"]
+    assert [r.file.name for r in reports] == ["segment.onnx", "find.onnx"]
     assert all(r.ok for r in reports), [_causes(r) for r in reports]
+    assert reports[1].dynamic_axes == {"image": {2: "height", 3: "width"}}
 
-    wrong = check_bundle_for_tensorrt(_bundle(tmp_path / "bad", input_hw=(64, 64)))
-    assert any("input 'image'" in line and "manifest" in line for line in _causes(wrong[0])), _causes(wrong[0])
+    fixed = check_bundle_for_tensorrt(_bundle(tmp_path / "fixed", segment=_segment_graph(fixed=(64, 64))))
+    lines = _causes(fixed[0])
+    want = "does not match the manifest's [batch, 3, height, width]"
+    assert any("input 'windows'" in line and want in line for line in lines)
+    other = check_bundle_for_tensorrt(_bundle(tmp_path / "classes", segment=_segment_graph(num_classes=2)))
+    assert any("output 'class_probs'" in line for line in _causes(other[0])), _causes(other[0])
 
 
 def test_default_bundle_passes_the_checks() -> None:
-    if not (DEFAULT_BUNDLE_DIR / MANIFEST_NAME).is_file():
-        pytest.skip(f"the default bundle is not exported yet ({DEFAULT_BUNDLE_DIR / MANIFEST_NAME} missing)")
-    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
-    reports = check_bundle_for_tensorrt(bundle)
+    manifest = DEFAULT_BUNDLE_DIR / MANIFEST_NAME
+    if not manifest.is_file():
+        pytest.skip(f"the default bundle is not exported yet ({manifest} missing)")
+    if json.loads(manifest.read_text()).get("schema_version") != 3:
+        pytest.skip("the embedded default bundle is a single-pass bundle (schema < 3), not yet replaced")
+    reports = check_bundle_for_tensorrt(load_bundle(DEFAULT_BUNDLE_DIR))
     assert all(r.ok for r in reports), [_causes(r) for r in reports]
-    if bundle.decoder_graph is not None:
-        assert reports[1].dynamic_axes, "the decoder's num_points axis should be reported for a profile"
 
 
 def test_exported_student_passes_the_checks(request: pytest.FixtureRequest) -> None:
     pytest.importorskip("torch", reason="exporting a bundle needs the 'train' extra (torch)")
-    if importlib.util.find_spec("training.export.onnx") is None:
-        pytest.skip("training.export.onnx is not written yet")
     bundle = load_bundle(request.getfixturevalue("tiny_bundle_master"))
     reports = check_bundle_for_tensorrt(bundle)
+    assert [r.file.name for r in reports] == ["segment.onnx", "find.onnx"]
     assert all(r.ok for r in reports), [_causes(r) for r in reports]
+    assert reports[0].dynamic_axes == {"windows": {0: "batch", 2: "height", 3: "width"}}
+    config = trt_backend.Config(max_batch=4)
+    _, profiles = trt_backend.checked_graph(bundle, bundle.segment_graph, "segment", config)
+    assert profiles == {"windows": ((1, 3, 16, 16), (4, 3, 64, 64), (4, 3, 64, 64))}
+    assert bundle.find_graph is not None
+    _, profiles = trt_backend.checked_graph(bundle, bundle.find_graph, "find", config)
+    assert profiles == {"image": ((1, 3, 16, 16), (1, 3, 384, 672), (1, 3, 384, 672))}
 
 
 # --- plan cache naming -------------------------------------------------------------------------
@@ -402,42 +402,48 @@ def test_plan_cache_key_is_deterministic_distinct_and_filename_safe() -> None:
 def test_plan_path_beside_bundle_or_in_plan_dir(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path)
     args = ("10.3.0.30", "Orin", (8, 7))
-    fused = trt_backend.plan_path(bundle, trt_backend.Config(), *args)
-    assert fused == trt_backend.plan_path(bundle, trt_backend.Config(), *args)
-    sha = bundle.manifest.files["model.onnx"][:12]
-    assert fused == bundle.path / f"model.{sha}.fp16.trt10.3.0.30.orin-sm87.plan"
-    decoder = trt_backend.plan_path(bundle, trt_backend.Config(), *args, graph="decoder")
-    assert decoder.parent == bundle.path and decoder.name.startswith("decoder.") and decoder != fused
+    segment = trt_backend.plan_path(bundle, trt_backend.Config(), *args)
+    assert segment == trt_backend.plan_path(bundle, trt_backend.Config(), *args)
+    sha = bundle.manifest.files["segment.onnx"][:12]
+    assert segment == bundle.path / f"segment.{sha}.fp16.trt10.3.0.30.orin-sm87.max24-64-64.plan"
+    find = trt_backend.plan_path(bundle, trt_backend.Config(), *args, graph="find")
+    assert find.name == f"find.{bundle.manifest.files['find.onnx'][:12]}.fp16.trt10.3.0.30.orin-sm87.max384-672.plan"
     elsewhere = trt_backend.plan_path(bundle, trt_backend.Config(plan_dir=tmp_path / "plans"), *args)
-    assert elsewhere == tmp_path / "plans" / fused.name
+    assert elsewhere == tmp_path / "plans" / segment.name
     fp32 = trt_backend.plan_path(bundle, trt_backend.Config(precision="fp32"), *args)
-    assert fp32 != fused and SAFE_NAME.match(fp32.name)
+    assert fp32 != segment and SAFE_NAME.match(fp32.name)
+    # A plan is only good for its profile: another batch, window side or camera gets its own.
+    assert trt_backend.plan_path(bundle, trt_backend.Config(max_batch=8), *args) != segment
+    assert trt_backend.plan_path(bundle, trt_backend.Config(max_side=128), *args) != segment
+    assert trt_backend.plan_path(bundle, trt_backend.Config(frame_width=1920), *args, graph="find") != find
+    plain = _bundle(tmp_path / "plain", with_find=False)
+    with pytest.raises(DefectsamError, match="bundle has no find graph"):
+        trt_backend.plan_path(plain, trt_backend.Config(), *args, graph="find")
 
 
 def test_int8_needs_a_qdq_graph(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path / "plain")
-    with pytest.raises(DefectsamError, match=r"model\.int8\.onnx"):
+    with pytest.raises(DefectsamError, match="needs the bundle's INT8 QDQ graphs") as caught:
         trt_backend.plan_path(bundle, trt_backend.Config(precision="int8"), "10.3", "Orin", (8, 7))
-
-    qdq = _save(tmp_path, _relu_graph([1, 4]), "model.int8.onnx")
-    quantized = _bundle(tmp_path / "quantized", extra={"model.int8.onnx": qdq})
-    path = trt_backend.plan_path(quantized, trt_backend.Config(precision="int8"), "10.3", "Orin", (8, 7))
-    assert path.name.startswith(f"model.int8.{quantized.manifest.files['model.int8.onnx'][:12]}.int8.trt10.3.")
+    assert "defectsam-train quantize" in str(caught.value) and "--target tensorrt" in str(caught.value)
 
 
 @pytest.mark.parametrize(("mode", "target"), [("static", "cpu"), ("weight_only", "tensorrt"), ("static", "tensorrt")])
 def test_int8_takes_only_a_variant_quantized_for_tensorrt(tmp_path: Path, mode: str, target: str) -> None:
-    qdq = _save(tmp_path, _relu_graph([1, 4]), "model.q.onnx")
-    decoder = _save(tmp_path, _decoder_graph(SHAPE), "decoder.q.onnx")
-    variant = {"fused": "model.q.onnx", "decoder": "decoder.q.onnx", "mode": mode, "target": target, "gate": "passed"}
+    qdq = _save(tmp_path, _segment_graph(), "segment.q.onnx")
+    find = _save(tmp_path, _find_graph(), "find.q.onnx")
+    variant = {"segment": "segment.q.onnx", "find": "find.q.onnx", "mode": mode, "target": target, "gate": "passed"}
     bundle = _bundle(
         tmp_path / mode / target,
-        extra={"model.q.onnx": qdq, "decoder.q.onnx": decoder},
-        manifest={"schema_version": 2, "variants": {"int8": variant}},
+        extra={"segment.q.onnx": qdq, "find.q.onnx": find},
+        manifest={"variants": {"int8": variant}},
     )
     config = trt_backend.Config(precision="int8")
     if (mode, target) == ("static", "tensorrt"):
-        assert trt_backend.source_graph(bundle, "int8") == bundle.path / "model.q.onnx"
+        assert trt_backend.source_graph(bundle, "int8") == bundle.path / "segment.q.onnx"
+        assert trt_backend.source_graph(bundle, "int8", "find") == bundle.path / "find.q.onnx"
+        path = trt_backend.plan_path(bundle, config, "10.3", "Orin", (8, 7))
+        assert path.name.startswith(f"segment.q.{bundle.manifest.files['segment.q.onnx'][:12]}.int8.trt10.3.")
         return
     with pytest.raises(DefectsamError, match=rf"mode '{mode}', target '{target}'.*--target tensorrt"):
         trt_backend.plan_path(bundle, config, "10.3", "Orin", (8, 7))
@@ -457,6 +463,7 @@ def test_write_atomic_replaces_and_leaves_no_temp_files(tmp_path: Path) -> None:
 def test_config_defaults_and_validation() -> None:
     config = trt_backend.Config()
     assert (config.type, config.precision, config.build_on_open, config.plan_dir) == ("tensorrt", "fp16", True, None)
+    assert (config.max_batch, config.max_side, config.frame_width, config.frame_height) == (24, None, 2688, 1520)
 
     adapter: TypeAdapter[Any] = TypeAdapter(BackendConfig)
     assert isinstance(adapter.validate_python({"type": "tensorrt", "precision": "int8"}), trt_backend.Config)
@@ -467,8 +474,9 @@ def test_config_defaults_and_validation() -> None:
         adapter.validate_python({"type": "tensorrt", "workspace_gb": 2})
     assert caught.value.errors()[0]["loc"][-1] == "workspace_gb"
     assert caught.value.errors()[0]["type"] == "extra_forbidden"
-    with pytest.raises(ValidationError):
-        trt_backend.Config(max_points=0)
+    for bad in ({"max_batch": 0}, {"max_side": 100}, {"max_points": 16}):
+        with pytest.raises(ValidationError):
+            trt_backend.Config(**bad)  # type: ignore[arg-type]
 
 
 # --- opening without TensorRT ----------------------------------------------------------------------
@@ -492,7 +500,7 @@ def test_open_engine_without_tensorrt_names_the_extra(tmp_path: Path) -> None:
 
 
 @pytest.fixture()
-def gpu_bundle(tmp_path: Path) -> Bundle:
+def gpu_bundle(request: pytest.FixtureRequest) -> Bundle:
     pytest.importorskip("tensorrt", reason="needs tensorrt and an NVIDIA GPU")
     pytest.importorskip("pycuda.driver", reason="needs tensorrt and an NVIDIA GPU")
     import pycuda.driver as cuda
@@ -503,44 +511,32 @@ def gpu_bundle(tmp_path: Path) -> Bundle:
             pytest.skip("needs tensorrt and an NVIDIA GPU")
     except cuda.Error:
         pytest.skip("needs tensorrt and an NVIDIA GPU")
-    if not (DEFAULT_BUNDLE_DIR / MANIFEST_NAME).is_file():
-        pytest.skip("needs the default bundle")
-    return load_bundle(DEFAULT_BUNDLE_DIR)
+    return load_bundle(request.getfixturevalue("tiny_bundle_master"))
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_tensorrt_matches_onnxruntime_and_caches_the_plan(gpu_bundle: Bundle, tmp_path: Path) -> None:
+def test_tensorrt_matches_onnxruntime_and_caches_the_plans(gpu_bundle: Bundle, tmp_path: Path) -> None:
     from engines.backends import onnxruntime as ort_backend
 
-    config = trt_backend.Config(precision="fp32", plan_dir=tmp_path / "plans")
+    config = trt_backend.Config(precision="fp32", plan_dir=tmp_path / "plans", max_batch=4, frame_width=512,
+                                frame_height=384)
     states: list[str] = []
     engine = trt_backend.open_engine(gpu_bundle, config, on_state=states.append)
     reference = ort_backend.open_engine(gpu_bundle, ort_backend.Config(providers=["cpu"]))
     try:
-        assert states == ["building", "ready"] and engine.state == "ready"
-        assert engine.plan_path().is_file()
+        assert states[0] == "building" and states[-1] == "ready" and engine.state == "ready"
+        assert engine.plan_path().is_file() and engine.plan_path("find").is_file() and engine.has_find
         rng = np.random.default_rng(0)
-        shape = gpu_bundle.manifest.graph_shape
-        image = rng.standard_normal((1, 3, shape.height, shape.width)).astype(np.float32)
-        got, want = engine.infer(image, with_embedding=True), reference.infer(image, with_embedding=True)
-        assert got.heatmap.shape == want.heatmap.shape and got.heatmap.ndim == 3
-        np.testing.assert_allclose(got.heatmap, want.heatmap, atol=1e-3)
-        np.testing.assert_allclose(got.mask_logits, want.mask_logits, atol=1e-2, rtol=1e-2)
-        assert got.point_classes.dtype == np.int64
-        assert got.image_embedding is not None and want.image_embedding is not None
-        assert got.image_embedding.shape == want.image_embedding.shape
-        embedding = want.image_embedding
-        assert engine.infer(image).image_embedding is None
-        if gpu_bundle.decoder_graph is not None:
-            coords = np.array([[[10.0, 12.0], [40.0, 30.0], [0.0, 0.0]]], np.float32)
-            labels = np.array([[1.0, 0.0, -1.0]], np.float32)
-            got_mask, got_iou = engine.prompt(embedding, coords, labels)
-            want_mask, want_iou = reference.prompt(embedding, coords, labels)
-            np.testing.assert_allclose(got_mask, want_mask, atol=1e-2, rtol=1e-2)
-            np.testing.assert_allclose(got_iou, want_iou, atol=1e-3)
-            with pytest.raises(DefectsamError, match="max_points"):
-                engine.prompt(embedding, np.zeros((1, 17, 2), np.float32), np.ones((1, 17), np.float32))
+        for batch, side in ((4, 64), (1, 32)):  # the profile's largest batch, and a smaller window
+            windows = rng.standard_normal((batch, 3, side, side)).astype(np.float32)
+            got, want = engine.segment(windows), reference.segment(windows)
+            assert got.shape == want.shape == (batch, 4, side, side)
+            np.testing.assert_allclose(got, want, atol=1e-3)
+        image = rng.standard_normal((1, 3, 96, 128)).astype(np.float32)
+        np.testing.assert_allclose(engine.find(image), reference.find(image), atol=1e-3)
+        with pytest.raises(DefectsamError, match="outside the engine's profile"):
+            engine.segment(rng.standard_normal((5, 3, 64, 64)).astype(np.float32))
     finally:
         engine.close()
         reference.close()

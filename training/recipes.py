@@ -69,7 +69,9 @@ class Recipe(nn.Module):
         super().__init__()
         self.student = student
         self.config = config
-        needs_adapter = self.needs_teacher_embedding and teacher_channels is not None
+        needs_adapter = (
+            self.needs_teacher_embedding and teacher_channels is not None and teacher_channels != student.embed_dim
+        )
         self.adapter: EmbeddingAdapter | None = (
             EmbeddingAdapter(student.embed_dim, teacher_channels) if needs_adapter and teacher_channels else None
         )

@@ -5,9 +5,11 @@ Two thresholds depend on the model and its training, and both go into the manife
 unless their own configuration names one:
 
 * the candidate threshold (bundles with a find pass): the highest find-pass probability at which
-  ``--candidate-recall`` (default 0.99) of the held-out defects still have a candidate cell, so
-  the segment pass looks at them. A miss here is a defect never looked at; a false candidate only
-  costs a window.
+  ``--candidate-recall`` (default 0.98) of the held-out defects still have a candidate cell, so
+  the segment pass looks at them. A miss here is a defect never looked at; a false candidate
+  costs a window, and when a frame's candidates outnumber ``max_windows`` the frame is UNCERTAIN.
+  (On the default bundle's validation frames 0.98 keeps every scratch of 2 px and more and every
+  pinhole of 3 px and more; the 1-2% it gives up are hairlines, the smallest pits and dents.)
 * the score threshold: with that candidate threshold the bundle inspects every held-out frame once
   through engines/ (both passes); then only the postprocessing reruns for each candidate score
   threshold, and the best by ``--objective`` among those whose false-NG rate on good frames stays
@@ -54,8 +56,8 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--max-false-ng", type=float, default=0.01,
                         help="largest false-NG rate on good frames a chosen score threshold may give (default 0.01)")
-    parser.add_argument("--candidate-recall", type=float, default=0.99,
-                        help="share of held-out defects the find pass must still propose (default 0.99)")
+    parser.add_argument("--candidate-recall", type=float, default=0.98,
+                        help="share of held-out defects the find pass must still propose (default 0.98)")
     parser.add_argument(
         "--uncertain-gap", type=float, default=0.1,
         help="the UNCERTAIN threshold is the score threshold minus this (at least 0; default 0.1)",

@@ -54,6 +54,10 @@ def export_checkpoints(
                 checkpoint or "", "holds a finder; give it with --finder and a segmenter as --checkpoint"
             )
         arch = saved["arch"]
+        if arch not in list_models():
+            raise CheckpointError(
+                checkpoint or "", f"holds {arch!r}, not a segmenter this runtime exports ({', '.join(list_models())})"
+            )
     if arch is None or arch not in list_models():
         raise DefectsamError(f"--arch: name a segmenter to export ({', '.join(list_models())}), got {arch!r}")
     trained_classes = saved.get("classes") if isinstance(saved.get("classes"), list) else None

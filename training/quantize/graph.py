@@ -47,12 +47,10 @@ QUANTIZED_OP_TYPES: tuple[str, ...] = (
     "AveragePool",
 )
 # Named in docs and manifests: the op types that stay FP32 although ONNX Runtime could quantize them.
-KEPT_FP32_OP_TYPES: tuple[str, ...] = ("LayerNormalization", "Softmax", "Sigmoid", "TopK", "MaxPool", "Gather",
-                                       "GatherElements")
-# Ops a positional-encoding path passes through between the coordinates and Sin/Cos.
-_PE_PATH_OPS = frozenset({"Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Reshape", "Transpose", "Unsqueeze",
-                          "Squeeze", "Concat", "Cast", "Expand"})
-_PE_WALK_DEPTH = 8
+KEPT_FP32_OP_TYPES: tuple[str, ...] = ("LayerNormalization", "Softmax", "Sigmoid", "Exp", "ReduceMax", "ReduceSum",
+                                       "Div", "MaxPool", "Gather", "GatherElements")
+# How far back from a graph output the head walk goes (ReduceMax, Sub, Exp, ReduceSum, Div, Conv: 6 steps).
+_HEAD_WALK_DEPTH = 8
 UNSCOPED = "(graph)"
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
@@ -169,67 +167,31 @@ def node_groups(original: Path, preprocessed: Path) -> dict[str, str]:
 
 
 def float_nodes(model_path: Path) -> list[str]:
-    """Nodes kept FP32 by rule, beyond the op types never quantized.
+    """Nodes kept FP32 by rule, beyond the op types never quantized: the output head of each graph.
 
-    * the attention-weights x values MatMuls (consumers of a Softmax): 8-bit attention weights
-      round the ~1/2304 weight of one image token to 0, so Softmax feeds them in FP32;
-    * peak picking: the saliency logits' convolution, Sigmoid, max-pool NMS, up to TopK;
-    * every node on a positional-encoding path: upstream of every Sin/Cos through arithmetic and reshapes;
-    * the head: the convolution whose logits a graph output's Softmax or Sigmoid turns into probabilities
-      (8-bit logits would quantize every probability into 256 steps over the logits' whole range, and the
-      thresholds of a 1 px scratch's edge pixels sit in a few of them).
+    Both graphs end in probabilities: the segment graph in a softmax over the classes written out as
+    ReduceMax, Sub, Exp, ReduceSum, Div (engines' contract, training.export.onnx), the find graph in a
+    Sigmoid. Every node from a graph output back to the convolution that makes the logits stays FP32,
+    that convolution included: 8-bit logits put ties into the class argmax and steps into the
+    probabilities the thresholds read (0.5 for a mask pixel, the calibrated score and candidate
+    thresholds).
     """
     onnx = _onnx()
     model = onnx.load(str(model_path), load_external_data=False)
     producer = {t: n for n in model.graph.node for t in n.output}
     keep: set[str] = set()
-    outputs = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        if node.op_type in ("Softmax", "Sigmoid") and any(t in outputs for t in node.output):
-            head = producer.get(node.input[0])
-            if head is not None:
-                keep.add(head.name)
-    softmax_outputs = {t for n in model.graph.node if n.op_type == "Softmax" for t in n.output}
-    keep.update(n.name for n in model.graph.node
-                if n.op_type in ("MatMul", "Gemm") and any(t in softmax_outputs for t in n.input))
-    keep.update(_peak_path(model, producer))
-    frontier = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
-    for _ in range(_PE_WALK_DEPTH):
+    frontier = [producer[o.name] for o in model.graph.output if o.name in producer]
+    for _ in range(_HEAD_WALK_DEPTH):
         upstream = []
         for node in frontier:
-            for tensor in node.input:
-                parent = producer.get(tensor)
-                if parent is not None and parent.op_type in _PE_PATH_OPS and parent.name not in keep:
-                    keep.add(parent.name)
-                    upstream.append(parent)
+            if node.name in keep:
+                continue
+            keep.add(node.name)
+            if node.op_type in ("Conv", "ConvTranspose"):
+                continue  # the logits: the head ends here
+            upstream.extend(producer[t] for t in node.input if t in producer)
         frontier = upstream
     return sorted(keep)
-
-
-def _peak_path(model: Any, producer: Mapping[str, Any]) -> set[str]:
-    """Peak picking: every node between the saliency Sigmoid and TopK, and the convolution feeding the Sigmoid.
-
-    8-bit scores make ties, and ties move peaks (max-pool NMS keeps both cells of a plateau).
-    """
-    keep: set[str] = set()
-    for top in (n for n in model.graph.node if n.op_type == "TopK"):
-        frontier, depth = [top], 0
-        while frontier and depth < _PE_WALK_DEPTH + 4:
-            upstream = []
-            for node in frontier:
-                for tensor in node.input:
-                    parent = producer.get(tensor)
-                    if parent is None or parent.name in keep:
-                        continue
-                    keep.add(parent.name)
-                    if parent.op_type == "Sigmoid":
-                        logits = producer.get(parent.input[0])
-                        if logits is not None:
-                            keep.add(logits.name)
-                    else:
-                        upstream.append(parent)
-            frontier, depth = upstream, depth + 1
-    return keep
 
 
 def groups_to_nodes(groups: Mapping[str, str], exact: Iterable[str] = (), under: Iterable[str] = ()) -> list[str]:

@@ -64,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     results = reference.run(fresh=args.fresh)
     reading = results["reading"]
+    curve = (reading.get("teacher_curve") or {}).get("verdict", "-")
     print(
-        f"reference run ({config.schedule}) written to {args.out}: "
+        f"reference run ({config.schedule}) written to {args.out}: on {reading['headline']}, "
+        f"student/teacher {reading.get('student_teacher_ratio')}, "
         f"feature-term gain {_points(reading.get('feature_gain_points'))} points, "
-        f"student/teacher {reading.get('student_teacher_ratio')}, INT8 drop {_points(reading.get('int8_drop_points'))} "
-        "points",
+        f"INT8 drop {_points(reading.get('int8_drop_points'))} points; teacher's val curve {curve}",
         file=sys.stdout,
     )
     return 0

@@ -1,26 +1,25 @@
 """The reference run's driver: every step of the table in order, each skipped when its output is there.
 
-    finetune-teacher -> cache-teacher -> distill-<run>... -> export-<run>... (-> export-bench-<run>...)
-    -> calibrate-<run>... -> quantize-<of> (-> quantize-bench-<of>) -> eval-<row>-<test set>...
-    -> bench -> report (always)
+    train-teacher -> cache-teacher -> train-<student>... -> export-<run>... -> calibrate-<run>...
+    -> quantize-<of> -> eval-<row>-<test set>... -> bench -> report (always)
 
-Each step calls the code the ``defectsam-train`` commands call (the trainer, the teacher cache, ``export``
-and ``calibrate`` through the CLI's own entry point, quantize_bundle, evaluate_bundle, bench_bundles) in
-this process. A step is done when ``RUNS/steps.json`` records it and its output exists; an interrupted
-training run resumes from its ``last.pt``. ``fresh`` deletes ``RUNS`` first (only a directory this driver
-made: it holds ``.defectsam-reference``).
+Each step calls the functions the ``defectsam-train`` commands call, in this process: the trainer
+(``train``, ``cache_teacher``), ``export_checkpoints``, the calibration sweep (in inspection mode
+whole, training/reference/thresholds.py), ``quantize_bundle``, ``evaluate_bundle`` and the benchmark
+(training/reference/bench.py). A step is done when ``RUNS/steps.json`` records it and its output
+exists; an interrupted training run resumes from its ``last.pt``. ``fresh`` deletes ``RUNS`` first
+(only a directory this driver made: it holds ``.defectsam-reference``).
 
 Layout of ``RUNS`` (config ``runs``, ignored by git):
 
-    teacher/                 the fine-tuned teacher (best.pt; sam2/ for a SAM 2 teacher)
-    cache/                   its embeddings and mask logits (training.teachers.cache)
-    students/<run>/          one distillation run per row (best.pt, metrics.jsonl)
-    bundles/<run>/           engine bundles at the training input size (calibrated; INT8 added to int8.of)
-    bundles-bench/<run>/     the same weights exported at the benchmark size, when it differs
-    calib/                   the INT8 calibration frames (PNG, evenly spaced over data.train)
-    data/val.yaml            the validation spec, for calibrate and the INT8 gate
-    eval/<row>__<set>.json   each row's evaluation report on each test set (through engines/)
-    bench.json               one benchmark run over every row
+    teacher/                 the teacher's training run (best.pt, last.pt, metrics.jsonl)
+    cache/                   its embeddings and foreground logits (training.teachers.cache)
+    students/<run>/          one student run per row (best.pt, metrics.jsonl)
+    bundles/<run>/           the bundles (no finder: they inspect whole images), calibrated; INT8 added to int8.of
+    calib/                   the INT8 calibration images (PNG, evenly spaced over data.train)
+    data/val.yaml            the validation spec, for the INT8 gate
+    eval/<row>__<set>.json   each row's evaluation report on each test set (through engines/, mode whole)
+    bench.json               the benchmark of every row
     quantize.json            the INT8 gate's outcome
     steps.json               the steps done and their seconds
 """
@@ -34,19 +33,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from engines.atomic import write_text_atomic
 from engines.bundle import load_bundle, utc_now
 from engines.errors import DefectsamError
-from training.config import TrainConfig, parse_config
+from engines.inspector import InspectionConfig
+from training.config import CACHEABLE_RECIPES, TEACHER_RECIPES, ConfigError, TrainConfig, parse_config
 from training.reference.config import ReferenceConfig, StudentRun
 from training.reference.report import read_json
 
 MARKER = ".defectsam-reference"
 STEPS_FILE = "steps.json"
-# The speed copy of the INT8 graphs is quantized like the gated one (same FP32-kept groups) and not gated
-# again: at another input size than the model was trained at, its figures would say little.
+#: How every row is evaluated: each image is one window, padded to a multiple of 16 (as the NEU-Seg papers do).
+WHOLE = InspectionConfig(mode="whole")
+# The gate's bound for the ungated copy the table measures when the real gate refuses (no bound at all).
 UNGATED_DROP = 1e6
 
 
@@ -60,11 +61,10 @@ class Row:
 
     key: str  # results.json key: "teacher", a student run's key, "<run>_int8"
     label: str
-    kind: str  # "teacher" | "student" | "int8"
+    kind: Literal["teacher", "student", "int8"]
     run: str  # the training run whose weights it is: "teacher" or a student run's key
-    precision: str  # "fp32" | "int8"
+    precision: Literal["fp32", "int8"]
     recipe: str
-    judge: str = "none"
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,19 @@ class ReferenceRun:
     def student_dir(self, key: str) -> Path:
         return self.runs / "students" / key
 
+    def run_dir(self, run: str) -> Path:
+        """The training run directory of ``run`` ("teacher" or a student key)."""
+        return self.teacher_dir if run == "teacher" else self.student_dir(run)
+
+    def checkpoint(self, run: str) -> Path:
+        return self.run_dir(run) / "best.pt"
+
+    @property
+    def cache_root(self) -> Path:
+        return self.runs / "cache"
+
     def bundle_dir(self, run: str) -> Path:
         return self.runs / "bundles" / run
-
-    def bench_dir(self, run: str) -> Path:
-        return self.runs / "bundles-bench" / run if self.config.speed_copies else self.bundle_dir(run)
 
     def eval_path(self, row: str, test: str) -> Path:
         return self.runs / "eval" / f"{row}__{test}.json"
@@ -120,72 +128,43 @@ class ReferenceRun:
     def bench_path(self) -> Path:
         return self.runs / "bench.json"
 
-    def teacher_checkpoint(self) -> Path:
-        teacher = self.config.teacher
-        if not teacher.finetune:
-            assert teacher.checkpoint is not None  # the config validator requires it
-            return teacher.checkpoint
-        return self.teacher_dir / ("sam2" if teacher.kind == "sam2" else "best.pt")
-
     def int8_bundle(self) -> Path | None:
         """The bundle whose INT8 graphs the INT8 row runs: the gated one, or an ungated copy when the gate refused."""
         record = read_json(self.quantize_path)
         return Path(record["bundle"]) if record and record.get("bundle") else None
 
     # -- rows ---------------------------------------------------------------------------------------
-    def teacher_arch(self) -> str:
-        teacher = self.config.teacher
-        if teacher.kind == "sam2":
-            return "sam2"
-        if teacher.checkpoint is not None and (teacher.arch is None or not teacher.finetune):
-            from training.model.checkpoint import read_checkpoint
-
-            return str(read_checkpoint(teacher.checkpoint)["arch"])
-        return str(teacher.arch)
-
     def rows(self) -> list[Row]:
-        """Table order: the teacher (a family teacher has a bundle), the student runs, INT8 after its source."""
+        """Table order: the teacher, the student runs, the INT8 row right after its source."""
         config = self.config
-        rows: list[Row] = []
-        if config.teacher.kind == "family":
-            rows.append(Row("teacher", f"teacher ({self.teacher_arch()}, fine-tuned)"
-                            if config.teacher.finetune else f"teacher ({self.teacher_arch()})",
-                            "teacher", "teacher", "fp32", "supervised"))
-        for run in config.students:
-            judge = run.judge.kind if run.judge is not None else "none"
-            rows.append(Row(run.key, run.label, "student", run.key, "fp32", run.recipe, judge))
-            if run.key == config.int8.of:
-                rows.append(Row(f"{run.key}_int8", f"{run.label}, INT8", "int8", run.key, "int8", run.recipe, judge))
+        rows = [Row("teacher", f"teacher ({config.teacher.arch}, supervised)", "teacher", "teacher", "fp32",
+                    "supervised")]
+        rows += [Row(run.key, run.label, "student", run.key, "fp32", run.recipe) for run in config.students]
+        of = config.int8.of
+        if of is not None:
+            at = next(i for i, row in enumerate(rows) if row.key == of)
+            source = rows[at]
+            rows.insert(at + 1, Row(f"{of}_int8", f"{source.label}, INT8", "int8", of, "int8", source.recipe))
         return rows
 
     def bundle_runs(self) -> list[str]:
-        """Training runs exported as bundles."""
+        """Training runs exported as bundles (every row's)."""
         return list(dict.fromkeys(row.run for row in self.rows()))
 
     def row_bundle(self, row: Row) -> Path | None:
-        if row.kind == "int8":
-            return self.int8_bundle()
-        return self.bundle_dir(row.run)
-
-    def row_bench_bundle(self, row: Row) -> Path | None:
-        if row.kind == "int8" and not self.config.speed_copies:
-            return self.int8_bundle()
-        return self.bench_dir(row.run)
+        return self.int8_bundle() if row.kind == "int8" else self.bundle_dir(row.run)
 
     # -- training configs ---------------------------------------------------------------------------
-    def _data(self, augment: bool) -> dict[str, Any]:
+    def _data(self) -> dict[str, Any]:
         data = self.config.data
         return {
             "train": [spec.model_dump(mode="json") for spec in data.train],
             "val": [spec.model_dump(mode="json") for spec in data.val],
             "classes": data.classes,
-            "augment": augment,
+            "augment": data.augment,
+            "positive_fraction": data.positive_fraction,
             "workers": data.workers,
         }
-
-    def _model(self, arch: str) -> dict[str, Any]:
-        size = self.config.input
-        return {"arch": arch, "height": size.height, "width": size.width, "k": size.k}
 
     def teacher_config(self) -> TrainConfig:
         config, teacher = self.config, self.config.teacher
@@ -193,58 +172,49 @@ class ReferenceRun:
             "name": "reference-teacher",
             "out": str(self.teacher_dir),
             "seed": config.seed,
-            "model": self._model(teacher.arch if teacher.kind == "family" and teacher.arch else config.student.arch),
-            "data": self._data(teacher.augment),
-            "teacher": {
-                "kind": teacher.kind,
-                "arch": teacher.arch if teacher.kind == "family" else None,
-                "checkpoint": None if teacher.checkpoint is None else str(teacher.checkpoint),
-            },
+            "model": {"arch": teacher.arch, "window": config.window},
+            "data": self._data(),
             "recipe": {**teacher.recipe.model_dump(mode="json", exclude_unset=True), "name": "supervised"},
             "schedule": teacher.schedule.model_dump(mode="json", exclude_unset=True),
-            "eval": config.eval.model_dump(mode="json", exclude_unset=True),
+            "eval": teacher.eval.model_dump(mode="json", exclude_unset=True),
         }
         return parse_config(raw, f"{self.source} (teacher)")
 
     def student_config(self, run: StudentRun) -> TrainConfig:
+        """The run's training config: blog/nofeature from the teacher cache, mobilesam/kdsam with the teacher
+        online (they regress its neck features every step), supervised without a teacher."""
         config = self.config
+        teacher: dict[str, Any] | None = None
+        if run.recipe in TEACHER_RECIPES:
+            teacher = {"kind": "family", "checkpoint": str(self.checkpoint("teacher")),
+                       "batch_size": config.teacher.cache_batch_size}
+            if run.recipe in CACHEABLE_RECIPES:
+                teacher["cache"] = str(self.cache_root)
         raw = {
             "name": f"reference-{run.key}",
             "out": str(self.student_dir(run.key)),
             "seed": config.seed,
-            "model": self._model(config.student.arch),
-            "data": self._data(False),  # the teacher's outputs are cached for un-augmented images
-            "teacher": {
-                "kind": config.teacher.kind,
-                "checkpoint": str(self.teacher_checkpoint()),
-                "cache": str(self.runs / "cache"),
-                "batch_size": config.teacher.cache_batch_size,
-            },
+            "model": {"arch": config.student.arch, "window": config.window},
+            "data": self._data(),
+            "teacher": teacher,
             "recipe": {**config.student.recipe.model_dump(mode="json", exclude_unset=True), "name": run.recipe},
             "schedule": config.student.schedule.model_dump(mode="json", exclude_unset=True),
-            "eval": config.eval.model_dump(mode="json", exclude_unset=True),
-            "judge": run.judge.model_dump(mode="json", exclude_unset=True) if run.judge else {"kind": "none"},
+            "eval": config.student.eval.model_dump(mode="json", exclude_unset=True),
         }
         return parse_config(raw, f"{self.source} (students: {run.key})")
 
     # -- steps --------------------------------------------------------------------------------------
     def steps(self) -> list[Step]:
         config = self.config
-        steps: list[Step] = []
-        if config.teacher.finetune:
-            steps.append(Step("finetune-teacher", self._finetune_teacher, self.teacher_checkpoint().exists))
-        if any(run.recipe != "supervised" for run in config.students):
-            steps.append(Step("cache-teacher", self._cache_teacher, (self.runs / "cache").is_dir))
+        steps = [Step("train-teacher", _bind(self._train, self.teacher_config), self.checkpoint("teacher").is_file)]
+        if any(run.recipe in CACHEABLE_RECIPES for run in config.students):
+            steps.append(Step("cache-teacher", self._cache_teacher, self._has_cache))
         for run in config.students:
-            steps.append(Step(f"distill-{run.key}", _bind(self._distill, run),
-                              (self.student_dir(run.key) / "best.pt").is_file))
+            steps.append(Step(f"train-{run.key}", _bind(self._train, _bind(self.student_config, run)),
+                              self.checkpoint(run.key).is_file))
         for name in self.bundle_runs():
-            steps.append(Step(f"export-{name}", _bind(self._export, name, False),
+            steps.append(Step(f"export-{name}", _bind(self._export, name),
                               (self.bundle_dir(name) / "manifest.json").is_file))
-        if config.speed_copies:
-            for name in self.bundle_runs():
-                steps.append(Step(f"export-bench-{name}", _bind(self._export, name, True),
-                                  (self.bench_dir(name) / "manifest.json").is_file))
         if config.calibrate.enabled:
             for name in self.bundle_runs():
                 steps.append(Step(f"calibrate-{name}", _bind(self._calibrate, name),
@@ -253,9 +223,6 @@ class ReferenceRun:
             of = config.int8.of
             steps.append(Step(f"quantize-{of}", _bind(self._quantize, of),
                               lambda: (bundle := self.int8_bundle()) is not None and _has_int8(bundle)))
-            if config.speed_copies:
-                steps.append(Step(f"quantize-bench-{of}", _bind(self._quantize_bench, of),
-                                  _bind(_has_int8, self.bench_dir(of))))
         for row in self.rows():
             for test in config.data.test:
                 steps.append(Step(f"eval-{row.key}-{test}", _bind(self._evaluate, row, test),
@@ -271,6 +238,7 @@ class ReferenceRun:
         """Do every step not done yet, then write the report; returns results.json's content."""
         if fresh:
             self._clear()
+        self.check_data()
         self.runs.mkdir(parents=True, exist_ok=True)
         (self.runs / MARKER).write_text(f"reference run of {self.source}\n", encoding="utf-8")
         self._write_val_spec()
@@ -292,6 +260,33 @@ class ReferenceRun:
         from training.reference.report import write_report
 
         return write_report(self)
+
+    def classes(self) -> list[str]:
+        """The training classes: ``data.classes``, else the ordered union of train and val (as the trainer does)."""
+        from training.data.registry import build_dataset
+
+        data = self.config.data
+        if data.classes:
+            return list(data.classes)
+        names = [*build_dataset(data.train).class_names, *build_dataset(data.val).class_names]
+        return list(dict.fromkeys(names))
+
+    def check_data(self) -> None:
+        """ConfigError naming the key unless val and every test set have exactly the training classes (the bundles'
+        classes: evaluation, calibration and the INT8 gate compare class by class)."""
+        from training.data.registry import build_dataset
+
+        data = self.config.data
+        classes = self.classes()
+        sets: list[tuple[str, Any]] = [("data.val", data.val)]
+        sets += [(f"data.test.{label}", spec) for label, spec in data.test.items()]
+        for key, spec in sets:
+            found = list(build_dataset(spec).class_names)
+            if found != classes:
+                raise ConfigError(
+                    f"{self.source}: key '{key}': its classes {found} are not the training classes {classes} "
+                    "(rename them with class_map in its spec, or set data.classes)"
+                )
 
     def _done(self) -> dict[str, Any]:
         record = read_json(self.steps_path) or {}
@@ -320,16 +315,14 @@ class ReferenceRun:
         specs = [spec.model_dump(mode="json") for spec in self.config.data.val]
         write_text_atomic(self.val_spec, yaml.safe_dump(specs, sort_keys=False))
 
+    def _has_cache(self) -> bool:
+        return self.cache_root.is_dir() and any(self.cache_root.glob("*/index.json"))
+
     # -- actions ------------------------------------------------------------------------------------
-    def _finetune_teacher(self) -> None:
-        from training.teachers.finetune import family_finetune_config, finetune_sam2
+    def _train(self, make_config: Callable[[], TrainConfig]) -> None:
         from training.trainer import train
 
-        config = self.teacher_config()
-        if self.config.teacher.kind == "sam2":
-            finetune_sam2(config, log=self.log)
-        else:
-            train(family_finetune_config(config), log=self.log)
+        train(make_config(), log=self.log)
 
     def _cache_teacher(self) -> None:
         import torch
@@ -337,46 +330,43 @@ class ReferenceRun:
         from training.teachers import build_teacher
         from training.trainer import cache_teacher, load_datasets
 
-        run = next(run for run in self.config.students if run.recipe != "supervised")
+        run = next(run for run in self.config.students if run.recipe in CACHEABLE_RECIPES)
         config = self.student_config(run)
         assert config.teacher is not None
         train_samples, _, classes = load_datasets(config)
-        m = config.model
-        teacher = build_teacher(config.teacher, height=m.height, width=m.width, num_classes=len(classes))
+        teacher = build_teacher(config.teacher, num_classes=len(classes))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         cache = cache_teacher(config, teacher, train_samples, classes, device)
         self.log(f"teacher cache {cache.path}: {len(cache.entries)} samples of {teacher.teacher_id}")
 
-    def _distill(self, run: StudentRun) -> None:
-        from training.trainer import train
+    def _export(self, run: str) -> None:
+        from training.export.bundle import export_checkpoints
 
-        train(self.student_config(run), log=self.log)
+        config = self.config
+        bundle = export_checkpoints(
+            self.checkpoint(run), self.bundle_dir(run), name=f"reference-{run.replace('_', '-')}",
+            window=config.window, notes=f"reference run ({config.schedule} schedule, {self.source})", seed=config.seed,
+        )
+        self.log(f"exported {bundle.path} ({bundle.manifest.segment.arch}, {bundle.manifest.parameters:,} parameters)")
 
-    def _checkpoint(self, run: str) -> Path:
-        return self.teacher_checkpoint() if run == "teacher" else self.student_dir(run) / "best.pt"
+    def _val_dataset(self) -> Any:
+        from training.data.registry import build_dataset
 
-    def _export(self, run: str, bench: bool) -> None:
-        from training.cli import main
-
-        target = self.bench_dir(run) if bench else self.bundle_dir(run)
-        argv = ["export", "--checkpoint", str(self._checkpoint(run)), "--out", str(target),
-                "--name", f"reference-{run.replace('_', '-')}",
-                "--notes", f"reference run ({self.config.schedule} schedule, {self.source})"]
-        if bench:
-            argv += ["--height", str(self.config.bench.height), "--width", str(self.config.bench.width)]
-        _cli(main, argv)
+        return build_dataset(self.config.data.val)
 
     def _calibrate(self, run: str) -> None:
-        from training.cli import main
+        from training.reference.thresholds import calibrate_whole
 
-        argv = ["calibrate", str(self.bundle_dir(run)), "--data", str(self.val_spec),
-                "--objective", self.config.calibrate.objective]
-        if self.config.calibrate.limit:
-            argv += ["--limit", str(self.config.calibrate.limit)]
-        _cli(main, argv)
+        c = self.config.calibrate
+        thresholds = calibrate_whole(
+            self.bundle_dir(run), self._val_dataset(), data=str(self.val_spec), limit=c.limit, objective=c.objective,
+            max_false_ng=c.max_false_ng,
+        )
+        self.log(f"calibrated {self.bundle_dir(run)}: score threshold {thresholds.score_threshold:g} "
+                 f"({c.objective} on val, mode whole)")
 
     def _calibration_frames(self) -> Path:
-        """``int8.calib_frames`` training images, evenly spaced, as PNGs in RUNS/calib (quantize --calib DIR)."""
+        """``int8.calib_frames`` training images, evenly spaced, as PNGs in RUNS/calib (quantize's calib DIR)."""
         import cv2
 
         from training.data.registry import build_dataset, evenly_spaced
@@ -385,12 +375,13 @@ class ReferenceRun:
         n = self.config.int8.calib_frames
         if target.is_dir() and len(list(target.glob("*.png"))) == n:
             return target
-        dataset = build_dataset([spec.model_dump(mode="json") for spec in self.config.data.train])
+        dataset = build_dataset(self.config.data.train)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for order, index in enumerate(evenly_spaced(len(dataset), n)):
-            cv2.imwrite(str(tmp / f"{order:04d}.png"), dataset[index].image)
+            if not cv2.imwrite(str(tmp / f"{order:04d}.png"), dataset[index].image):
+                raise ReferenceRunError(f"{tmp}: cannot write calibration image {order:04d}.png")
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         return target
@@ -427,72 +418,40 @@ class ReferenceRun:
             record.update(passed=False, error=str(exc), bundle=str(bundle.path))
         write_text_atomic(self.quantize_path, json.dumps(record, indent=2) + "\n")
 
-    def _quantize_bench(self, of: str) -> None:
-        from training.quantize import quantize_bundle
-
-        gated = self.int8_bundle()
-        if gated is None:
-            raise ReferenceRunError(f"quantize-bench-{of}: no INT8 bundle recorded in {self.quantize_path}")
-        kept = load_bundle(gated).manifest.metrics.get("quantization", {}).get("kept_fp32", {})
-        keep = tuple(dict.fromkeys([*kept.get("requested", []), *kept.get("groups", [])]))
-        options = self._quantize_options(keep_fp32=keep, max_drop=UNGATED_DROP, max_fallback=0,
-                                         limit=2, probe_frames=1)
-        quantize_bundle(self.bench_dir(of), options, log=self.log)
-
     def _evaluate(self, row: Row, test: str) -> None:
-        from engines.backends import open_engine
-        from engines.backends.onnxruntime import Config
         from training.data.registry import build_dataset
         from training.eval.evaluate import evaluate_bundle
 
         path = self.row_bundle(row)
         if path is None:
             raise ReferenceRunError(f"row {row.key}: no bundle (quantize first)")
-        bundle = load_bundle(path)
         dataset = build_dataset(self.config.data.test[test])
-        engine = open_engine(bundle, Config(providers=["cpu"], precision=row.precision))  # type: ignore[arg-type]
-        try:
-            report = evaluate_bundle(bundle, dataset, engine=engine)
-        finally:
-            engine.close()
+        report = evaluate_bundle(load_bundle(path), dataset, precision=row.precision, inspection=WHOLE)
         write_text_atomic(self.eval_path(row.key, test), json.dumps(report, indent=2) + "\n")
+        self.log(f"{row.key} on {test}: semantic foreground mIoU {report['semantic']['miou_fg']}")
 
     def _bench(self) -> None:
-        from engines.backends.onnxruntime import Config
-        from engines.benchmark import bench_bundles, machine_description, markdown_table
+        from training.data.registry import build_dataset, evenly_spaced
+        from training.reference.bench import BenchRow, measure
 
-        bench = self.config.bench
         rows = self.rows()
-        paths = [self.row_bench_bundle(row) for row in rows]
-        missing = [row.key for row, path in zip(rows, paths, strict=True) if path is None]
-        if missing:
-            raise ReferenceRunError(f"bench: no bundle for {', '.join(missing)}")
-        configs = [
-            Config(providers=["cpu"], precision=row.precision, intra_op_threads=bench.threads)  # type: ignore[arg-type]
-            for row in rows
-        ]
-        bundles = [load_bundle(path) for path in paths if path is not None]
-        results = bench_bundles(bundles, configs=configs, warmup=bench.warmup, iterations=bench.iterations,
-                                rounds=bench.rounds)
-        record: dict[str, Any] = {
-            "measured": utc_now(),
-            "machine": machine_description(),
-            "settings": bench.model_dump(),
-            "rows": {row.key: result.to_dict() for row, result in zip(rows, results, strict=True)},
-            "markdown": markdown_table(results),
-        }
+        subjects = []
+        for row in rows:
+            path = self.row_bundle(row)
+            if path is None:
+                raise ReferenceRunError(f"bench: no bundle for row {row.key} (quantize first)")
+            subjects.append(BenchRow(row.key, path, row.precision))
+        headline = self.config.headline
+        dataset = build_dataset(self.config.data.test[headline])
+        frames = [dataset[i].image for i in evenly_spaced(len(dataset), self.config.bench.frames)]
+        spec = self.config.data.test[headline]
+        record = measure(subjects, frames, self.config.bench, frames_from=f"{headline} ({spec})")
         write_text_atomic(self.bench_path, json.dumps(record, indent=2) + "\n")
         self.log(record["markdown"])
 
 
 def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return lambda: function(*args)
-
-
-def _cli(main: Callable[[list[str]], int], argv: list[str]) -> None:
-    code = main(argv)
-    if code:
-        raise ReferenceRunError(f"defectsam-train {argv[0]} exited with status {code} (its error is above)")
 
 
 def _has_thresholds(path: Path) -> bool:

@@ -1,8 +1,9 @@
-"""The reference run's figures: loss curves, prompted IoU per class, example overlays (small PNGs).
+"""The reference run's figures (small PNGs): training curves, the teacher's val curve, IoU per class, overlays.
 
-Charts are drawn with matplotlib's object API (``Figure`` + the Agg canvas: no pyplot state, no display);
-the overlays are composed with OpenCV from the bundles' own prompted masks, run through engines/ as the
-evaluation runs them (one foreground point at each ground-truth instance's interior point).
+Charts are drawn with matplotlib's object API (``Figure`` + the Agg canvas: no pyplot state, no
+display). The overlays are the runtime's own drawing (``engines.overlay.render_overlay``) of what
+each FP32 row's bundle finds on a few test images, inspected by ``engines.inspector.Inspector`` in
+mode whole as the evaluation inspects them; the first column draws the ground truth the same way.
 """
 
 from __future__ import annotations
@@ -13,23 +14,27 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from engines.bundle import load_bundle
-from training.reference.report import read_metrics
+from engines.atomic import write_bytes_atomic
+from training.reference.report import RISING_TAIL, read_metrics, val_curve
 
 if TYPE_CHECKING:
+    from engines.results import InspectionResult
+    from training.data.sample import Sample
     from training.reference.driver import ReferenceRun
 
 DPI = 80
-GT_COLOUR = (0, 200, 0)  # BGR
-MASK_COLOUR = (0, 0, 255)
-POINT_COLOUR = (255, 255, 0)
+HEADER_PX = 18
+# render_overlay sizes its labels for frames of hundreds of pixels: draw at this many times the tile, then shrink.
+RENDER_SCALE = 3
 
 
 def write_plots(run: ReferenceRun, results: dict[str, Any], out: Path) -> list[str]:
     """Write the figures into ``out``; returns the file names written."""
     made = []
-    if loss_curves(run, out / "loss_curves.png"):
-        made.append("loss_curves.png")
+    if curves(run, out / "curves.png"):
+        made.append("curves.png")
+    if teacher_curve(run, out / "teacher_curve.png"):
+        made.append("teacher_curve.png")
     if iou_per_class(results, out / "iou_per_class.png"):
         made.append("iou_per_class.png")
     if overlays(run, out / "overlays.png"):
@@ -50,186 +55,167 @@ def _save(figure: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def loss_curves(run: ReferenceRun, path: Path) -> bool:
-    """Training loss and validation mIoU per epoch of the teacher and every student run."""
-    series = [("teacher", read_metrics(run.teacher_dir / "metrics.jsonl"))]
-    series += [(s.key, read_metrics(run.student_dir(s.key) / "metrics.jsonl")) for s in run.config.students]
+def _integer_epochs(*axes: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def curves(run: ReferenceRun, path: Path) -> bool:
+    """Training loss and validation foreground mIoU per epoch of the teacher and every student run."""
+    series = [(name, read_metrics(run.run_dir(name) / "metrics.jsonl")) for name in ["teacher", *(
+        s.key for s in run.config.students)]]
     series = [(name, records) for name, records in series if records]
     if not series:
         return False
     figure = _figure(10, 3.4)
     loss_ax, val_ax = figure.subplots(1, 2)
     for name, records in series:
-        epochs = [r["epoch"] for r in records]
-        loss_ax.plot(epochs, [r.get("train_loss") for r in records], marker=".", label=name)
-        scored = [(r["epoch"], r["val_miou"]) for r in records if isinstance(r.get("val_miou"), int | float)]
+        losses = [(r["epoch"], r["train_loss"]) for r in records if isinstance(r.get("train_loss"), int | float)]
+        if losses:
+            loss_ax.plot(*zip(*losses, strict=True), marker=".", label=name)
+        scored = val_curve(records)
         if scored:
             val_ax.plot(*zip(*scored, strict=True), marker=".", label=name)
     loss_ax.set(title="training loss (each recipe's own total)", xlabel="epoch", yscale="log")
-    val_ax.set(title="validation prompted mIoU", xlabel="epoch")
+    val_ax.set(title="validation semantic foreground mIoU", xlabel="epoch")
     val_ax.legend(fontsize="small")
-    from matplotlib.ticker import MaxNLocator
+    _integer_epochs(loss_ax, val_ax)
+    _save(figure, path)
+    return True
 
-    for ax in (loss_ax, val_ax):
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+def teacher_curve(run: ReferenceRun, path: Path) -> bool:
+    """The teacher's validation curve, its last RISING_TAIL of epochs shaded and its best marked."""
+    records = read_metrics(run.teacher_dir / "metrics.jsonl")
+    scored = val_curve(records)
+    if not scored:
+        return False
+    figure = _figure(6, 3.2)
+    ax = figure.subplots()
+    epochs = records[-1]["epoch"]
+    ax.axvspan(epochs * (1 - RISING_TAIL), epochs + 0.5, color="0.9", label=f"last {RISING_TAIL:.0%} of epochs")
+    ax.plot(*zip(*scored, strict=True), marker=".", color="C0", label="val mIoU fg")
+    best = max(scored, key=lambda item: (item[1], -item[0]))
+    ax.plot([best[0]], [best[1]], marker="*", markersize=12, color="C3", linestyle="", label=f"best ({best[1]:.3f})")
+    ax.set(title=f"teacher ({run.config.teacher.arch}): validation", xlabel="epoch", ylabel="semantic mIoU fg")
+    ax.legend(fontsize="small", loc="lower right")
+    _integer_epochs(ax)
     _save(figure, path)
     return True
 
 
 def iou_per_class(results: dict[str, Any], path: Path) -> bool:
-    """Grouped bars: prompted IoU per class of every row, one panel per test set."""
-    tests = [t for t in results["test_sets"] if any(row["per_class_iou"].get(t) for row in results["rows"])]
+    """Grouped bars: semantic IoU per defect class of every row, one panel per test set."""
+    rows = results["rows"]
+    tests = [t for t in results["test_sets"] if any((row["semantic"].get(t) or {}).get("iou") for row in rows)]
     if not tests:
         return False
-    rows = results["rows"]
     figure = _figure(10, 2.8 * len(tests))
     axes = np.atleast_1d(figure.subplots(len(tests), 1))
     width = 0.8 / max(1, len(rows))
     for ax, test in zip(axes, tests, strict=True):
-        classes = list(dict.fromkeys(c for row in rows for c in row["per_class_iou"].get(test, {})))
+        classes = [c for c in next(list(row["semantic"][test]["iou"]) for row in rows
+                                   if (row["semantic"].get(test) or {}).get("iou")) if c != "background"]
         x = np.arange(len(classes))
         for i, row in enumerate(rows):
-            values = row["per_class_iou"].get(test, {})
-            heights = [(values.get(c) or {}).get("iou") or 0.0 for c in classes]
+            values = (row["semantic"].get(test) or {}).get("iou") or {}
+            heights = [values.get(c) or 0.0 for c in classes]
             ax.bar(x + (i - (len(rows) - 1) / 2) * width, heights, width, label=row["key"])
         ax.set_xticks(x, classes)
-        ax.set(title=f"prompted IoU per class, {test}", ylim=(0, 1))
+        ax.set(title=f"semantic IoU per class, {test}", ylim=(0, 1))
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize="small", ncols=min(len(rows), 6))
     _save(figure, path)
     return True
 
 
-def _tile(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """The image scaled into a size[0] x size[1] tile (letterboxed, centred): tile, scale, (dx, dy)."""
-    th, tw = size
-    h, w = image.shape[:2]
-    scale = min(th / h, tw / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    canvas = np.full((th, tw, 3), 255, dtype=np.uint8)
-    dy, dx = (th - nh) // 2, (tw - nw) // 2
-    small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-    if small.ndim == 2:
-        small = cv2.cvtColor(small, cv2.COLOR_GRAY2BGR)
-    canvas[dy : dy + nh, dx : dx + nw] = small
-    return canvas, scale, (dx, dy)
-
-
-def _paint(tile: np.ndarray, mask: np.ndarray, scale: float, offset: tuple[int, int], colour: tuple[int, int, int],
-           *, fill: bool) -> None:
-    """Draw a frame-sized bool mask onto the tile: tinted fill and/or contour."""
-    h, w = mask.shape
-    small = cv2.resize(mask.astype(np.uint8), (max(1, round(w * scale)), max(1, round(h * scale))),
-                       interpolation=cv2.INTER_NEAREST).astype(bool)
-    dx, dy = offset
-    region = tile[dy : dy + small.shape[0], dx : dx + small.shape[1]]
-    if fill:
-        region[small] = (0.5 * region[small] + 0.5 * np.array(colour)).astype(np.uint8)
-    else:
-        contours, _ = cv2.findContours(small.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(region, contours, -1, colour, 1)
-
-
-def _samples(dataset: Any, n: int) -> list[Any]:
+def _samples(dataset: Any, n: int) -> list[Sample]:
     """Up to ``n`` samples with defects, spread over the set."""
     from training.data.registry import evenly_spaced
 
-    picked: list[Any] = []
-    for index in evenly_spaced(len(dataset), min(len(dataset), max(4 * n, 32))):
-        sample = dataset[index]
-        if len(sample.masks):
-            picked.append(sample)
+    picked = [s for s in (dataset[i] for i in evenly_spaced(len(dataset), min(len(dataset), max(4 * n, 16))))
+              if len(s.masks)]
     return [picked[i] for i in evenly_spaced(len(picked), n)] if picked else []
 
 
-def _prompted_masks(engine: Any, sample: Any) -> list[np.ndarray]:
-    """The engine's mask for one foreground point at each instance's interior point, frame-sized bool."""
-    from engines.contract import LABEL_FOREGROUND
-    from engines.postprocess import PostprocessConfig
-    from engines.preprocess import Preprocessor
-    from training.data.prepare import interior_point
-    from training.eval.evaluate import logits_to_region
+def truth_result(sample: Sample, classes: list[str]) -> InspectionResult:
+    """The sample's ground truth as an InspectionResult (score 1), so that it is drawn as the rows are."""
+    from engines.results import Defect, InspectionResult, Verdict
 
-    manifest = engine.bundle.manifest
-    tensor, box = Preprocessor(manifest.input)(sample.image)
-    outputs = engine.infer(tensor, with_embedding=True)
+    defects = []
+    for mask, class_id in zip(sample.masks, sample.classes, strict=True):
+        ys, xs = np.nonzero(mask)
+        if not len(xs):
+            continue
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        centre = (float(xs.mean()), float(ys.mean()))
+        defects.append(Defect(class_id=int(class_id), class_name=classes[int(class_id)], score=1.0, predicted_iou=1.0,
+                              area_px=len(xs), bbox=(x0, y0, x1 - x0, y1 - y0), centroid=centre, point=centre,
+                              mask=mask[y0:y1, x0:x1]))
     h, w = sample.image.shape[:2]
-    masks = []
-    labels = np.full((1, 1), LABEL_FOREGROUND, dtype=np.float32)
-    for instance in sample.masks:
-        point = box.to_engine(np.array([interior_point(instance)], dtype=np.float64)).astype(np.float32)
-        logits, _ = engine.prompt(outputs.image_embedding, point.reshape(1, 1, 2), labels)
-        region = logits_to_region(logits[0], box, int(manifest.mask_stride), PostprocessConfig().mask_threshold)
-        full = np.zeros((h, w), dtype=bool)
-        rh, rw = region.mask.shape
-        full[region.y : region.y + rh, region.x : region.x + rw] = region.mask[: h - region.y, : w - region.x]
-        masks.append(full)
-    return masks
+    return InspectionResult(frame_width=w, frame_height=h, verdict=Verdict.NG if defects else Verdict.OK,
+                            defects=tuple(defects), max_peak_score=1.0 if defects else 0.0)
+
+
+def _tile(image: np.ndarray, result: InspectionResult, side: int) -> np.ndarray:
+    """``render_overlay`` of the result, drawn at RENDER_SCALE x the tile and shrunk into a side x side tile
+    (centred, white margins)."""
+    from engines.overlay import render_overlay
+
+    h, w = image.shape[:2]
+    drawn = render_overlay(image, result, scale=RENDER_SCALE * side / max(h, w))
+    size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
+    drawn = cv2.resize(drawn, size, interpolation=cv2.INTER_AREA)
+    tile = np.full((side, side, 3), 255, dtype=np.uint8)
+    dh, dw = min(side, drawn.shape[0]), min(side, drawn.shape[1])
+    dy, dx = (side - dh) // 2, (side - dw) // 2
+    tile[dy : dy + dh, dx : dx + dw] = drawn[:dh, :dw]
+    return tile
 
 
 def overlays(run: ReferenceRun, path: Path) -> bool:
-    """A grid: per test set, a few images with defects; columns: ground truth, then every FP32 row's masks."""
+    """A grid: per test set, a few images with defects; columns: ground truth, then every FP32 row's inspection."""
     from engines.backends import open_engine
     from engines.backends.onnxruntime import Config
-    from training.data.prepare import interior_point
+    from engines.bundle import load_bundle
+    from engines.inspector import Inspector
     from training.data.registry import build_dataset
+    from training.reference.driver import WHOLE
 
     config = run.config
     n = config.report.overlays
     rows = [row for row in run.rows() if row.precision == "fp32"]
-    bundles = {row.key: run.row_bundle(row) for row in rows}
-    rows = [row for row in rows if (p := bundles[row.key]) is not None and (p / "manifest.json").is_file()]
+    rows = [row for row in rows if (run.bundle_dir(row.run) / "manifest.json").is_file()]
     if n == 0 or not rows:
         return False
-    th = config.report.tile_height
-    size = (th, round(th * 1.25))
+    side = config.report.tile
     samples = [(test, s) for test, spec in config.data.test.items() for s in _samples(build_dataset(spec), n)]
     if not samples:
         return False
-    columns: list[list[np.ndarray]] = []
-    gt_column = []
-    for _, sample in samples:
-        tile, scale, offset = _tile(sample.image, size)
-        for mask in sample.masks:
-            _paint(tile, mask, scale, offset, GT_COLOUR, fill=True)
-        gt_column.append(tile)
-    columns.append(gt_column)
-    for row in rows:
-        bundle = load_bundle(bundles[row.key])  # type: ignore[arg-type]
+    bundles = [load_bundle(run.bundle_dir(row.run)) for row in rows]
+    classes = list(bundles[0].manifest.classes)
+    columns = [[_tile(s.image, truth_result(s, classes), side) for _, s in samples]]
+    for bundle in bundles:
         engine = open_engine(bundle, Config(providers=["cpu"], precision="fp32"))
-        column = []
         try:
-            for _, sample in samples:
-                tile, scale, offset = _tile(sample.image, size)
-                for mask in _prompted_masks(engine, sample):
-                    _paint(tile, mask, scale, offset, MASK_COLOUR, fill=True)
-                for mask in sample.masks:
-                    _paint(tile, mask, scale, offset, GT_COLOUR, fill=False)
-                    x, y = interior_point(mask)
-                    cv2.circle(tile, (round(x * scale) + offset[0], round(y * scale) + offset[1]), 2, POINT_COLOUR, -1)
-                column.append(tile)
+            inspector = Inspector(engine, WHOLE)
+            columns.append([_tile(s.image, inspector.inspect(s.image), side) for _, s in samples])
         finally:
             engine.close()
-        columns.append(column)
-    header_h = 18
-    labels = ["ground truth", *(row.key for row in rows)]
-    grid_rows = []
-    header = np.full((header_h, size[1] * len(columns), 3), 255, dtype=np.uint8)
-    for i, label in enumerate(labels):
-        cv2.putText(header, label, (i * size[1] + 4, header_h - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
+    header = np.full((HEADER_PX, side * len(columns), 3), 255, dtype=np.uint8)
+    for i, label in enumerate(["ground truth", *(row.key for row in rows)]):
+        cv2.putText(header, label, (i * side + 4, HEADER_PX - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1,
                     cv2.LINE_AA)
-    grid_rows.append(header)
+    lines = [header]
     for r, (test, _) in enumerate(samples):
         line = np.concatenate([column[r] for column in columns], axis=1)
-        cv2.putText(line, test, (4, th - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-        grid_rows.append(line)
-    grid = np.concatenate(grid_rows, axis=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, data = cv2.imencode(".png", grid, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        cv2.putText(line, test, (4, side - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
+        lines.append(line)
+    ok, data = cv2.imencode(".png", np.concatenate(lines, axis=0), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     if not ok:
         return False
-    from engines.atomic import write_bytes_atomic
-
     write_bytes_atomic(path, data.tobytes())
     return True
