@@ -182,7 +182,7 @@ def float_nodes(model_path: Path) -> list[str]:
     keep: set[str] = set()
     frontier = [producer[o.name] for o in model.graph.output if o.name in producer]
     for _ in range(_HEAD_WALK_DEPTH):
-        upstream = []
+        upstream: list[Any] = []
         for node in frontier:
             if node.name in keep:
                 continue
