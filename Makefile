@@ -106,7 +106,8 @@ bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/sam2_small/reference.json
 # Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only
 # (licence-clean): the window segmenter and the finder on 1500 rendered 4 MP frames (rendered once into
 # .cache/data), about 1.5 hours on 2 CPU cores; docs/training.md has the figures and the teacher route.
-SYNTH_VAL := synthetic,n=60,seed=1000000
+SYNTH_VAL := synthetic,n=100,seed=1000000,defect_free_prob=0.3
+SCORE_SWEEP := 0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99,0.995
 SYNTH_TEST := synthetic,n=200,seed=2000000
 default-bundle: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_synthetic.yaml
@@ -115,7 +116,7 @@ default-bundle: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_finder_more.yaml
 	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic_more/best.pt \
 		--finder runs/default_finder_more/best.pt --name defectsam-synthetic --out engines/default
-	$(DEV_VENV)/bin/defectsam-train calibrate engines/default --data $(SYNTH_VAL)
+	$(DEV_VENV)/bin/defectsam-train calibrate engines/default --data $(SYNTH_VAL) --thresholds $(SCORE_SWEEP)
 	$(DEV_VENV)/bin/defectsam-train quantize engines/default --calib synthetic --n 16
 	$(DEV_VENV)/bin/defectsam-train eval --bundle engines/default --precision fp32 --record synthetic_test \
 		--data $(SYNTH_TEST)

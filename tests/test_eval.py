@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch", reason="evaluating needs the 'train' extra 
 
 from training.commands import eval as eval_command  # noqa: E402
 from training.data.registry import build_dataset  # noqa: E402
-from training.eval.evaluate import evaluate_bundle  # noqa: E402
+from training.eval.evaluate import TargetPrecision, evaluate_bundle  # noqa: E402
 
 CLASSES = ("scratch", "dent", "pinhole")
 DATA = "synthetic,n=3,seed=7,width=256,height=192"
@@ -37,6 +37,24 @@ def _square(x: int, y: int, side: int, shape: tuple[int, int] = (100, 100)) -> n
 
 
 # -- metrics -----------------------------------------------------------------------------------
+
+
+def test_target_precision_ignores_predictions_on_defects_under_the_floor() -> None:
+    """Scratches >= 2 px: a hit on a 3 px scratch counts, one on a 1 px hairline (matched or only lying on
+    it) counts neither way, a scratch where there is none is a false positive; other classes stay out."""
+    wide, hair = Region(0, 0, np.ones((3, 60), bool)), Region(0, 20, np.ones((1, 60), bool))
+    truths, classes, sizes = [wide, hair], ["scratch", "scratch"], [("width", 3.0), ("width", 1.0)]
+    on_hair_poorly = Region(0, 19, np.ones((4, 30), bool))  # IoU with the hairline 30 / 120: unmatched
+    nowhere = Region(0, 60, np.ones((2, 40), bool))
+    predictions = [wide, hair, on_hair_poorly, nowhere, Region(80, 80, np.ones((5, 5), bool))]
+    predicted = ["scratch", "scratch", "scratch", "scratch", "pinhole"]
+    pairs = [(0, 0, 1.0), (1, 1, 1.0)]
+    target = TargetPrecision()
+    target.add(predictions, predicted, pairs, truths, classes, sizes)
+    assert target.counts["scratch"] == [1, 1]
+    assert target.precision("scratch") == 0.5
+    assert target.counts["pinhole"] == [0, 1] and target.precision("pinhole") == 0.0
+    assert TargetPrecision().precision("scratch") is None  # nothing predicted: no figure
 
 
 def test_iou_and_dice_of_known_overlaps() -> None:

@@ -85,12 +85,13 @@ def test_a_cell_the_find_pass_left_uncovered_makes_a_clean_frame_uncertain() -> 
 
 
 def test_min_area_and_max_defects_are_applied() -> None:
-    regions = [(10 + 10 * i, 10, 12 + 10 * i, 12, 0, 0.9 - 0.1 * i) for i in range(4)]  # four 2 x 2 defects
-    c = canvas(0, 0, 64, 64, regions)
-    capped = Postprocessor(CLASSES, PostprocessConfig(max_defects=2))([c], 64, 64)
+    # four 2 x 2 defects 18 px apart (farther than twice the default join distance)
+    regions = [(10 + 20 * i, 10, 12 + 20 * i, 12, 0, 0.9 - 0.1 * i) for i in range(4)]
+    c = canvas(0, 0, 64, 128, regions)
+    capped = Postprocessor(CLASSES, PostprocessConfig(max_defects=2))([c], 128, 64)
     assert [d.score for d in capped.defects] == pytest.approx([0.9, 0.8])
-    assert not Postprocessor(CLASSES, PostprocessConfig(min_area_px=5))([c], 64, 64).defects
-    assert len(Postprocessor(CLASSES, PostprocessConfig(min_area_px=4))([c], 64, 64).defects) == 4
+    assert not Postprocessor(CLASSES, PostprocessConfig(min_area_px=5))([c], 128, 64).defects
+    assert len(Postprocessor(CLASSES, PostprocessConfig(min_area_px=4))([c], 128, 64).defects) == 4
 
 
 def test_predicted_iou_counts_the_probability_just_outside_the_mask() -> None:
@@ -139,3 +140,15 @@ def test_overlay_tints_each_defect_with_its_class_colour() -> None:
     assert np.array_equal(far, [128, 128, 128])  # untouched outside defects and banner
     small = render_overlay(frame, result, scale=0.25)
     assert small.shape == (380, 672, 3)
+
+
+def test_pieces_of_a_faded_scratch_are_one_defect_with_their_own_pixels() -> None:
+    # a 3 px scratch in three pieces 6 px apart, and a pinhole 40 px away
+    pieces = [(10, 20, 30, 23, 0, 0.9), (36, 20, 56, 23, 0, 0.95), (62, 20, 80, 23, 0, 0.9), (100, 60, 104, 64, 2, 0.9)]
+    c = canvas(0, 0, 96, 128, pieces)
+    scratch, pinhole = Postprocessor(CLASSES)([c], 128, 96).defects[:2]
+    assert scratch.class_name == "scratch" and scratch.bbox == (10, 20, 70, 3)
+    assert scratch.area_px == (20 + 20 + 18) * 3  # the gaps stay background
+    assert pinhole.class_name == "pinhole" and pinhole.area_px == 16
+    apart = Postprocessor(CLASSES, PostprocessConfig(join_px=0))([c], 128, 96).defects
+    assert sorted(d.area_px for d in apart) == [16, 54, 60, 60]

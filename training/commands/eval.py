@@ -132,7 +132,12 @@ def format_report(report: EvalReport) -> str:
             )
             lines.append(f"  {name} by {kind}: {reach}; {cells}")
     if report["targets"]:
-        lines.append("targets view: " + json.dumps(report["targets"]))
+        parts = []
+        for key, entry in report["targets"].items():
+            name, floor = key.split("_from_")
+            parts.append(f"{name} from {floor}: recall {_num(entry['recall'])}, instance IoU "
+                         f"{_num(entry['instance_iou'])}, precision {_num(entry['precision'])} (n {entry['n']})")
+        lines.append("targets (predictions on smaller defects ignored): " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -204,3 +209,7 @@ def recorded_figures(report: EvalReport, args: argparse.Namespace) -> dict[str, 
         "model": report["model"],
         "command": command,
     }
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

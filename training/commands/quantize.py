@@ -62,7 +62,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--keep-fp32", action="append", default=[], metavar="GROUP",
-        help="keep a module group (e.g. model.model.decoder) or a node in FP32 from the start (repeatable)",
+        help="keep a module group (e.g. model.decoder) or a node in FP32 from the start (repeatable)",
     )
     parser.add_argument("--probe-frames", type=int, default=2,
                         help="calibration frames the fallback ranking runs on (default 2)")

@@ -34,7 +34,7 @@ from engines.postprocess import PostprocessConfig
 from engines.windows import semantic_labels
 from training.data.registry import dataset_name, evenly_spaced
 from training.data.sample import Sample, SampleDataset, label_map
-from training.eval.metrics import DetectionScores, Region, SizeScores, instance_size, iou
+from training.eval.metrics import DetectionScores, Region, SizeScores, instance_size, intersection, iou
 from training.eval.semantic import ConfusionMatrix
 
 
@@ -136,6 +136,7 @@ def score(
     semantic = ConfusionMatrix(len(classes))
     detection = DetectionScores(threshold=iou_threshold)
     sizes = SizeScores()
+    in_range = TargetPrecision()
     frame_ms: list[float] = []
     windows: list[int] = []
     modes: set[str] = set()
@@ -156,6 +157,7 @@ def score(
             truth_classes, verdict_ng=result.verdict.name != "OK", uncertain=result.verdict.name == "UNCERTAIN",
         )
         found = {t for _, t, _ in pairs}
+        truth_sizes = []
         for t, truth in enumerate(truths):
             best = max((iou(p, truth) for p in predictions), default=0.0)
             nominal = None if sample.sizes is None else float(sample.sizes[t])
@@ -163,6 +165,8 @@ def score(
                 nominal = None  # a dent's nominal size is its radius: measure its mask's diameter instead
             kind, size = instance_size(truth.mask, nominal)
             sizes.add(truth_classes[t], kind, size, t in found, best)
+            truth_sizes.append((kind, size))
+        in_range.add(predictions, [d.class_name for d in result.defects], pairs, truths, truth_classes, truth_sizes)
     automatic = detection.summary(classes)
     automatic["by_size"] = sizes.summary(classes, pixel_size_um)
     for name in classes:
@@ -181,22 +185,61 @@ def score(
         "window": inspector.window,
         "semantic": semantic.summary(classes),
         "automatic": automatic,
-        "targets": targets_view(sizes, automatic, classes),
+        "targets": targets_view(sizes, in_range, classes),
         "timing": timing,
         "seconds": 0.0,
     }
 
 
-def targets_view(sizes: SizeScores, automatic: dict[str, Any], classes: list[str]) -> dict[str, Any]:
-    """The issue's synthetic targets where the classes exist: scratches >= 2 px wide, pinholes >= 3 px across."""
+# The issue's synthetic targets: (class, size kind, floor in px). Scratches >= 2 px wide, pinholes >= 3 px across.
+TARGET_FLOORS: tuple[tuple[str, str, float], ...] = (("scratch", "width", 2.0), ("pinhole", "diameter", 3.0))
+
+
+class TargetPrecision:
+    """Precision of the predictions of a class at or above its size floor (TARGET_FLOORS), as COCO's
+    "ignore" regions do: a prediction matched to a defect under the floor, or unmatched but lying
+    mostly on one (its largest overlap), counts neither for nor against the figure; an unmatched one
+    elsewhere is a false positive; one matched to a defect at or above the floor a true positive."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {name: [0, 0] for name, _, _ in TARGET_FLOORS}  # [tp, fp]
+
+    def add(self, predictions: list[Region], predicted_classes: list[str], pairs: list[tuple[int, int, float]],
+            truths: list[Region], truth_classes: list[str], truth_sizes: list[tuple[str, float]]) -> None:
+        floors = {name: (kind, floor) for name, kind, floor in TARGET_FLOORS}
+
+        def small(t: int) -> bool:
+            rule = floors.get(truth_classes[t])
+            return rule is not None and truth_sizes[t][0] == rule[0] and truth_sizes[t][1] < rule[1]
+
+        matched = {p: t for p, t, _ in pairs}
+        for p, name in enumerate(predicted_classes):
+            if name not in self.counts:
+                continue
+            if p in matched:
+                if not small(matched[p]):
+                    self.counts[name][0] += 1
+                continue
+            overlaps = [intersection(predictions[p], truth) for truth in truths]
+            if overlaps and max(overlaps) > 0 and small(int(np.argmax(overlaps))):
+                continue
+            self.counts[name][1] += 1
+
+    def precision(self, name: str) -> float | None:
+        tp, fp = self.counts[name]
+        return None if tp + fp == 0 else tp / (tp + fp)
+
+
+def targets_view(sizes: SizeScores, in_range: TargetPrecision, classes: list[str]) -> dict[str, Any]:
+    """The issue's synthetic targets where the classes exist: recall, instance IoU and precision of
+    scratches >= 2 px wide and pinholes >= 3 px across (TARGET_FLOORS)."""
     out: dict[str, Any] = {}
-    for name, key, floor in (("scratch", "min_width", 2.0), ("pinhole", "min_diameter", 3.0)):
+    for name, kind, floor in TARGET_FLOORS:
         if name in classes:
-            out[f"{name}_from_{floor:g}px"] = sizes.instance_iou(name, **{key: floor})
-    per_class = automatic.get("per_class", {})
-    for name in ("scratch", "pinhole"):
-        if name in per_class:
-            out[f"{name}_precision"] = per_class[name].get("precision")
+            key = "min_width" if kind == "width" else "min_diameter"
+            entry = sizes.instance_iou(name, **{key: floor})
+            entry["precision"] = in_range.precision(name)
+            out[f"{name}_from_{floor:g}px"] = entry
     return out
 
 

@@ -4,7 +4,7 @@
 Inspector the daemon uses) with training.eval: the semantic foreground mIoU of the merged windows
 (the gate metric, dataset-level), defect precision/recall, OK/NG accuracy.
 
-``rank_groups`` orders module groups by how much quantization damages the tensors they touch,
+``bundle._rank`` orders module groups by how much quantization damages the tensors they touch,
 for the gate's per-layer fallback. Static mode: the FP32 graph runs on a few probe feeds with
 every calibrated tensor exposed, and each tensor is fake-quantized with its calibrated range the
 way ONNX Runtime would (``graph.fake_quant_error``); a tensor's SQNR counts against the group

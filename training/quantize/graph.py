@@ -16,11 +16,11 @@ stay FP32. ONNX Runtime's own ``quantize_dynamic`` is not used for it: it quanti
 at run time (ConvInteger, MatMulInteger), which neither keeps FP32 compute nor is a form
 TensorRT consumes. MatMulNBits covers MatMul only, and this model is mostly convolutions.
 
-Kept in FP32 in every mode (``float_nodes``): LayerNormalization, Softmax, Sigmoid and the
-peak picking after it with the convolution that feeds it (8-bit scores tie, and ties move
-peaks), the attention MatMuls that read Softmax's weights, and every node on a Fourier
-positional-encoding path (upstream of Sin/Cos: an 8-bit angle is off by tenths of a radian).
-The precision gate may keep more, by module group (``node_groups``).
+Op types outside ``QUANTIZED_OP_TYPES`` are never quantized. Kept in FP32 beyond them, in every
+mode (``float_nodes``): each graph's output head, from its output back to the convolution that
+makes the logits (the segment graph's written-out softmax, the find graph's Sigmoid): 8-bit
+logits would put steps into the probabilities the thresholds read. The precision gate may keep
+more, by module group (``node_groups``).
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ QUANTIZED_OP_TYPES: tuple[str, ...] = (
     "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Split", "Resize", "Pad",
     "AveragePool",
 )
-# Named in docs and manifests: the op types that stay FP32 although ONNX Runtime could quantize them.
-KEPT_FP32_OP_TYPES: tuple[str, ...] = ("LayerNormalization", "Softmax", "Sigmoid", "Exp", "ReduceMax", "ReduceSum",
-                                       "Div", "MaxPool", "Gather", "GatherElements")
+# Named in manifests (kept_fp32.op_types): the op types of the output heads float_nodes keeps FP32 (the
+# convolution making the logits aside). Every op type outside QUANTIZED_OP_TYPES stays FP32 anyway.
+KEPT_FP32_OP_TYPES: tuple[str, ...] = ("Sigmoid", "ReduceMax", "Sub", "Exp", "ReduceSum", "Div")
 # How far back from a graph output the head walk goes (ReduceMax, Sub, Exp, ReduceSum, Div, Conv: 6 steps).
 _HEAD_WALK_DEPTH = 8
 UNSCOPED = "(graph)"
@@ -94,7 +94,7 @@ def _module_of(scopes: Sequence[str]) -> str:
     """A node's module group from its name scopes: the module path cut after its first index, at most 4 deep.
 
     ``model.encoder.blocks.3.block.0.1`` -> ``model.encoder.blocks.3``;
-    ``model.mask_decoder.transformer.layers.0.self_attn`` -> ``model.mask_decoder.transformer.layers``.
+    ``model.decoder.steps.0.block.1`` -> ``model.decoder.steps.0``.
     """
     modules = [s for s in scopes if s.startswith("model.") or s == "model"]
     if not modules:
@@ -196,7 +196,7 @@ def float_nodes(model_path: Path) -> list[str]:
 
 def groups_to_nodes(groups: Mapping[str, str], exact: Iterable[str] = (), under: Iterable[str] = ()) -> list[str]:
     """Nodes whose group is one of ``exact`` (the gate's ranked groups), or whose group or name is one
-    of ``under`` or lies below it (``--keep-fp32 model.mask_decoder`` takes every part of the decoder)."""
+    of ``under`` or lies below it (``--keep-fp32 model.decoder`` takes every part of the decoder)."""
     exact, under = set(exact), list(under)
     return sorted(
         name for name, group in groups.items()
