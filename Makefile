@@ -130,8 +130,8 @@ train-quickstart: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/quickstart/best.pt --finder runs/quickstart-finder/best.pt \
 		--name quickstart --out runs/quickstart-bundle
 
-# The reference run (docs/reference.md): the field report's table on ../shared/datasets with this project's own
-# teacher, students, INT8 and benchmark; reduced schedule, about an hour on 2 CPU cores. Resumable: run it again
+# The reference run (docs/reference.md): the field report's table on NEU-Seg (../shared/datasets) with this project's own
+# teacher, students, INT8 and benchmark; reduced schedule, about 4.5 hours on 2 CPU cores (estimated). Resumable: run it again
 # after an interruption (--fresh in REFERENCE_FLAGS redoes everything). On a GPU box:
 #   make reference REFERENCE_CONFIG=training/configs/reference/full.yaml REFERENCE_OUT=reports/reference-full
 REFERENCE_CONFIG ?= training/configs/reference/reduced.yaml
