@@ -12,7 +12,8 @@ Modes (``InspectionConfig.mode``): ``windows`` (the find pass chooses where to l
 ``tiles`` (1:1 tiles over the whole frame: slow, the full scan for hairlines the find pass may
 miss), ``whole`` (the frame is one window: small frames and the crop datasets); ``auto`` takes
 windows when the bundle has a find graph and the frame is larger than a window, else tiles when
-the frame is larger than a window, else whole.
+the frame is larger than a window, else whole (the bundle's window only: a window set in the
+config that is larger than the frame is refused, FrameGeometryError).
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ class Inspector:
         mode = self.config.mode
         fits = self.window <= frame_width and self.window <= frame_height
         if mode == "auto":
+            if not fits and self.config.window is not None:
+                # A window asked for by name that does not fit is refused, not quietly replaced by the frame.
+                try:
+                    check_window(self.window, frame_width, frame_height)
+                except ValueError as exc:
+                    raise FrameGeometryError(str(exc)) from None
             if not fits:
                 return "whole"
             return "windows" if self.find_preprocess is not None else "tiles"

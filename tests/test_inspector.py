@@ -156,7 +156,7 @@ def test_auto_picks_whole_for_a_frame_smaller_than_a_window_and_tiles_without_a_
         tiles_only.close()
 
 
-@pytest.mark.parametrize("mode", ["windows", "tiles"])
+@pytest.mark.parametrize("mode", ["windows", "tiles", "auto"])
 def test_a_window_larger_than_the_frame_is_a_frame_geometry_error(engine: Engine, mode: str) -> None:
     inspector = Inspector(engine, InspectionConfig(mode=mode, window=128))  # type: ignore[arg-type]
     with pytest.raises(FrameGeometryError) as caught:

@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             json.dumps({"bundle": bundle.manifest.name, "backend": engine.backend_name,
                         "verdicts": dict(verdicts), "failed": failures, "images": summary}, indent=2) + "\n",
         )
-    print(f"{len(summary)} image(s) inspected ({', '.join(f'{k} {v}' for k, v in sorted(verdicts.items()))})"
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
+    print(f"{len(summary)} image(s) inspected{f' ({counts})' if counts else ''}"
           f"{f', {failures} failed' if failures else ''}; results in {os.fspath(args.out)}")
     engine.close()
     return 2 if failures else 0
