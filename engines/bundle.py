@@ -64,8 +64,13 @@ class SegmentSpec(_Strict):
     max_windows: int = Field(ge=1, le=256, description="most windows per frame in windows mode (default)")
     mean: tuple[float, float, float] = Field(description="per-channel mean subtracted from RGB in 0..255")
     std: tuple[float, float, float] = Field(description="per-channel std dividing RGB in 0..255")
+    pad: Literal["edge", "constant"] = Field(
+        default="edge",
+        description="what fills a window beyond the frame: edge (the frame's last row / column repeated, as "
+        "training pads) or constant (pad_value)",
+    )
     pad_value: float = Field(
-        default=0.0, description="value of padding beyond a frame smaller than a window, normalised"
+        default=0.0, description="with pad: constant, the value of padding beyond the frame, normalised"
     )
     parameters: int = Field(ge=0, description="trainable parameters of the segmenter")
 

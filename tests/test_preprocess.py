@@ -51,12 +51,24 @@ def test_a_mono_frame_feeds_all_three_channels(shape: tuple[int, ...]) -> None:
         np.testing.assert_allclose(tensor[c], (grey - PIXEL_MEAN[c]) / PIXEL_STD[c], atol=1e-5)
 
 
-def test_a_whole_window_beyond_the_frame_holds_the_pad_value() -> None:
+def test_a_whole_window_beyond_the_frame_repeats_the_frames_edge() -> None:
     frame = np.random.default_rng(2).integers(0, 256, (200, 190, 3), dtype=np.uint8)
     window = whole_window(190, 200)  # 192 x 208
-    padded = SPEC.model_copy(update={"pad_value": -1.5})
-    (tensor,) = WindowCutter(padded)(frame, [window])
-    assert tensor.shape == (3, 208, 192)
+    (tensor,) = WindowCutter(SPEC)(frame, [window])
+    assert SPEC.pad == "edge" and tensor.shape == (3, 208, 192)
+    inside = _reference(frame, Window(0, 0, 190, 200))
+    np.testing.assert_allclose(tensor[:, :200, :190], inside, atol=1e-5)
+    np.testing.assert_array_equal(tensor[:, 200:, :190], np.repeat(tensor[:, 199:200, :190], 8, axis=1))  # last row
+    np.testing.assert_array_equal(tensor[:, :, 190:], np.repeat(tensor[:, :, 189:190], 2, axis=2))  # last column
+    # as training pads (training.data.windows.pad_to): the same tensor from the padded image
+    padded_image = np.pad(frame, ((0, 8), (0, 2), (0, 0)), mode="edge")
+    np.testing.assert_allclose(tensor, _reference(padded_image, Window(0, 0, 192, 208)), atol=1e-5)
+
+
+def test_a_constant_pad_holds_the_pad_value() -> None:
+    frame = np.random.default_rng(2).integers(0, 256, (200, 190, 3), dtype=np.uint8)
+    padded = SPEC.model_copy(update={"pad": "constant", "pad_value": -1.5})
+    (tensor,) = WindowCutter(padded)(frame, [whole_window(190, 200)])
     np.testing.assert_allclose(tensor[:, :200, :190], _reference(frame, Window(0, 0, 190, 200)), atol=1e-5)
     assert np.all(tensor[:, 200:, :] == -1.5) and np.all(tensor[:, :, 190:] == -1.5)
 

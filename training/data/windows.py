@@ -7,7 +7,7 @@ synthetic frame, training/data/synthetic_frames.py) gives a ``window`` x ``windo
 Training (``train=True``): a crop centred on a random defect pixel (share ``positive_fraction`` of
 the samples that have defects; the centre jittered by up to a quarter window) or anywhere,
 offsets on a 16-pixel grid so cached teacher embeddings (stride 16) crop with it; a sample
-smaller than the window is padded (image ``pad_value``, labels IGNORE_LABEL); then the
+smaller than the window is padded (the image's edge repeated, labels IGNORE_LABEL); then the
 photometric jitter of training.data.augment and one of the 8 flips and quarter turns. Evaluation
 (``train=False``): the whole sample, padded to multiples of 16, as ``inspection.mode: whole``
 runs it. Images are normalised exactly as engines.preprocess.WindowCutter does.
