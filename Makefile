@@ -104,8 +104,8 @@ bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/sam2_small/reference.json
 		--json out/bench/report.json --markdown docs/benchmarks.md $(BENCH_REPORT_FLAGS)
 
 # Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only
-# (licence-clean): the window segmenter and the finder on 1500 rendered 4 MP frames (rendered once into
-# .cache/data), about 1.5 hours on 2 CPU cores; docs/training.md has the figures and the teacher route.
+# (licence-clean): the window segmenter and the finder in two stages on 1500 + 1500 rendered 4 MP frames (rendered once into
+# .cache/data), about 3 hours on 2 CPU cores; docs/training.md has the figures.
 SYNTH_VAL := synthetic,n=100,seed=1000000,defect_free_prob=0.3
 SCORE_SWEEP := 0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99,0.995
 SYNTH_TEST := synthetic,n=200,seed=2000000

@@ -69,6 +69,18 @@ def test_magnetic_tile_split_sizes_follow_the_split_files(split: str) -> None:
 
 
 @needs_magnetic_tile
+def test_magnetic_tile_free_limit_keeps_every_defective_image_and_some_free_ones() -> None:
+    lines = _split_lines("train")
+    defective = [n for n in lines if not n.startswith("MT_Free/")]
+    kept = build_dataset("magnetic_tile:train,free_limit=80")
+    assert len(kept) == len(defective) + 80
+    names = [kept[i].source for i in range(len(kept))]
+    assert sum("MT_Free" in n for n in names) == 80
+    assert len(build_dataset("magnetic_tile:train,free_limit=0")) == len(defective)
+    assert len(build_dataset("magnetic_tile:train,free_limit=100000")) == len(lines)  # more than there are: all
+
+
+@needs_magnetic_tile
 def test_magnetic_tile_samples_align_and_carry_their_folder_class() -> None:
     dataset = MagneticTileDataset(MAGNETIC_TILE, "test")
     lines = _split_lines("test")

@@ -28,10 +28,14 @@ class MagneticTileDataset:
 
     class_names: Sequence[str] = CLASSES
 
-    def __init__(self, root: Path | str, split: Split = "test", *, min_instance_area: int = 1) -> None:
+    def __init__(
+        self, root: Path | str, split: Split = "test", *, min_instance_area: int = 1, free_limit: int | None = None
+    ) -> None:
+        """``free_limit``: keep at most this many of the split's MT_Free (defect-free) images, evenly spaced
+        (training: most of the set is defect-free, and crops of them teach little)."""
         self.root = Path(root)
         self.split = split
-        self.name = f"magnetic_tile:{split}"
+        self.name = f"magnetic_tile:{split}" + (f",free_limit={free_limit}" if free_limit is not None else "")
         self.min_instance_area = min_instance_area
         if not self.root.is_dir():
             raise DatasetError(self.root, "magnetic tile folder does not exist")
@@ -44,6 +48,13 @@ class MagneticTileDataset:
             if not folder.startswith("MT_") or (label != FREE and label not in CLASSES):
                 raise DatasetError(split_file, f"lists {name!r}, which is not under MT_<Class>/ of a known class")
             self._class_of.append(None if label == FREE else CLASSES.index(label))
+        free = [i for i, c in enumerate(self._class_of) if c is None]
+        if free_limit is not None and free_limit < len(free):
+            step = len(free) / free_limit if free_limit else 0.0
+            kept = {free[int(k * step)] for k in range(free_limit)}
+            keep = [i for i in range(len(self.names)) if self._class_of[i] is not None or i in kept]
+            self.names = [self.names[i] for i in keep]
+            self._class_of = [self._class_of[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.names)

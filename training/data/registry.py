@@ -120,6 +120,9 @@ class MagneticTileSpec(_Spec):
     root: Path | None = Field(default=None, description="default: <datasets>/magnetic_tile")
     split: Literal["train", "val", "test"] = "test"
     min_instance_area: int = Field(default=1, ge=1, description="smaller components are dropped")
+    free_limit: int | None = Field(
+        default=None, ge=0, description="keep at most this many MT_Free (defect-free) images, evenly spaced"
+    )
 
 
 class NeuSegSpec(_Spec):
@@ -252,7 +255,8 @@ def _build_one(spec: AnySpec) -> SampleDataset:
         )
     elif isinstance(spec, MagneticTileSpec):
         root = spec.root or datasets_root() / "magnetic_tile"
-        dataset = MagneticTileDataset(root, spec.split, min_instance_area=spec.min_instance_area)
+        dataset = MagneticTileDataset(root, spec.split, min_instance_area=spec.min_instance_area,
+                                      free_limit=spec.free_limit)
     else:
         root = spec.root or datasets_root() / "neu_seg"
         dataset = NeuSegDataset(root, spec.split, min_instance_area=spec.min_instance_area)
