@@ -207,8 +207,20 @@ def test_frames_smaller_than_the_window_make_the_daemon_not_ready_until_they_fit
         assert status == 200 and latest["verdict"] == "NG" and latest["frame"] == {"width": 512, "height": 288}
 
 
+def test_a_configured_window_larger_than_the_frames_is_refused_not_replaced(bundle: Path, tmp_path: Path) -> None:
+    """engine.inspection.window 320 on 512x288 frames in auto mode: not quietly the whole frame instead
+    (only the bundle's own window falls back to it), but not ready, naming the key and the frame."""
+    config = make_config(tmp_path, bundle, engine={"inspection": {"window": 320}})
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        reason = ("frames cannot be inspected: inspection.window 320 is larger than the frame (512x288); use a "
+                  "smaller window or inspection.mode: whole")
+        wait_for(lambda: daemon.counters.snapshot().errors >= 2, what="two frames refused")
+        assert get_json(f"{url}/readyz") == (503, {"ready": False, "reasons": [reason]})
+        assert daemon.counters.snapshot().frames_processed == 0
+
+
 @pytest.mark.parametrize(("inspection", "mode", "seen_as"), [
-    ({"window": 320}, "whole", "find 1/4, windows 320 px"),  # auto: no 320 px window fits 512x288, one frame one window
     ({"mode": "whole"}, "whole", "whole frame"),
     ({"mode": "tiles"}, "tiles", "tiles 64 px"),
 ])
