@@ -399,16 +399,27 @@ def markdown_table(results: list[EngineBenchResult]) -> str:
     return "\n".join(lines)
 
 
+def describe(result: EngineBenchResult) -> str:
+    """'name (int8, windows 128 px)': a row of the table in words."""
+    how = f", {result.mode} {result.window} px" if result.mode else ""
+    return f"{result.name} ({result.precision}{how})"
+
+
 def precision_ratios(results: list[EngineBenchResult]) -> list[str]:
-    """One line per bundle timed at more than one precision: each precision's FPS over the first's."""
+    """One line per bundle and inspection (mode, window) timed at more than one precision: each
+    precision's FPS over the first's, like for like."""
     lines = []
-    by_path: dict[str, list[EngineBenchResult]] = {}
+    by_path: dict[tuple[str, str, int], list[EngineBenchResult]] = {}
     for r in results:
-        by_path.setdefault(r.path, []).append(r)
-    names = [rows[0].name for rows in by_path.values()]
-    for path, rows in by_path.items():
+        by_path.setdefault((r.path, r.mode, r.window), []).append(r)
+    paths_of: dict[str, set[str]] = {}
+    for (path, _, _), rows in by_path.items():
+        paths_of.setdefault(rows[0].name, set()).add(path)
+    for (path, mode, window), rows in by_path.items():
         base = rows[0]
-        label = base.name if names.count(base.name) == 1 else f"{base.name} ({path})"
+        label = base.name if len(paths_of[base.name]) == 1 else f"{base.name} ({path})"
+        if mode:
+            label += f", {mode} {window} px"
         for other in rows[1:]:
             if other.precision == base.precision:
                 continue

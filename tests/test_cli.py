@@ -192,7 +192,9 @@ def test_bench_engine_compares_bundles_and_window_sizes_in_one_run(tiny_bundle: 
     proc = defectsam("bench", "engine", "--bundle", tiny_bundle, "--reference", tiny_bundle, "--modes", "windows",
                      "--windows", "64,128", "--iterations", "3", "--warmup", "1", "--json", report)
     assert proc.returncode == 0, proc.stderr
-    assert "FPS (median)" in proc.stdout and "tiny-student (fp32) / tiny-student (fp32)" in proc.stdout
+    assert "FPS (median)" in proc.stdout
+    # every comparison names its rows' mode and window: the first row against each other one
+    assert "tiny-student (fp32, windows 64 px) / tiny-student (fp32, windows 128 px)" in proc.stdout
     results = json.loads(report.read_text())["results"]
     assert len(results) == 4  # two bundles x two window sides
     assert [(r["mode"], r["window"]) for r in results] == [("windows", 64), ("windows", 128)] * 2

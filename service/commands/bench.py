@@ -21,6 +21,7 @@ from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
 from engines.benchmark import (
     BenchSubject,
     bench_engines,
+    describe,
     is_reference_graph,
     load_reference_graph,
     machine_description,
@@ -137,10 +138,9 @@ def run_engine(args: argparse.Namespace) -> int:
         print(line)
     first = results[0]
     for other in results[1:]:
-        if other.name == first.name and other.precision != first.precision:  # precision_ratios has it
+        if other.precision != first.precision:  # precision_ratios compares precisions like for like
             continue
-        print(f"{first.name} ({first.precision}) / {other.name} ({other.precision}): "
-              f"{first.fps_median / other.fps_median:.2f}x FPS (median latency "
+        print(f"{describe(first)} / {describe(other)}: {first.fps_median / other.fps_median:.2f}x FPS (median latency "
               f"{first.latency_ms_p50:.1f} ms vs {other.latency_ms_p50:.1f} ms)")
     if args.json is not None:
         payload = {"machine": machine, "iterations": args.iterations, "warmup": args.warmup,
