@@ -272,6 +272,9 @@ class Daemon:
     def latest(self) -> InspectionRecord | None:
         return self.pipeline.latest if self.pipeline is not None else None
 
+    def last_ng(self) -> InspectionRecord | None:
+        return self.pipeline.last_ng if self.pipeline is not None else None
+
     def trigger(self, part_id: str | None) -> TriggerTicket:
         if self.pipeline is None:
             raise PipelineError(f"the engine is {self._engine_state}")

@@ -32,6 +32,10 @@ class DaemonContext(Protocol):
     def latest(self) -> InspectionRecord | None:
         ...
 
+    def last_ng(self) -> InspectionRecord | None:
+        """The newest NG result, kept in memory with its frame (stored or not)."""
+        ...
+
     def trigger(self, part_id: str | None) -> TriggerTicket:
         """Raises service.pipeline.PipelineError when nothing can be inspected now."""
         ...

@@ -28,8 +28,12 @@ def build_router(ctx: DaemonContext) -> APIRouter:
         return ctx.store
 
     def in_memory(record_id: int) -> InspectionRecord | None:
-        latest = ctx.latest()
-        return latest if latest is not None and latest.inspection_id == record_id else None
+        """The newest result or the newest NG one (the live page's "Last NG"), when it is ``record_id``:
+        their frames stay in memory, so the page's images work whether the store kept them or not."""
+        for record in (ctx.latest(), ctx.last_ng()):
+            if record is not None and record.inspection_id == record_id:
+                return record
+        return None
 
     @router.get("/latest", response_model=ResultOut, responses={404: {"model": Problem}},
                 summary="The newest result (kept in memory, whether stored or not)")

@@ -40,6 +40,7 @@ import cv2
 
 from engines.errors import FrameGeometryError
 from engines.inspector import Inspector, PassOutputs, Prepared
+from engines.results import Verdict
 from service.capture.base import Frame, LatestFrameSlot
 from service.config.models import PipelineSection
 from service.metrics import PipelineCounters
@@ -177,6 +178,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._heartbeat: dict[str, float] = {}
         self._latest: InspectionRecord | None = None
+        self._last_ng: InspectionRecord | None = None  # kept with its frame: the live page's "Last NG"
         self._latest_lock = threading.Lock()
         self._last_acquisition = 0
         self._subscriber_errors = 0
@@ -292,6 +294,12 @@ class Pipeline:
     def latest(self) -> InspectionRecord | None:
         with self._latest_lock:
             return self._latest
+
+    @property
+    def last_ng(self) -> InspectionRecord | None:
+        """The newest NG result with its frame, whether the store kept it or not."""
+        with self._latest_lock:
+            return self._last_ng
 
     # ------------------------------------------------------------------ triggers
     def trigger(self, part_id: str | None = None) -> TriggerTicket:
@@ -500,6 +508,8 @@ class Pipeline:
         self.counters.record(record)
         with self._latest_lock:
             self._latest = record
+            if record.verdict is Verdict.NG:
+                self._last_ng = record
         if ticket is not None:
             ticket.resolve(record)
         for name, subscriber in self._subscribers:
