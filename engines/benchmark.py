@@ -360,27 +360,6 @@ def bench_engines(
             entry.close()
 
 
-def bench_bundles(
-    bundles: list[Bundle],
-    config: BackendConfig | None = None,
-    *,
-    configs: Sequence[BackendConfig] | None = None,
-    warmup: int = 3,
-    iterations: int = 30,
-    rounds: int = 5,
-    seed: int = 0,
-) -> list[EngineBenchResult]:
-    """Time each bundle's engine; ``configs`` (one per bundle) overrides ``config``, e.g. to time the FP32
-    and the INT8 graphs of one bundle side by side (the same bundle twice, ``precision`` fp32 and int8)."""
-    if iterations < 1 or warmup < 0:
-        raise ValueError("iterations must be >= 1 and warmup >= 0")
-    if configs is not None and len(configs) != len(bundles):
-        raise ValueError("configs must hold one backend config per bundle")
-    per_bundle = list(configs) if configs is not None else [config] * len(bundles)
-    subjects = [BenchSubject(bundle, c) for bundle, c in zip(bundles, per_bundle, strict=True)]
-    return bench_engines(subjects, warmup=warmup, iterations=iterations, rounds=rounds, seed=seed)
-
-
 def markdown_table(results: list[EngineBenchResult]) -> str:
     """One row per bundle; the last column is the first bundle's FPS over this one's."""
     base = results[0].fps_median if results else 1.0

@@ -24,13 +24,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from engines.errors import DefectsamError
 
-_DEFAULT_SWEEP = "0.30,0.40,0.50,0.60,0.70,0.80,0.90,0.95"
+#: The score thresholds swept by default, and the UNCERTAIN threshold's distance below the chosen one.
+DEFAULT_SCORE_THRESHOLDS: tuple[float, ...] = (0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90, 0.95)
+DEFAULT_UNCERTAIN_GAP = 0.1
+_DEFAULT_SWEEP = ",".join(f"{t:.2f}" for t in DEFAULT_SCORE_THRESHOLDS)
 _CANDIDATE_SWEEP = tuple(round(v, 2) for v in np.arange(0.02, 0.92, 0.02))
 OBJECTIVES = ("f1", "image_accuracy")
 
@@ -59,7 +62,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--candidate-recall", type=float, default=0.98,
                         help="share of held-out defects the find pass must still propose (default 0.98)")
     parser.add_argument(
-        "--uncertain-gap", type=float, default=0.1,
+        "--uncertain-gap", type=float, default=DEFAULT_UNCERTAIN_GAP,
         help="the UNCERTAIN threshold is the score threshold minus this (at least 0; default 0.1)",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the sweep; leave the bundle as it is")
@@ -125,18 +128,20 @@ def candidate_threshold(bundle: Any, dataset: Any, limit: int | None, recall: fl
 
 def sweep(
     bundle: Any, dataset: Any, thresholds: Sequence[float], gap: float, limit: int | None,
-    candidate: float | None = None,
+    candidate: float | None = None, *, mode: Literal["auto", "windows", "tiles", "whole"] = "auto",
+    precision: Literal["auto", "fp32", "int8"] = "auto",
 ) -> list[dict[str, Any]]:
-    """One row per score threshold: the figures on ``dataset`` through engines/ (inspected once, rescored)."""
+    """One row per score threshold: the figures on ``dataset`` through engines/ (inspected once, rescored),
+    in inspection ``mode`` (the reference run's rows are measured whole) at ``precision``."""
     from engines.backends import open_engine
     from engines.backends.onnxruntime import Config
     from engines.inspector import InspectionConfig, Inspector
     from engines.postprocess import PostprocessConfig, Postprocessor
     from training.eval.evaluate import inspect_samples, score
 
-    engine = open_engine(bundle, Config(providers=["cpu"]))
+    engine = open_engine(bundle, Config(providers=["cpu"], precision=precision))
     try:
-        inspector = Inspector(engine, InspectionConfig(candidate_threshold=candidate))
+        inspector = Inspector(engine, InspectionConfig(mode=mode, candidate_threshold=candidate))
         passes = inspect_samples(inspector, dataset, limit)
         rows = []
         for threshold in thresholds:

@@ -377,12 +377,6 @@ def build_dataset(spec: SpecLike) -> SampleDataset:
     return merged
 
 
-def validate_spec(raw: Mapping[str, Any]) -> AnySpec:
-    """Validate one raw spec (for config loaders); raises pydantic's ValidationError."""
-    spec: AnySpec = _SPEC.validate_python(dict(raw))
-    return spec
-
-
 def build_find_dataset(specs: Sequence[Any], *, crop: int | None, train: bool, seed: int = 0) -> FindDataset:
     """The finder's data: ``synthetic_find`` specs (one, or several merged). DatasetError for any other kind."""
     try:

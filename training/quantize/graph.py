@@ -338,11 +338,3 @@ def fake_quant_error(values: np.ndarray, low: float, high: float, target: Target
         zero = np.rint(-low / scale)
         restored = (np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale
     return float(np.square(x).sum()), float(np.square(x - restored).sum())
-
-
-def graph_op_counts(path: Path) -> dict[str, int]:
-    onnx = _onnx()
-    counts: dict[str, int] = defaultdict(int)
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        counts[node.op_type] += 1
-    return dict(counts)

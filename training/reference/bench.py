@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from engines.bundle import load_bundle, utc_now
+from engines.windows import whole_window
 from training.reference.config import BenchSection
 
 
@@ -74,21 +75,16 @@ def measure(rows: Sequence[BenchRow], frames: Sequence[np.ndarray], settings: Be
             "ms_per_extra_window": cost["ms_per_window"],
         }
     first = frames[0]
+    padded = whole_window(int(first.shape[1]), int(first.shape[0]))  # the one window a whole image is
     return {
         "measured": utc_now(),
         "machine": machine_description(),
         "settings": settings.model_dump(),
         "frames": {"from": frames_from, "n": len(frames), "hw": [int(first.shape[0]), int(first.shape[1])],
-                   "window_hw": [_padded(int(first.shape[0])), _padded(int(first.shape[1]))]},
+                   "window_hw": [padded.height, padded.width]},
         "rows": out_rows,
         "markdown": markdown_table(out_rows, settings.batch),
     }
-
-
-def _padded(side: int) -> int:
-    from engines.contract import SIDE_MULTIPLE
-
-    return -(-side // SIDE_MULTIPLE) * SIDE_MULTIPLE
 
 
 def markdown_table(rows: dict[str, Any], batch: int) -> str:
