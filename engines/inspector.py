@@ -70,7 +70,10 @@ class InspectionConfig(BaseModel):
         default=16, ge=0, le=64, title="Window margin",
         description="pixels at each window edge that count as seen but not covered: a cell there gets its own window",
     )
-    tile_overlap: int = Field(default=32, ge=0, title="Tile overlap", description="tiles mode: pixels neighbours share")
+    tile_overlap: int = Field(
+        default=32, ge=0, title="Tile overlap",
+        description="tiles mode: pixels neighbours share; unset, at most half the window",
+    )
     candidate_threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, title="Candidate threshold",
         description="find-pass probability at which a cell gets a window; unset: the bundle's calibrated value, "
@@ -123,9 +126,12 @@ class Inspector:
                 f"inspection.mode windows needs a find graph, and bundle {manifest.name!r} has none "
                 "(use tiles or whole)"
             )
-        if self.config.tile_overlap >= self.window:
+        # The default overlap shrinks to half of a small window; one asked for must fit as it is.
+        explicit = "tile_overlap" in self.config.model_fields_set
+        self.tile_overlap = self.config.tile_overlap if explicit else min(self.config.tile_overlap, self.window // 2)
+        if self.tile_overlap >= self.window:
             raise DefectsamError(
-                f"inspection.tile_overlap ({self.config.tile_overlap}) must be smaller than the window ({self.window})"
+                f"inspection.tile_overlap ({self.tile_overlap}) must be smaller than the window ({self.window})"
             )
         self.find_preprocess = FindPreprocessor(manifest.find) if manifest.find is not None else None
         self.cut = WindowCutter(manifest.segment)
@@ -184,7 +190,7 @@ class Inspector:
             )
             t0 = t1
         elif prepared.mode == "tiles":
-            windows = tile_windows(width, height, window=self.window, overlap=self.config.tile_overlap)
+            windows = tile_windows(width, height, window=self.window, overlap=self.tile_overlap)
         else:
             windows = [whole_window(width, height)]
         channels = len(self.engine.bundle.manifest.classes) + 1

@@ -120,9 +120,7 @@ def run(args: argparse.Namespace) -> int:
     post = PostprocessConfig() if args.score_threshold is None else _post_config(args.score_threshold)
     if args.window is not None and (args.window < 16 or args.window % 16):
         raise DefectsamError(f"--window must be a positive multiple of 16 pixels, got {args.window}")
-    # No --tile-overlap here: a window no larger than the default overlap (16 or 32 px) overlaps by half its side.
-    overlap = {} if args.window is None else {"tile_overlap": min(InspectionConfig().tile_overlap, args.window // 2)}
-    inspection = InspectionConfig(mode=args.mode, window=args.window, **overlap)
+    inspection = InspectionConfig(mode=args.mode, window=args.window)
 
     bundle = load_bundle(args.bundle)
     if bundle.manifest.provenance.weights == "untrained":
