@@ -248,9 +248,12 @@ def test_a_tile_overlap_as_large_as_the_bundles_window_fails_the_engine_with_the
     config = make_config(tmp_path, bundle, engine={"inspection": {"mode": "tiles", "tile_overlap": 64}})
     with running_daemon(config) as daemon:
         assert daemon.wait_engine(10) == "failed"
+        reason = "engine failed to load: inspection.tile_overlap (64) must be smaller than the window (64)"
+        # the engine fails within milliseconds; the camera may still be starting then (a reason of its own)
+        wait_for(lambda: get_json(f"{base_url(daemon)}/readyz")[1]["reasons"] == [reason], timeout=30,
+                 what="the camera connected, the engine's failure the only reason")
         status, ready = get_json(f"{base_url(daemon)}/readyz")
-        assert status == 503 and ready["reasons"] == [
-            "engine failed to load: inspection.tile_overlap (64) must be smaller than the window (64)"]
+        assert status == 503 and ready["reasons"] == [reason]
 
 
 def _read_mjpeg_parts(url: str, count: int, timeout: float = 30.0) -> list[bytes]:
