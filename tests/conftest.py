@@ -19,10 +19,6 @@ TINY_CLASSES = ("scratch", "dent", "pinhole")
 def tiny_bundle_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """student_seg + finder, random weights, 64 px windows, at most 4 a frame; do not modify: copy it with
     ``tiny_bundle``."""
-    import os  # DEV-ONLY (helper): remove before handing back
-
-    if os.environ.get("DEFECTSAM_DEV_TINY_MASTER"):
-        return Path(os.environ["DEFECTSAM_DEV_TINY_MASTER"])
     pytest.importorskip("torch", reason="exporting a bundle needs the 'train' extra (torch)")
     import torch
 
