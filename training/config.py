@@ -153,7 +153,7 @@ class TrainConfig(_Strict):
 
 def _dotted(loc: tuple[Any, ...]) -> str:
     # pydantic puts the union member's tag in the path (data.train.0.synthetic.n): drop it.
-    tags = {"synthetic", "synthetic_windows", "synthetic_find", "folder", "magnetic_tile", "neu_seg"}
+    tags = {"synthetic", "synthetic_windows", "synthetic_find", "mined_windows", "folder", "magnetic_tile", "neu_seg"}
     parts = [str(p) for p in loc if p not in tags or loc[0] != "data"]
     return ".".join(parts) or "(top level)"
 

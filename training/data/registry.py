@@ -5,6 +5,7 @@ Specs, discriminated by ``name``::
     {name: synthetic, n: 200, seed: 0, width: 1024, height: 576}
     {name: synthetic_windows, frames: 1500, seed: 0}  # 1:1 windows of 4 MP frames (rendered once, cached)
     {name: synthetic_find, frames: 1500, seed: 0}     # the same frames reduced for the finder
+    {name: mined_windows, bundle: runs/bundles/b, frames: 1500, seed: 3000000}  # where bundle b errs
     {name: folder, root: /data/line3, split: val}
     {name: magnetic_tile, split: test}            # root defaults to ../shared/datasets/magnetic_tile
     {name: neu_seg, split: test}
@@ -40,6 +41,7 @@ from training.data.errors import DatasetError
 from training.data.find import FindDataset
 from training.data.folder import FolderDataset
 from training.data.magnetic_tile import MagneticTileDataset
+from training.data.mining import MinedWindowsDataset, MiningParams
 from training.data.neu_seg import NeuSegDataset
 from training.data.sample import Sample, SampleDataset
 from training.data.synthetic import SyntheticDataset
@@ -102,6 +104,30 @@ class SyntheticFindSpec(_FrameSetFields):
     name: Literal["synthetic_find"] = "synthetic_find"
 
 
+class MinedWindowsSpec(_Spec):
+    name: Literal["mined_windows"] = "mined_windows"
+    bundle: Path = Field(description="the bundle whose false detections are mined (training.data.mining)")
+    frames: int = Field(default=1500, ge=1, description="4 MP frames rendered and inspected (once; cached)")
+    seed: int = Field(default=3000000, description="frame i is engines.synthetic.render_frame(seed + i)")
+    defect_free_prob: float = Field(default=0.5, ge=0.0, le=1.0, description="share of defect-free frames")
+    max_defects: int = Field(default=6, ge=0, description="most defects in a frame")
+    per_frame: int = Field(default=4, ge=1, le=64, description="most windows kept from one frame")
+    window: int = Field(default=160, ge=32, multiple_of=16, description="side of the cut windows, pixels")
+    min_prob: float = Field(
+        default=0.5, gt=0.0, lt=1.0, description="a window is kept where the foreground probability reaches this "
+        "away from every true defect"
+    )
+    clearance: int = Field(default=3, ge=0, le=64, description="pixels around a true defect that never count")
+    workers: int | None = Field(default=None, ge=1, description="mining processes (default: up to 4)")
+
+    def params(self) -> MiningParams:
+        return MiningParams(
+            bundle=str(self.bundle), frames=self.frames, seed=self.seed, defect_free_prob=self.defect_free_prob,
+            max_defects=self.max_defects, per_frame=self.per_frame, window=self.window, min_prob=self.min_prob,
+            clearance=self.clearance,
+        )
+
+
 class FolderSpec(_Spec):
     name: Literal["folder"] = "folder"
     root: Path = Field(description="the folder holding images/, masks/ (and classes.txt, splits/)")
@@ -133,12 +159,15 @@ class NeuSegSpec(_Spec):
 
 
 AnySpec = Union[  # noqa: UP007 - a runtime alias
-    SyntheticSpec, SyntheticWindowsSpec, SyntheticFindSpec, FolderSpec, MagneticTileSpec, NeuSegSpec
+    SyntheticSpec, SyntheticWindowsSpec, SyntheticFindSpec, MinedWindowsSpec, FolderSpec, MagneticTileSpec,
+    NeuSegSpec,
 ]
 DatasetSpec = Annotated[AnySpec, Field(discriminator="name")]
 _SPEC = TypeAdapter(DatasetSpec)
 _SPECS = TypeAdapter(list[DatasetSpec])
-NAMES: tuple[str, ...] = ("synthetic", "synthetic_windows", "synthetic_find", "folder", "magnetic_tile", "neu_seg")
+NAMES: tuple[str, ...] = (
+    "synthetic", "synthetic_windows", "synthetic_find", "mined_windows", "folder", "magnetic_tile", "neu_seg",
+)
 
 
 def evenly_spaced(length: int, limit: int | None) -> list[int]:
@@ -240,6 +269,8 @@ def _build_one(spec: AnySpec) -> SampleDataset:
         raise DatasetError("synthetic_find", "is the finder's data (a model.arch finder), not a set of samples")
     if isinstance(spec, SyntheticWindowsSpec):
         dataset = SyntheticWindowsDataset(spec.params(), workers=spec.workers, log=_log)
+    elif isinstance(spec, MinedWindowsSpec):
+        dataset = MinedWindowsDataset(spec.params(), workers=spec.workers, log=_log)
     elif isinstance(spec, SyntheticSpec):
         try:
             dataset = SyntheticDataset(
