@@ -218,3 +218,26 @@ def test_the_config_view_masks_a_camera_url_password() -> None:
     shown = redacted(config)
     assert shown["camera"]["device"] == "rtsp://line4:***@10.0.5.20:554/stream1"
     assert "s3cret" not in repr(shown)
+
+
+def test_a_plc_port_open_to_the_network_without_an_allowlist_is_refused(tmp_path: Path) -> None:
+    """Issue 16, item 1: Modbus TCP has no authentication, so 0.0.0.0 with an empty allowlist does not start."""
+    assert DaemonConfig().plc.host == "127.0.0.1" and DaemonConfig().plc.allowlist == []
+    exposed = write(tmp_path, "plc:\n  host: 0.0.0.0\n")
+    for args in (("config", "check", str(exposed)), ("serve", "--config", str(exposed))):
+        proc = cli(*args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"defectsam: error: config: {exposed}: key 'plc.host' = '0.0.0.0': ")
+        assert "plc.allowlist is empty" in lines[0] and "plc.allow_any_client" in lines[0]
+    proc = cli("serve", env={"DEFECTSAM__PLC__HOST": "192.0.2.7", "DEFECTSAM_CONFIG": ""})
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "key 'plc.host' = '192.0.2.7'" in proc.stderr and "(from DEFECTSAM__PLC__HOST)" in proc.stderr
+    # Named clients, an explicit opt-in, loopback, or no PLC server at all: accepted.
+    for text in ("plc:\n  host: 0.0.0.0\n  allowlist: [10.0.5.20]\n",
+                 "plc:\n  host: '::'\n  allow_any_client: true\n",
+                 "plc:\n  host: localhost\n", "plc:\n  host: '::1'\n",
+                 "plc:\n  enabled: false\n  host: 0.0.0.0\n"):
+        assert cli("config", "check", "--quiet", str(write(tmp_path, text))).returncode == 0, text
+    assert "plc.host" in error_of(tmp_path, "plc:\n  host: plc-gw.example\n")  # a name is not resolved: not loopback

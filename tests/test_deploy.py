@@ -23,7 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.config import DaemonConfig, load_config
+from service.config import ConfigError, DaemonConfig, load_config
 
 from .conftest import REPO
 from .daemon_support import (
@@ -318,6 +318,12 @@ def test_station_config_is_valid_and_keeps_state_in_var_lib() -> None:
     config: DaemonConfig = load_config(DEPLOY / "defectsam.yaml", environ={})
     assert config.engine.backend.type == "tensorrt" and config.engine.backend.build_on_open
     assert config.logging.json_format
+    # The PLC port stays on loopback until the station names its PLC (deploy/README.md's two keys).
+    assert config.plc.host == "127.0.0.1" and config.plc.allowlist == []
+    station = {"DEFECTSAM__PLC__HOST": "0.0.0.0", "DEFECTSAM__PLC__ALLOWLIST": "[10.0.5.20]"}
+    assert load_config(DEPLOY / "defectsam.yaml", environ=station).plc.allowlist == ["10.0.5.20"]
+    with pytest.raises(ConfigError, match=r"key 'plc\.host' = '0\.0\.0\.0': not a loopback address"):
+        load_config(DEPLOY / "defectsam.yaml", environ={"DEFECTSAM__PLC__HOST": "0.0.0.0"})
 
 
 # --- Dockerfile.jetson ---------------------------------------------------------------------------------------

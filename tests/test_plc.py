@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import multiprocessing
 import shutil
 import socket
@@ -572,6 +573,84 @@ def test_real_daemon_end_to_end(tmp_path: Path, tiny_bundle_master: Path) -> Non
 
         text = generate_latest(daemon.registry).decode()
         assert 'defectsam_plc_requests_total{function="4"}' in text
+
+
+def _own_address() -> str | None:
+    """This machine's IPv4 address on a network interface (not loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: nothing is sent, the route's source address is read
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def _listening(port: int) -> set[str]:
+    """The IPv4 addresses a TCP socket of this machine listens on at ``port`` (the kernel's /proc/net/tcp)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        address, hex_port = fields[1].split(":")
+        if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def _modbus_reads(host: str, port: int) -> bool:
+    """A real Modbus client reads the status word from ``host``:``port``: True, or False when the
+    connection is refused (nothing listens there) or closed at once (not in the allowlist)."""
+    c = ModbusTcpClient(host, port=port, timeout=2, retries=0)
+    try:
+        if not c.connect():
+            return False
+        try:
+            return not c.read_input_registers(STATUS, count=1, device_id=1).isError()
+        except Exception:  # pymodbus raises ConnectionException/ModbusIOException on a close
+            return False
+    finally:
+        c.close()
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").is_file(), reason="reads the listening sockets from Linux's /proc")
+def test_the_daemon_listens_for_the_plc_on_loopback_unless_told_whom_to_accept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16, item 1: the default binds 127.0.0.1 only; 0.0.0.0 with an allowlist binds every interface
+    and serves the listed client only; allow_any_client is said in the log."""
+    caplog.set_level(logging.INFO, logger="service.plc.service")
+    own = _own_address()  # reaching the daemon on it comes from it too (Linux routes it over lo)
+    no_engine = tmp_path / "no-bundle"  # the PLC serves its registers while the engine is down
+    with running_daemon(make_config(tmp_path / "default", no_engine, plc={"enabled": True, "port": 0})) as daemon:
+        assert daemon.plc is not None and daemon.config.plc.host == "127.0.0.1"
+        port = daemon.plc.port or 0
+        assert _listening(port) == {"127.0.0.1"}
+        assert _modbus_reads("127.0.0.1", port)
+        if own is not None:
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((own, port), timeout=2).close()
+            assert not _modbus_reads(own, port)
+    assert "local clients only" in caplog.text
+
+    allowed = own or "127.0.0.1"
+    plc = {"enabled": True, "port": 0, "host": "0.0.0.0", "allowlist": [allowed]}
+    with running_daemon(make_config(tmp_path / "allowlist", no_engine, plc=plc)) as daemon:
+        assert daemon.plc is not None
+        port = daemon.plc.port or 0
+        assert _listening(port) == {"0.0.0.0"}
+        assert _modbus_reads(allowed, port)
+        if own is not None:  # loopback is not the PLC: connected, then closed at once and counted
+            assert not _modbus_reads("127.0.0.1", port)
+            assert wait_for(lambda: daemon.plc.stats().connections_rejected >= 1, 5, 0.05)
+    assert f"clients {allowed}" in caplog.text
+
+    caplog.clear()
+    plc = {"enabled": True, "port": 0, "host": "0.0.0.0", "allow_any_client": True}
+    with running_daemon(make_config(tmp_path / "any", no_engine, plc=plc)) as daemon:
+        assert daemon.plc is not None
+        assert _modbus_reads("127.0.0.1", daemon.plc.port or 0)
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "accepts any client" in r.getMessage()]
+    assert len(warned) == 1 and "plc.allow_any_client" in warned[0].getMessage()
 
 
 MBPOLL = shutil.which("mbpoll")

@@ -21,7 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from engines.errors import DefectsamError
-from service.config.models import DaemonConfig
+from service.config.models import KEY_ERROR, DaemonConfig
 
 ENV_PREFIX = "DEFECTSAM__"
 CONFIG_PATH_ENV = "DEFECTSAM_CONFIG"
@@ -179,6 +179,9 @@ def validation_problems(
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; 'defectsam config example' lists every key)"
+        elif item["type"] == KEY_ERROR:  # a section's validator about one of its keys
+            key = f"{key}.{item['ctx']['key']}" if key != "(top level)" else item["ctx"]["key"]
+            item = {**item, "input": item["ctx"]["value"]}
         elif item["type"] == "union_tag_invalid":
             key = f"{key}.type"
             item = {**item, "input": item.get("ctx", {}).get("tag")}

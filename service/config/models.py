@@ -8,10 +8,12 @@ the schema cannot drift apart. Validators here are pure: they never read files o
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from engines.backends import BackendConfig
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
@@ -27,6 +29,23 @@ class Section(BaseModel):
 
 
 _CAMERA = TypeAdapter(CameraConfig)
+KEY_ERROR = "key_conflict"
+
+
+def key_error(key: str, value: Any, message: str) -> PydanticCustomError:
+    """A section validator's error about one of its keys: the loader reports it under that key
+    ('plc.host'), not under the section. ``message`` must hold no braces (it is a format template)."""
+    return PydanticCustomError(KEY_ERROR, message, {"key": key, "value": value})
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or 'localhost' (pure: no name is resolved, so any other name is not loopback)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_camera() -> CameraConfig:
@@ -232,8 +251,12 @@ class PlcSection(Section):
         description="serve the PLC register map (docs/plc.md); false runs the daemon without a PLC",
     )
     host: str = Field(
-        default="0.0.0.0", min_length=1, title="Listen address",
-        description="address the Modbus TCP server listens on; 127.0.0.1 keeps it local",
+        default="127.0.0.1", min_length=1, title="Listen address",
+        description=(
+            "address the Modbus TCP server listens on; 127.0.0.1 (the default) keeps it local. Any other address "
+            "(0.0.0.0: every interface) needs the PLC's address in plc.allowlist, or plc.allow_any_client: true, "
+            "else the daemon refuses to start"
+        ),
     )
     port: int = Field(default=502, ge=0, le=65535, title="Listen port",
                       description="Modbus TCP port (502 needs root or CAP_NET_BIND_SERVICE; the demo uses 5020)")
@@ -251,7 +274,19 @@ class PlcSection(Section):
     )
     allowlist: list[str] = Field(
         default_factory=list, title="Client allowlist",
-        description="IP addresses or networks (CIDR) allowed to connect; empty: any client",
+        description=(
+            "IP addresses or networks (CIDR) allowed to connect, e.g. [10.0.5.20] (the PLC); others are "
+            "disconnected at once and counted. Empty: any client, accepted only on a loopback host (or with "
+            "allow_any_client)"
+        ),
+    )
+    allow_any_client: bool = Field(
+        default=False, title="Accept any client on the network",
+        description=(
+            "true: with an empty allowlist, accept Modbus clients from anywhere on a non-loopback host. Anyone "
+            "who reaches the port can then trigger, switch vision offline and ack results (Modbus has no "
+            "authentication): only on an isolated cell network. false: such a config is refused"
+        ),
     )
     top_n: int = Field(default=8, ge=0, le=8, title="Defect records",
                        description="per-defect records written, highest score first (0-8)")
@@ -271,14 +306,25 @@ class PlcSection(Section):
     @field_validator("allowlist")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
-
         for entry in value:
             try:
                 ipaddress.ip_network(entry, strict=False)
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or network") from None
         return value
+
+    @model_validator(mode="after")
+    def _not_open_to_the_network(self) -> PlcSection:
+        """The Modbus port is the line's control plane with no authentication: on a non-loopback address it
+        needs an allowlist, or the explicit allow_any_client."""
+        if self.enabled and not self.allowlist and not self.allow_any_client and not is_loopback(self.host):
+            raise key_error(
+                "host", self.host,
+                "not a loopback address while plc.allowlist is empty: any host on the network could trigger "
+                "inspections, switch vision offline and ack results. Put the PLC's address in plc.allowlist "
+                "(e.g. [10.0.5.20]), listen on 127.0.0.1, or set plc.allow_any_client: true to accept any client",
+            )
+        return self
 
 
 class DaemonConfig(Section):

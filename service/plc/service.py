@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines.errors import DefectsamError
-from service.config.models import PlcSection
+from service.config.models import PlcSection, is_loopback
 from service.metrics import PlcSnapshot
 from service.pipeline.record import InspectionRecord
 from service.plc.push import Pusher
@@ -111,8 +111,11 @@ class PlcService:
         if self._start_error is not None:
             raise DefectsamError(f"plc.host/plc.port {self.config.host}:{self.config.port}: cannot listen: "
                                  f"{self._start_error}")
-        log.info("plc: Modbus TCP on %s:%d, unit id %d (register map: docs/plc.md)", self.config.host, self.port,
-                 self.config.unit_id)
+        log.info("plc: Modbus TCP on %s:%d, unit id %d, %s (register map: docs/plc.md)", self.config.host,
+                 self.port, self.config.unit_id, _clients(self.config))
+        if not self.config.allowlist and not is_loopback(self.config.host):
+            log.warning("plc: Modbus TCP on %s accepts any client (plc.allow_any_client): anyone who reaches the "
+                        "port can trigger, switch vision offline and ack results", self.config.host)
 
     def stop(self) -> None:
         loop, event = self._loop, self._stop_event
@@ -389,3 +392,13 @@ class PlcService:
             "capture_to_register_p50_ms": pct(0.5),
             "capture_to_register_p99_ms": pct(0.99),
         })
+
+
+def _clients(config: PlcSection) -> str:
+    """Who may connect, for the start-up line."""
+    if config.allowlist:
+        return "clients " + ", ".join(config.allowlist)
+    if is_loopback(config.host):
+        return "local clients only (a PLC on the network needs plc.host and plc.allowlist: docs/plc.md)"
+    return "any client"
+
