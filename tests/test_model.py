@@ -13,6 +13,7 @@ from training.model.build import (  # noqa: E402
     PARTS,
     build_finder,
     build_model,
+    class_head_names,
     count_macs,
     count_parameters,
     list_finders,
@@ -151,6 +152,22 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert saved["arch"] == "finder" and saved["config"] == {"kind": "finder"}
     with pytest.raises(TypeError, match="not a model of the family"):
         model_config(torch.nn.Linear(2, 2))
+
+
+def test_a_checkpoint_of_other_classes_transfers_all_but_its_class_head(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    three = build_model("student_seg", num_classes=3)
+    path = save_checkpoint(tmp_path / "neu.pt", "student_seg", three)
+    five = build_model("student_seg", num_classes=5)
+    fresh_head = {k: v.clone() for k, v in five.state_dict().items()}
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_weights(five, path, "student_seg")
+    head = class_head_names("student_seg")
+    assert head and all("head" in name for name in head)
+    load_weights(five, path, "student_seg", skip=head)
+    for key, value in five.state_dict().items():
+        expected = fresh_head[key] if key in head else three.state_dict()[key]
+        torch.testing.assert_close(value, expected)
 
 
 def test_wrong_checkpoint_arch_is_one_line_naming_the_file(tmp_path: Path) -> None:

@@ -39,11 +39,16 @@ class ModelConfig(_Strict):
     )
     window: int = Field(default=128, gt=0, multiple_of=16, description="training crop side, frame pixels (1:1)")
     init: Path | None = Field(default=None, description="start from this checkpoint's weights (same arch)")
+    init_head: bool = Field(
+        default=True, description="false: leave the class head fresh (init trained on other classes: transfer)"
+    )
 
     @model_validator(mode="after")
     def _known_arch(self) -> ModelConfig:
         if self.arch not in (*list_models(), *list_finders()):
             raise ValueError(f"unknown model {self.arch!r}; known: {', '.join([*list_models(), *list_finders()])}")
+        if not self.init_head and self.arch not in list_models():
+            raise ValueError("init_head false is for segmenters (a finder's head has no classes)")
         return self
 
 

@@ -43,7 +43,7 @@ from training.data.registry import MergedDataset, build_dataset, build_find_data
 from training.data.sample import SampleDataset
 from training.data.windows import WindowDataset, WindowExample, collate_windows, orient_tensor
 from training.losses import focal_cell_loss
-from training.model.build import build_finder, build_model
+from training.model.build import build_finder, build_model, class_head_names
 from training.model.checkpoint import CheckpointError, load_weights, save_checkpoint
 from training.model.finder import CandidateFinder
 from training.model.segmenter import WindowSegmenter
@@ -377,7 +377,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
         dataset = WithTeacherTargets(windows, cache) if cache is not None else windows
         collate_fn = collate_with_targets if cache is not None else collate_windows
     if m.init is not None:
-        load_weights(model, m.init, m.arch)
+        load_weights(model, m.init, m.arch, skip=() if m.init_head else class_head_names(m.arch))
     trainable: nn.Module = recipe if recipe is not None else model
     trainable.to(runtime.device)
     sampler: Any

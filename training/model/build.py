@@ -68,6 +68,12 @@ def build_finder(name: str = "finder") -> CandidateFinder:
     return _FINDERS[name]().eval()
 
 
+def class_head_names(name: str) -> list[str]:
+    """The tensors of segmenter ``name`` whose shape follows the class count (its class head)."""
+    one, two = build_model(name, num_classes=1).state_dict(), build_model(name, num_classes=2).state_dict()
+    return [key for key, value in one.items() if value.shape != two[key].shape]
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +71,20 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
     return payload
 
 
-def load_weights(model: nn.Module, path: Path | str, arch: str) -> dict[str, Any]:
+def load_weights(
+    model: nn.Module, path: Path | str, arch: str, *, skip: Sequence[str] = ()
+) -> dict[str, Any]:
     """Load a checkpoint's weights into ``model`` (built as ``arch``); returns the checkpoint.
 
-    Raises CheckpointError, one line naming the file, when it is for another architecture or
-    its tensors do not fit.
+    ``skip``: tensors left as the model has them (a class head, when the checkpoint was trained on
+    other classes). Raises CheckpointError, one line naming the file, when it is for another
+    architecture or its other tensors do not fit.
     """
     payload = read_checkpoint(path)
     if payload["arch"] != arch:
         raise CheckpointError(path, f"checkpoint is for architecture {payload['arch']!r}, not {arch!r}")
-    state = payload["model"]
     own = model.state_dict()
+    state = {**payload["model"], **{name: own[name] for name in skip if name in own}}
     missing = [name for name in own if name not in state]
     unexpected = [name for name in state if name not in own]
     mismatched = [
