@@ -26,6 +26,11 @@ from service.config.models import KEY_ERROR, DaemonConfig
 ENV_PREFIX = "DEFECTSAM__"
 CONFIG_PATH_ENV = "DEFECTSAM_CONFIG"
 SECRET_KEYS = frozenset({"token", "password", "secret"})
+# Values a config file may hold once its aliases are expanded: the full example ('defectsam config
+# example', every key) has 179; a 'billion laughs' bomb of 342 bytes has 387 million. And its depth:
+# the example nests 4 levels.
+MAX_YAML_VALUES = 10_000
+MAX_YAML_DEPTH = 32
 
 
 class ConfigError(DefectsamError):
@@ -52,6 +57,68 @@ def config_path_from_env(path: Path | str | None, environ: Mapping[str, str] | N
     return Path(value) if value else None
 
 
+class YamlLimitError(yaml.YAMLError):
+    """A YAML document past the loader's bounds: aliases expanding past MAX_YAML_VALUES values or
+    referring to themselves, or nesting deeper than MAX_YAML_DEPTH."""
+
+
+def safe_load_bounded(text: str) -> Any:
+    """``yaml.safe_load``, but a document is refused (YamlLimitError) before it is built when its aliases
+    (``*name``) would expand it past MAX_YAML_VALUES values or make it contain itself, or when it nests
+    deeper than MAX_YAML_DEPTH (PyYAML's composer recurses: a few hundred levels overflow Python's stack).
+
+    PyYAML builds an alias as a second reference to one object, so a few hundred bytes of nested
+    aliases (a "billion laughs") load at once; but every later walk over the data (validation, an
+    error message's repr of the value) visits each reference: 9 levels of 9 aliases are 387 million
+    values. The composed node graph is counted first, each shared node once per place it appears.
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise YamlLimitError(f"its YAML nests deeper than {MAX_YAML_DEPTH} levels") from None
+        if node is None:
+            return None
+        _count_values(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _count_values(root: yaml.Node) -> int:
+    """Values in ``root`` with every alias expanded, up to MAX_YAML_VALUES; raises YamlLimitError past it
+    (or past MAX_YAML_DEPTH levels). A node shared by aliases is counted once per place, measured once."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        line = node.start_mark.line + 1
+        if id(node) in open_nodes:
+            raise YamlLimitError(f"a YAML alias at line {line} refers to the value that holds it (a loop)")
+        if depth > MAX_YAML_DEPTH:
+            raise YamlLimitError(f"its YAML nests deeper than {MAX_YAML_DEPTH} levels (line {line})")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key, depth + 1) + size(value, depth + 1) for key, value in node.value)
+        open_nodes.discard(id(node))
+        if total > MAX_YAML_VALUES:
+            raise YamlLimitError(
+                f"its YAML aliases (*name) expand to more than {MAX_YAML_VALUES} values (a 'billion laughs' "
+                "alias bomb?); a config this size needs no aliases: write the values out"
+            )
+        sizes[id(node)] = total
+        return total
+
+    return size(root, 1)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """The file's mapping; an empty file is ``{}``. Raises ConfigError naming the file and the cause."""
     try:
@@ -65,7 +132,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError([f"{path}: is not UTF-8 text"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_bounded(text)
+    except YamlLimitError as exc:
+        raise ConfigError([f"{path}: {exc}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -97,8 +166,8 @@ def _env_value(raw: str) -> Any:
     """Lists, mappings and null are parsed as YAML; scalars stay strings, which pydantic converts
     to the field's type (so a numeric token stays a string, and "10" still sets an int)."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
-    except yaml.YAMLError:
+        value = safe_load_bounded(raw) if raw.strip() else raw
+    except yaml.YAMLError:  # an alias bomb too: the value stays a string, which the key's type refuses
         return raw
     return value if value is None or isinstance(value, (list, dict)) else raw
 
