@@ -158,3 +158,53 @@ def test_bad_requests_never_disturb_the_pipeline(url: str, daemon: Any) -> None:
         http("GET", f"{url}/api/results?limit=-5")
     wait_for(lambda: daemon.counters.snapshot().frames_processed > before + 2, what="more frames")
     assert daemon.pipeline.healthy() and daemon.counters.snapshot().errors == 0
+
+
+def _policy(header: str) -> dict[str, list[str]]:
+    return {name: values for name, *values in (part.split() for part in header.split(";") if part.strip())}
+
+
+def test_every_response_carries_the_security_headers(url: str, daemon: Any) -> None:
+    """Issue 16, item 8: before, no response had X-Content-Type-Options, X-Frame-Options or a CSP; now each
+    one has them: pages, JSON, metrics, images, errors, and the two streams."""
+    import base64
+    import hashlib
+    import re
+
+    latest = get_json(f"{url}/api/results/latest")[1]["id"]
+    requests = [("GET", path, None, {}) for path in (
+        "/", "/healthz", "/readyz", "/metrics", "/api/status", "/api/config", "/api/results?limit=1",
+        f"/api/results/{latest}", f"/api/results/{latest}/overlay.jpg", "/static/app.js", "/static/style.css",
+        "/openapi.json", "/api/results/999999999", "/nope", "/api/results?limit=-1")]
+    requests += [("POST", "/api/trigger", {"part_id": "A"}, {}),  # 401
+                 ("POST", "/api/trigger", b"x" * (daemon.config.api.max_body_bytes + 1), AUTH)]  # 413
+    seen = set()
+    for method, path, body, headers in requests:
+        status, raw_headers, _ = http(method, url + path, body, headers=headers)
+        got = {name.lower(): value for name, value in raw_headers.items()}
+        seen.add(status)
+        assert got.get("x-content-type-options") == "nosniff", (path, got)
+        assert got.get("x-frame-options") == "DENY", path
+        policy = _policy(got["content-security-policy"])
+        assert policy["default-src"] == ["'none'"] and policy["frame-ancestors"] == ["'none'"], path
+        assert policy["script-src"] == ["'self'"] and policy["style-src"] == ["'self'"], path
+        assert policy["connect-src"] == ["'self'"] and policy["base-uri"] == ["'none'"], path
+    assert {200, 401, 404, 413, 422} <= seen
+    for path in ("/api/live.mjpeg", "/api/events"):  # streamed: the headers come with the first bytes
+        conn = httpclient.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200 and response.getheader("X-Frame-Options") == "DENY", path
+        assert response.getheader("X-Content-Type-Options") == "nosniff", path
+        assert "frame-ancestors 'none'" in (response.getheader("Content-Security-Policy") or ""), path
+        conn.close()
+    # The API docs page loads Swagger UI from FastAPI's CDN and starts it with an inline script: its policy
+    # allows that script by its hash, computed here from the page received, and no other inline script.
+    status, raw_headers, page = http("GET", f"{url}/docs")
+    got = {name.lower(): value for name, value in raw_headers.items()}
+    inline = re.findall(rb"<script>(.*?)</script>", page, re.S)
+    assert status == 200 and len(inline) == 1
+    policy = _policy(got["content-security-policy"])
+    digest = base64.b64encode(hashlib.sha256(inline[0]).digest()).decode()
+    assert policy["script-src"] == ["'self'", "https://cdn.jsdelivr.net", f"'sha256-{digest}'"]
+    assert policy["frame-ancestors"] == ["'none'"] and got["x-frame-options"] == "DENY"

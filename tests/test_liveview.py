@@ -78,7 +78,8 @@ def test_the_page_keeps_the_last_ng_frame_with_its_masks(
     tiny_bundle_master: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Chromium's DOM after the page has run: the 'Last NG' image points at an NG result's overlay,
-    and that overlay, fetched like the browser does, is a JPEG with the mask colours on it."""
+    and that overlay, fetched like the browser does, is a JPEG with the mask colours on it. The page
+    runs under the daemon's Content-Security-Policy: Chromium's console reports no violation."""
     import re
 
     bundle = ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp())  # every result is NG
@@ -91,12 +92,17 @@ def test_the_page_keeps_the_last_ng_frame_with_its_masks(
             proc = subprocess.run(
                 [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'profile'}", f"--timeout={budget_ms}", "--dump-dom", f"{url}/"],
+                 f"--user-data-dir={tmp_path / 'profile'}", f"--timeout={budget_ms}", "--enable-logging=stderr",
+                 "--v=0", "--dump-dom", f"{url}/"],
                 capture_output=True, text=True, timeout=90)
             found = re.search(r'<img id="last-ng"[^>]*src="(/api/results/(\d+)/overlay\.jpg\?width=640)"', proc.stdout)
             if found and "hidden" not in found.group(0):
                 break
         assert found is not None and "hidden" not in found.group(0), proc.stdout[-3000:]
+        # e.g. "Loading the script '.../static/app.js' violates the following Content Security Policy directive"
+        violations = [line for line in proc.stderr.splitlines() if "Content Security Policy" in line]
+        assert not violations, violations
+        assert re.search(r'<span id="ready" class="badge good">ready</span>', proc.stdout)  # app.js ran
         status, headers, body = http("GET", f"{url}{found.group(1)}")
         assert status == 200 and headers["content-type"] == "image/jpeg"
         overlay = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)

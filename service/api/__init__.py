@@ -2,7 +2,8 @@
 
 health (/healthz, /readyz), status (/api/status, /api/config, /metrics), results
 (/api/results...), control (POST /api/trigger, bearer token), live view (/, /api/live.mjpeg,
-/api/events). Request and response schemas live in service/api/schemas.py.
+/api/events). Request and response schemas live in service/api/schemas.py; every response carries
+the security headers of service/api/headers.py.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api import control, health, results, status
 from service.api.context import DaemonContext
 from service.api.errors import BodyLimit, http_error, reject_unknown_query, unhandled_error, validation_error
+from service.api.headers import SecurityHeaders
 from service.api.schemas import Problem
 from service.live import routes as live_routes
 
@@ -42,4 +44,6 @@ def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unhandled_error)
     app.add_middleware(BodyLimit, limit=ctx.config.api.max_body_bytes)
+    # Added last, so outermost: a 413 of BodyLimit carries the headers too (a 500 gets them from unhandled_error).
+    app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url))
     return app

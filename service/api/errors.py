@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.headers import HEADERS, PAGE_POLICY
+
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +55,9 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("API: %s %s failed", request.method, request.url.path)
-    return problem(500, f"internal error ({type(exc).__name__}); the daemon logged the details")
+    # Starlette sends a 500 from outside every middleware: the security headers are added here.
+    return problem(500, f"internal error ({type(exc).__name__}); the daemon logged the details",
+                   {**HEADERS, "Content-Security-Policy": PAGE_POLICY})
 
 
 def _short(value: Any) -> str:
