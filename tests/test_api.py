@@ -208,3 +208,38 @@ def test_every_response_carries_the_security_headers(url: str, daemon: Any) -> N
     digest = base64.b64encode(hashlib.sha256(inline[0]).digest()).decode()
     assert policy["script-src"] == ["'self'", "https://cdn.jsdelivr.net", f"'sha256-{digest}'"]
     assert policy["frame-ancestors"] == ["'none'"] and got["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize(("device", "shown"), [
+    # a password holding '/' and '@' (before: shown whole, the old pattern stopped at the '/')
+    ("rtsp://line4:pa/ss@w0rd@127.0.0.1:9/stream1", "rtsp://line4:***@127.0.0.1:9/stream1"),
+    # GStreamer's rtspsrc takes the credentials as properties (before: user-pw shown as written)
+    ("rtspsrc location=rtsp://127.0.0.1:9/s user-id=line4 user-pw=pa/ss@w0rd latency=0 ! decodebin ! videoconvert "
+     "! appsink", "rtspsrc location=rtsp://127.0.0.1:9/s user-id=line4 user-pw=*** latency=0 ! decodebin ! "
+     "videoconvert ! appsink"),
+    ('souphttpsrc location="http://line4:pa/ss@w0rd@127.0.0.1:9/mjpg?password=pa/ss@w0rd" proxy-pw=pa/ss@w0rd '
+     "! jpegdec ! appsink",
+     'souphttpsrc location="http://line4:***@127.0.0.1:9/mjpg?password=***" proxy-pw=*** ! jpegdec ! appsink'),
+])
+def test_camera_credentials_do_not_leak_through_the_api(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, device: str, shown: str
+) -> None:
+    """Issue 16, item 8: a real daemon with an unreachable camera given by URL or pipeline: /api/config shows
+    the device with the password masked, and neither /api/status (its error) nor the log holds the password."""
+    from service.config import DaemonConfig
+
+    from .daemon_support import config_data
+
+    data = config_data(tmp_path, tmp_path / "no-bundle")
+    data["camera"] = {"type": "opencv", "device": device, "open_timeout_s": 1,
+                      "reconnect": {"initial_s": 0.1, "max_s": 0.2}}
+    with running_daemon(DaemonConfig.model_validate(data)) as daemon:
+        url = base_url(daemon)
+        wait_for(lambda: daemon.camera.stats().last_error is not None, what="the camera's first failed open")
+        status, _, config = http("GET", f"{url}/api/config")
+        assert status == 200 and json.loads(config)["camera"]["device"] == shown
+        status, _, stats = http("GET", f"{url}/api/status")
+        assert status == 200 and "cannot open" in json.loads(stats)["camera"]["last_error"]
+        for body in (config, stats, http("GET", f"{url}/metrics")[2]):
+            assert b"w0rd" not in body and b"pa/ss" not in body
+    assert "cannot open" in caplog.text and "w0rd" not in caplog.text

@@ -284,3 +284,14 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path) -> None:
     assert "refers to the value that holds it" in error_of(tmp_path, "plc:\n  allowlist: &a [*a]\n")
     for depth in (40, 5000):
         assert "nests deeper than 32 levels" in error_of(tmp_path, "a: " + "[" * depth + "]" * depth + "\n")
+
+
+def test_config_check_masks_camera_credentials(tmp_path: Path) -> None:
+    """Issue 16, item 8: 'config check' prints the effective config, and a config error shows the value:
+    neither holds a camera password, whether it has '/' or '@' in it or is a GStreamer property."""
+    device = "rtspsrc location=rtsp://cam:pa/ss@w0rd@10.0.5.21/s user-pw=pa/ss@w0rd ! decodebin ! appsink"
+    proc = cli("config", "check", str(write(tmp_path, f"camera:\n  type: opencv\n  device: '{device}'\n")))
+    assert proc.returncode == 0, proc.stderr
+    assert "rtsp://cam:***@10.0.5.21/s user-pw=*** ! decodebin" in proc.stdout and "w0rd" not in proc.stdout
+    message = error_of(tmp_path, "camera:\n  type: opencv\n  device: 0\n  fourcc: 'rtsp://cam:pa/ss@w0rd@host/'\n")
+    assert "key 'camera.fourcc' = 'rtsp://cam:***@host/'" in message and "w0rd" not in message

@@ -64,16 +64,34 @@ class Config(CameraConfigBase):
         return value
 
 
-def mask_url_password(text: str) -> str:
-    """``rtsp://user:secret@host/...`` -> ``rtsp://user:***@host/...``; other text unchanged."""
-    return re.sub(r"(://[^:/@\s]+):[^@/\s]*@", r"\1:***@", text)
+# A URL's password: after 'scheme://user:', up to the token's last '@' (a password may hold '/' or '@';
+# masking up to a path's '@' as well errs on the safe side).
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):\S*@")
+# A secret given as key=value: GStreamer's rtspsrc/souphttpsrc user-pw and proxy-pw, a URL query's
+# password= or token=; a quoted value as a whole.
+_KEY_SECRET = re.compile(
+    r"(?i)(\b(?:[\w-]*-pw|[\w-]*passw(?:or)?d|passphrase|[\w-]*secret|[\w-]*token)\s*=\s*)"
+    r"(\"[^\"]*\"|'[^']*'|[^\s!&;,\"']+)"
+)
+
+
+# A device that is one URL (no GStreamer '!'): its password runs up to the string's last '@', spaces included.
+_WHOLE_URL_PASSWORD = re.compile(r"^(\s*[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):.*@", re.S)
+
+
+def mask_credentials(text: str) -> str:
+    """Passwords in a camera device string masked as '***': ``rtsp://user:pa/ss@word@host/s`` ->
+    ``rtsp://user:***@host/s``; ``rtspsrc ... user-pw=secret ! ...`` -> ``... user-pw=*** ! ...``."""
+    text = _KEY_SECRET.sub(r"\1***", text)  # first: a query's password may hold an '@' the URL's would run to
+    url = _URL_PASSWORD if "!" in text else _WHOLE_URL_PASSWORD
+    return url.sub(r"\1:***@", text)
 
 
 def describe(device: int | str) -> str:
-    """The device for logs and frame sources, with any password in a URL masked."""
+    """The device for logs and frame sources, with any password masked (mask_credentials)."""
     if isinstance(device, int):
         return f"opencv:/dev/video{device}"
-    return "opencv:" + mask_url_password(device)
+    return "opencv:" + mask_credentials(device)
 
 
 class OpenCVSource:

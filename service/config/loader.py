@@ -232,9 +232,11 @@ def _booleans_as_numbers(given: Any, loaded: Any, path: str = "") -> Iterator[tu
 
 
 def _show(key: str, value: Any) -> str:
+    from service.capture.opencv import mask_credentials
+
     if key.rsplit(".", 1)[-1] in SECRET_KEYS:
         return "'***'"
-    text = repr(value)
+    text = repr(mask_credentials(value) if isinstance(value, str) else value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -290,12 +292,12 @@ def load_config(path: Path | str | None = None, environ: Mapping[str, str] | Non
 
 def redacted(config: DaemonConfig) -> dict[str, Any]:
     """The config as JSON-able data: secrets (SecretStr) dump as '**********', and a password in any
-    URL (an RTSP camera's, a GStreamer pipeline's) is masked as '***'."""
-    from service.capture.opencv import mask_url_password
+    string (an RTSP URL's, a GStreamer pipeline's user-pw=) is masked as '***'."""
+    from service.capture.opencv import mask_credentials
 
     def scrub(value: Any) -> Any:
         if isinstance(value, str):
-            return mask_url_password(value)
+            return mask_credentials(value)
         if isinstance(value, dict):
             return {key: scrub(item) for key, item in value.items()}
         if isinstance(value, list):
