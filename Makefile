@@ -105,7 +105,8 @@ bench-report: $(DEV_VENV)/.installed $(BENCH_CACHE)/sam2_small/reference.json
 
 # Train, export, calibrate, evaluate and quantize the embedded default bundle: synthetic data only
 # (licence-clean): the window segmenter and the finder in two stages on 1500 + 1500 rendered 4 MP frames (rendered once into
-# .cache/data), about 3 hours on 2 CPU cores; docs/training.md has the figures.
+# .cache/data), then the segmenter's third stage on hard negatives mined with the stage-2 bundle, about 5 hours on 2 CPU
+# cores; docs/training.md has the figures.
 SYNTH_VAL := synthetic,n=100,seed=1000000,defect_free_prob=0.3
 SCORE_SWEEP := 0.5,0.7,0.8,0.9,0.95,0.97,0.98,0.99,0.995
 SYNTH_TEST := synthetic,n=200,seed=2000000
@@ -115,6 +116,10 @@ default-bundle: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_finder.yaml
 	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_finder_more.yaml
 	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic_more/best.pt \
+		--finder runs/default_finder_more/best.pt --name defectsam-synthetic --out runs/bundles/default-stage2
+	$(DEV_VENV)/bin/defectsam-train calibrate runs/bundles/default-stage2 --data $(SYNTH_VAL) --thresholds $(SCORE_SWEEP)
+	$(DEV_VENV)/bin/defectsam-train train --config training/configs/default_synthetic_mined.yaml
+	$(DEV_VENV)/bin/defectsam-train export --checkpoint runs/default_synthetic_mined/best.pt \
 		--finder runs/default_finder_more/best.pt --name defectsam-synthetic --out engines/default
 	$(DEV_VENV)/bin/defectsam-train calibrate engines/default --data $(SYNTH_VAL) --thresholds $(SCORE_SWEEP)
 	$(DEV_VENV)/bin/defectsam-train quantize engines/default --calib synthetic --n 16

@@ -198,7 +198,9 @@ class MinedWindowsDataset:
 
     def array(self, name: str) -> np.ndarray:
         if self._arrays is None:
-            self._arrays = {n: np.load(self.path / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
+            self._arrays = {}
+        if name not in self._arrays:
+            self._arrays[name] = np.load(self.path / f"{name}.npy", mmap_mode="r")
         return self._arrays[name]
 
     def __getstate__(self) -> dict[str, Any]:
