@@ -83,7 +83,6 @@ class Daemon:
         self._engine_state = "loading"  # -> building (a plan compiles) -> ready | failed
         self._build_started: float | None = None
         self._engine_error: str | None = None
-        self._first_id = 1
         self._started_at = time.monotonic()
         self._stop_requested = threading.Event()
         self._stopped = False
@@ -100,7 +99,7 @@ class Daemon:
         """Start everything; raises DefectsamError (one line) when the store or the port cannot be used."""
         if self.store is not None:
             try:
-                self._first_id = self.store.open() + 1
+                self.store.open()
             except StoreError as exc:
                 raise DefectsamError(str(exc)) from None
             self.store.start()
@@ -154,7 +153,8 @@ class Daemon:
             manifest = bundle.manifest
             inspector = Inspector(engine, engine_config.inspection, engine_config.postprocess)
             pipeline = Pipeline(inspector, self.camera.slot, self.config.pipeline, self.counters,
-                                request_frame=self.camera.trigger, first_id=self._first_id)
+                                request_frame=self.camera.trigger,
+                                next_id=self.store.ids if self.store is not None else None)
         except Exception as exc:
             self._engine_error = str(exc) if isinstance(exc, DefectsamError) else f"{type(exc).__name__}: {exc}"
             self._engine_state = "failed"

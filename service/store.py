@@ -14,6 +14,9 @@ Retention: rows older than ``retention_days`` are deleted, then the oldest rows 
 exceeds ``disk_budget_mb`` or the disk has less than ``min_free_mb`` free; if the disk is still
 too full, new records are dropped (counted as ``disk_full``) rather than fill it.
 
+Inspection ids are reserved here too, in ``ids.json`` (service/ids.py): ``open()`` starts the
+allocator the pipeline takes its ids from, after the reserved mark and after the highest row.
+
 Masks are one label image per frame: pixel value ``i + 1`` marks defect ``i`` (uint8, or uint16
 beyond 255 defects), so the overlay can be rebuilt from the stored row.
 """
@@ -41,6 +44,7 @@ from engines.atomic import write_bytes_atomic
 from engines.overlay import render_overlay
 from engines.results import Defect, InspectionResult, Verdict
 from service.config.models import StoreSection
+from service.ids import IDS_NAME, IdAllocator, IdError
 from service.ops import lower_thread_priority
 from service.pipeline.record import InspectionRecord
 
@@ -105,10 +109,12 @@ class RecordStore:
         self._last_error: str | None = None
         self._last_retention = 0.0
         self._full_drops = 0  # records dropped for lack of space since the last one stored
+        self.ids: IdAllocator | None = None  # inspection ids, reserved durably in store.path (open())
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> int:
-        """Create or open the store, sweep crash leftovers, apply retention; returns the highest id."""
+        """Create or open the store, sweep crash leftovers, apply retention, reserve the first block of
+        inspection ids (``self.ids``); returns the highest stored id."""
         try:
             (self.path / FILES_DIR).mkdir(parents=True, exist_ok=True)
             conn = self._connect()
@@ -119,6 +125,10 @@ class RecordStore:
         self._conn = conn
         row = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(MAX(id), 0) FROM records").fetchone()
         self._records, self._bytes, max_id = int(row[0]), int(row[1]), int(row[2])
+        try:
+            self.ids = IdAllocator(self.path / IDS_NAME, floor=max_id)
+        except IdError as exc:
+            raise StoreError(f"store.path {self.path}: cannot be used: {exc}") from None
         self._sweep_orphans()
         self._enforce_retention()
         return max_id
@@ -132,7 +142,9 @@ class RecordStore:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Write everything still queued, then stop the writer."""
+        """Write everything still queued, then stop the writer (and the id reservations)."""
+        if self.ids is not None:
+            self.ids.close()
         if self._thread is None:
             return
         self._queue.put(_STOP)  # blocks while the queue is full: the writer is draining it

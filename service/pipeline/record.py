@@ -44,7 +44,7 @@ class InspectionRecord:
     """One published result: the verdict and defects, where the frame came from, and when.
 
     ``frame`` is the camera's own array (never copied, never mutated); ``None`` for NO_FRAME.
-    ``inspection_id`` is unique across restarts (it continues from the store's highest id).
+    ``inspection_id`` is unique across restarts and crashes (service.ids: blocks reserved on disk first).
     """
 
     inspection_id: int

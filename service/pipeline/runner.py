@@ -156,8 +156,11 @@ class Pipeline:
         *,
         request_frame: Callable[[], float] = time.monotonic,
         first_id: int = 1,
+        next_id: Callable[[], int] | None = None,
     ) -> None:
-        """``request_frame`` is the camera's ``trigger()``: it returns the monotonic request time."""
+        """``request_frame`` is the camera's ``trigger()``: it returns the monotonic request time.
+        ``next_id`` hands out inspection ids (the daemon's: service.ids.IdAllocator, unique across
+        restarts); without it ids count from ``first_id``."""
         self.inspector = inspector
         self.engine = inspector.engine
         self.config = config
@@ -166,7 +169,7 @@ class Pipeline:
         self._request_frame = request_frame
         self._bundle_name = self.engine.bundle.manifest.name
         self.frame_problem: str | None = None  # why the camera's frames cannot be inspected, while they cannot
-        self._ids = itertools.count(first_id)
+        self._next_id: Callable[[], int] = next_id if next_id is not None else itertools.count(first_id).__next__
         self._trigger_ids = itertools.count(1)
         self._subscribers: list[tuple[str, Subscriber]] = []
         self._pending: collections.deque[TriggerTicket] = collections.deque()
@@ -330,7 +333,7 @@ class Pipeline:
         """NO_FRAME results skip the stages; published from the caller's thread, in the record order."""
         log.warning("trigger %d (part %s): NO_FRAME: %s", ticket.trigger_id, ticket.part_id, reason)
         record = InspectionRecord(
-            inspection_id=next(self._ids), acquisition_id=0, source="", result=no_frame_result(),
+            inspection_id=self._next_id(), acquisition_id=0, source="", result=no_frame_result(),
             wall_time=ticket.requested_wall, times=StageTimes(triggered=ticket.requested_at),
             bundle=self._bundle_name, part_id=ticket.part_id, trigger_id=ticket.trigger_id, reason=reason,
         )
@@ -478,7 +481,7 @@ class Pipeline:
                 triggered=job.ticket.requested_at if job.ticket else 0.0,
             )
             record = InspectionRecord(
-                inspection_id=next(self._ids), acquisition_id=frame.acquisition_id, source=frame.source,
+                inspection_id=self._next_id(), acquisition_id=frame.acquisition_id, source=frame.source,
                 result=result, wall_time=frame.wall_time, times=times, bundle=self._bundle_name,
                 part_id=job.ticket.part_id if job.ticket else None,
                 trigger_id=job.ticket.trigger_id if job.ticket else None, frame=frame.image,
