@@ -170,6 +170,47 @@ def test_a_bad_image_among_good_ones_is_reported_and_the_rest_are_inspected(
     assert not list(out.rglob("*.tmp"))
 
 
+def test_infer_gives_each_image_its_own_outputs_and_skips_the_masks_beside_them(
+    tiny_bundle: Path, dataset_images: list[Path], tmp_path: Path
+) -> None:
+    """Issue 16, item 8: before, a folder holding X.jpg and X.png wrote both to X.json (the last one won), and a
+    dataset's label mask X.png beside X.jpg was inspected as a frame (and its JSON replaced the image's)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    photo = dataset_images[0]
+    shutil.copy(photo, folder / "tile.jpg")
+    shutil.copy(photo.with_suffix(".png"), folder / "tile.png")  # the dataset's own label mask of it
+    shutil.copy(dataset_images[1], folder / "pair.jpg")
+    cv2.imwrite(str(folder / "pair.png"), cv2.imread(str(dataset_images[1])))  # the same photo, a real image
+    shutil.copy(dataset_images[2], folder / "summary.jpg")  # its JSON must not replace summary.json
+    out = tmp_path / "out"
+    proc = defectsam("infer", folder, "--bundle", tiny_bundle, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{folder / 'tile.png'}: skipped: a label mask beside tile.jpg" in proc.stdout
+    assert "4 image(s) inspected" in proc.stdout and "1 label mask(s) skipped" in proc.stdout
+    written = {path.name for path in out.iterdir()}
+    assert written == {"tile.json", "tile.overlay.png", "pair.jpg.json", "pair.jpg.overlay.png", "pair.png.json",
+                       "pair.png.overlay.png", "summary.jpg.json", "summary.jpg.overlay.png", "summary.json"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(Path(item["image"]).name for item in summary["images"]) == [
+        "pair.jpg", "pair.png", "summary.jpg", "tile.jpg"]
+    assert summary["skipped_masks"] == [{"mask": str(folder / "tile.png"), "beside": str(folder / "tile.jpg")}]
+    for item in summary["images"]:  # every image's record is its own file and names it
+        assert json.loads(Path(item["json"]).read_text())["image"] == item["image"]
+        assert Path(item["overlay"]).is_file()
+    assert len({item["json"] for item in summary["images"]}) == 4
+    # Asked to, it inspects the mask too, each under its own name.
+    proc = defectsam("infer", folder, "--bundle", tiny_bundle, "--out", tmp_path / "all", "--inspect-masks")
+    assert proc.returncode == 0 and "5 image(s) inspected" in proc.stdout, proc.stderr
+    assert json.loads((tmp_path / "all" / "tile.png.json").read_text())["image"] == str(folder / "tile.png")
+    assert json.loads((tmp_path / "all" / "tile.jpg.json").read_text())["image"] == str(folder / "tile.jpg")
+    # Names that would still collide are refused before anything is inspected.
+    shutil.copy(photo, folder / "pair.jpg.png")  # its stem 'pair.jpg' is pair.jpg's own
+    proc = defectsam("infer", folder, "--bundle", tiny_bundle, "--out", tmp_path / "clash")
+    assert_one_line_error(proc, "pair.jpg.png", "would both write")
+    assert not (tmp_path / "clash").exists()
+
+
 def test_bundle_inspect(tiny_bundle: Path) -> None:
     proc = defectsam("bundle", "inspect", tiny_bundle)
     assert proc.returncode == 0, proc.stderr
