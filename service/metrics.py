@@ -318,7 +318,7 @@ class SnapshotCollector(Collector):
             deleted.add_metric([reason], count)
         yield deleted
         yield _gauge(f"{n}_store_records", "records in the store", st.records)
-        yield _gauge(f"{n}_store_bytes", "bytes of frames and masks in the store", st.bytes)
+        yield _gauge(f"{n}_store_bytes", "bytes the store has on disk (files, database, WAL)", st.bytes)
         yield _gauge(f"{n}_store_queue_depth", "records waiting for the writer", st.queue_depth)
 
         yield _gauge(f"{n}_live_viewers", "live-view (MJPEG) clients connected", s.live.viewers)

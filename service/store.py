@@ -10,9 +10,16 @@ stored only after its commit. ``stop()`` drains the queue, so SIGTERM loses noth
 loses at most what was still queued, never a half record. Files left by a crash between the
 rename and the commit are swept at the next start.
 
-Retention: rows older than ``retention_days`` are deleted, then the oldest rows while the store
-exceeds ``disk_budget_mb`` or the disk has less than ``min_free_mb`` free; if the disk is still
-too full, new records are dropped (counted as ``disk_full``) rather than fill it.
+Retention: rows older than ``retention_days`` are deleted, then the oldest rows, as many as it takes
+(no more), while the store would exceed ``disk_budget_mb`` or leave the disk less than ``min_free_mb``
+free; if the disk is still too full, new records are dropped (counted as ``disk_full``) rather than
+fill it. The budget counts everything the store puts on disk: the frame and mask files (each its
+allocated size), the database, its WAL and shared-memory index, the id mark and the directories. The
+WAL is held small beside the budget (auto-checkpoint and ``journal_size_limit`` at 1/32 of it, at
+most 4 MB; a TRUNCATE checkpoint when it outgrows that) and counted at no less than three times that
+size, the most it can reach before the next checkpoint settles, so the bound holds between
+checkpoints too. A record that could not fit even with every other record deleted is dropped as
+``too_large`` and nothing is deleted for it.
 
 Inspection ids are reserved here too, in ``ids.json`` (service/ids.py): ``open()`` starts the
 allocator the pipeline takes its ids from, after the reserved mark and after the highest row.
@@ -27,6 +34,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import queue
 import shutil
 import sqlite3
@@ -52,7 +60,10 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "records.sqlite3"
 FILES_DIR = "files"
+_DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", IDS_NAME)
 _MB = 1_000_000
+_WAL_MIN, _WAL_MAX = 64 * 1024, 4 * 1024 * 1024  # the WAL's size between checkpoints: budget / 32, within these
+_SHM_RESERVE = 32 * 1024  # the WAL index (-shm): 32 KB per 4096 WAL frames, so one step here
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
@@ -78,9 +89,9 @@ class StoreStats:
     enabled: bool
     path: str
     records: int
-    bytes: int
+    bytes: int  # on disk: files, database, WAL, index, id mark, directories
     written: int
-    dropped: dict[str, int]  # reason -> count: queue_full, disk_full, error
+    dropped: dict[str, int]  # reason -> count: queue_full, disk_full, too_large, error
     deleted: dict[str, int]  # reason -> count: age, disk_budget, free_space
     queue_depth: int
     queue_size: int
@@ -104,11 +115,16 @@ class RecordStore:
         self._records = 0
         self._bytes = 0
         self._written = 0
-        self._dropped = {"queue_full": 0, "disk_full": 0, "error": 0}
+        self._dropped = {"queue_full": 0, "disk_full": 0, "too_large": 0, "error": 0}
         self._deleted = {"age": 0, "disk_budget": 0, "free_space": 0}
         self._last_error: str | None = None
         self._last_retention = 0.0
         self._full_drops = 0  # records dropped for lack of space since the last one stored
+        self._large_drops = 0  # records dropped as too large since the last one stored
+        self._budget = int(config.disk_budget_mb * _MB)
+        self._wal_cap = min(_WAL_MAX, max(_WAL_MIN, self._budget // 32))
+        self._wal_reserve = 3 * self._wal_cap
+        self._block = 4096  # the filesystem's allocation unit (open())
         self.ids: IdAllocator | None = None  # inspection ids, reserved durably in store.path (open())
 
     # ------------------------------------------------------------------ lifecycle
@@ -123,13 +139,20 @@ class RecordStore:
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"store.path {self.path}: cannot be used: {exc}") from None
         self._conn = conn
-        row = conn.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(MAX(id), 0) FROM records").fetchone()
-        self._records, self._bytes, max_id = int(row[0]), int(row[1]), int(row[2])
+        with contextlib.suppress(OSError):
+            self._block = os.statvfs(self.path).f_frsize or self._block
+        row = conn.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM records").fetchone()
+        self._records, max_id = int(row[0]), int(row[1])
         try:
             self.ids = IdAllocator(self.path / IDS_NAME, floor=max_id)
         except IdError as exc:
             raise StoreError(f"store.path {self.path}: cannot be used: {exc}") from None
-        self._sweep_orphans()
+        self._sweep_orphans()  # and counts the bytes of the files the rows name
+        room = self._budget - self._overhead()
+        if room < self._budget // 4:
+            log.warning("store: store.disk_budget_mb %g leaves %.2f MB for records beside the database and its WAL "
+                        "(%.2f MB); records larger than that are dropped as too_large",
+                        self.config.disk_budget_mb, max(0, room) / _MB, (self._budget - room) / _MB)
         self._enforce_retention()
         return max_id
 
@@ -158,6 +181,9 @@ class RecordStore:
         conn = sqlite3.connect(self.path / DB_NAME, timeout=10.0, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(8, self._wal_cap // page)}")
+        conn.execute(f"PRAGMA journal_size_limit={self._wal_cap}")  # the WAL shrinks back after a checkpoint
         return conn
 
     @contextlib.contextmanager
@@ -236,15 +262,19 @@ class RecordStore:
             frame_jpeg = buf.tobytes()
             if record.result.defects:
                 mask_png = encode_label_mask(record.result)
-        size = len(frame_jpeg or b"") + len(mask_png or b"")
+        # what the files will take: each rounded up to the allocation unit, plus a block for a new day directory
+        incoming = sum(self._allocated(len(data)) for data in (frame_jpeg, mask_png) if data is not None) + self._block
         try:
-            room = self._make_room(size)
+            refused = self._make_room(incoming)
         except (OSError, sqlite3.Error) as exc:
             if not is_disk_full(exc):
                 raise
             conn.rollback()  # deletes SQLite had no space to commit: none happened
-            room = False
-        if not room:
+            refused = "disk_full"
+        if refused == "too_large":
+            self._drop_too_large(record, incoming)
+            return
+        if refused is not None:
             self._drop_disk_full(record)
             return
         day = time.strftime("%Y%m%d", time.gmtime(record.wall_time))
@@ -255,6 +285,7 @@ class RecordStore:
                 write_bytes_atomic(self.path / frame_file, frame_jpeg)
             if mask_file is not None and mask_png is not None:
                 write_bytes_atomic(self.path / mask_file, mask_png)
+            size = sum(on_disk(self.path / name) for name in (frame_file, mask_file) if name)
             body = json.dumps(record.to_dict(with_polygons=True), separators=(",", ":"))
             conn.execute(
                 "INSERT OR REPLACE INTO records (id, wall_time, verdict, part_id, acquisition_id, defect_count,"
@@ -280,40 +311,84 @@ class RecordStore:
             if self._full_drops:
                 log.warning("store: writing records again, after %d dropped for lack of disk space", self._full_drops)
                 self._full_drops = 0
+            self._large_drops = 0
 
     def _drop_disk_full(self, record: InspectionRecord) -> None:
         """Count a record dropped for lack of space; the log says so once per episode, not per record."""
+        free = self._free_mb()
         with self._lock:
             self._dropped["disk_full"] += 1
-            self._last_error = f"disk full: less than {self.config.min_free_mb:g} MB free at {self.path}"
+            self._last_error = (f"disk full: {free:.0f} MB free at {self.path}, less than store.min_free_mb "
+                                f"{self.config.min_free_mb:g} with this record")
             self._full_drops += 1
             first = self._full_drops == 1
         if first:
-            log.warning("store: disk full at %s (less than %g MB free even after retention): record %d and the next "
-                        "ones are dropped until there is room", self.path, self.config.min_free_mb,
+            log.warning("store: disk full at %s (%.0f MB free, store.min_free_mb %g, even after retention): record %d "
+                        "and the next ones are dropped until there is room", self.path, free, self.config.min_free_mb,
                         record.inspection_id)
+
+    def _drop_too_large(self, record: InspectionRecord, incoming: int) -> None:
+        """Count a record that cannot fit the budget even with no other record stored (nothing was deleted for
+        it): a budget too small for the frames, not a full disk. Logged once until a record is stored again."""
+        room = max(0, self._budget - self._overhead())
+        with self._lock:
+            self._dropped["too_large"] += 1
+            self._last_error = (f"record too large for the store: {incoming / _MB:.2f} MB, and store.disk_budget_mb "
+                                f"{self.config.disk_budget_mb:g} leaves {room / _MB:.2f} MB for records beside the "
+                                "database and its WAL")
+            self._large_drops += 1
+            first = self._large_drops == 1
+        if first:
+            log.warning("store: record %d is too large for the store (%.2f MB; store.disk_budget_mb %g leaves %.2f MB "
+                        "for records): it and the next ones that large are dropped (too_large); raise "
+                        "store.disk_budget_mb", record.inspection_id, incoming / _MB, self.config.disk_budget_mb,
+                        room / _MB)
 
     # ------------------------------------------------------------------ retention
     def _free_mb(self) -> float:
         return shutil.disk_usage(self.path).free / _MB
 
-    def _make_room(self, incoming: int) -> bool:
-        """Delete oldest records until ``incoming`` bytes fit the budget and the free-space floor."""
-        budget = self.config.disk_budget_mb * _MB - self._db_bytes()
-        while self._bytes + incoming > budget:
-            if not self._delete_oldest("disk_budget"):
-                break
-        while self._free_mb() - incoming / _MB < self.config.min_free_mb:
-            if not self._delete_oldest("free_space"):
-                return False
-        return self._bytes + incoming <= budget
+    def _make_room(self, incoming: int) -> str | None:
+        """Delete the oldest records, as few as it takes, until ``incoming`` more bytes fit the budget and the
+        free-space floor. None when they fit; else why not: ``too_large`` (more than the budget leaves for
+        records even with none stored; nothing is deleted) or ``disk_full`` (the floor, with none stored)."""
+        self._bound_wal()
+        if incoming + self._overhead() > self._budget:
+            return "too_large"
+        while (excess := self._bytes + self._overhead() + incoming - self._budget) > 0:
+            if not self._delete_oldest("disk_budget", excess):
+                return "too_large"  # nothing left to delete: the database itself has outgrown the budget
+        floor = int(self.config.min_free_mb * _MB)
+        while (short := floor + incoming - shutil.disk_usage(self.path).free) > 0:
+            if not self._delete_oldest("free_space", short):
+                return "disk_full"
+        return None
 
-    def _db_bytes(self) -> int:
-        """The database file (its WAL is bounded by SQLite's auto-checkpoint, about 4 MB, and not counted)."""
-        try:
-            return (self.path / DB_NAME).stat().st_size
-        except OSError:
-            return 0
+    def usage(self) -> int:
+        """Bytes the store has on disk now: the records' files, the database, its WAL and index, the id mark
+        and the directories (``StoreStats.bytes``)."""
+        return self._bytes + self._overhead(reserve=False)
+
+    def _overhead(self, *, reserve: bool = True) -> int:
+        """Bytes on disk besides the records' files. ``reserve``: the WAL and its index counted at no less than
+        the most they reach before the next checkpoint (the budget must hold between checkpoints too)."""
+        wal, shm = on_disk(self.path / _DB_FILES[1]), on_disk(self.path / _DB_FILES[2])
+        if reserve:
+            wal, shm = max(wal, self._wal_reserve), max(shm, _SHM_RESERVE)
+        total = on_disk(self.path / DB_NAME) + wal + shm + on_disk(self.path / IDS_NAME)
+        files = self.path / FILES_DIR
+        total += on_disk(self.path, self._block) + on_disk(files, self._block)
+        with contextlib.suppress(OSError), os.scandir(files) as entries:
+            total += sum(on_disk(Path(entry.path), self._block) for entry in entries if entry.is_dir())
+        return total
+
+    def _bound_wal(self) -> None:
+        """A WAL grown past its size (a reader held off the auto-checkpoint) is checkpointed and truncated."""
+        if self._conn is not None and on_disk(self.path / _DB_FILES[1]) > 2 * self._wal_cap:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _allocated(self, size: int) -> int:
+        return -(-size // self._block) * self._block
 
     def _enforce_retention(self) -> None:
         self._last_retention = time.monotonic()
@@ -331,8 +406,23 @@ class RecordStore:
             log.error("store: retention failed: %s", exc)
             self._last_error = f"retention: {exc}"
 
-    def _delete_oldest(self, reason: str) -> int:
-        return self._delete_where("1", (), reason, batch=20)
+    def _delete_oldest(self, reason: str, need: int) -> int:
+        """Delete the oldest records whose files free at least ``need`` bytes: as many as that takes, at least one."""
+        conn = self._conn
+        if conn is None:
+            return 0
+        rows = []
+        freed = 0
+        cursor = conn.execute("SELECT id, frame_file, mask_file, bytes FROM records ORDER BY id")
+        try:
+            for row in cursor:
+                rows.append(row)
+                freed += max(int(row[3]), 1)
+                if freed >= need:
+                    break
+        finally:
+            cursor.close()
+        return self._delete_rows(rows, reason)
 
     def _delete_where(self, where: str, params: tuple[Any, ...], reason: str, batch: int) -> int:
         conn = self._conn
@@ -342,17 +432,23 @@ class RecordStore:
             f"SELECT id, frame_file, mask_file, bytes FROM records WHERE {where} ORDER BY id LIMIT ?",
             (*params, batch),
         ).fetchall()
-        if not rows:
+        return self._delete_rows(rows, reason)
+
+    def _delete_rows(self, rows: list[Any], reason: str) -> int:
+        conn = self._conn
+        if conn is None or not rows:
             return 0
         conn.executemany("DELETE FROM records WHERE id = ?", [(r[0],) for r in rows])
         conn.commit()  # the rows go first: a crash now leaves orphan files, swept at start, never dangling rows
+        freed = 0
         for _, frame_file, mask_file, _ in rows:
             for name in (frame_file, mask_file):
                 if name:
+                    freed += on_disk(self.path / name)
                     (self.path / name).unlink(missing_ok=True)
         with self._lock:
             self._records -= len(rows)
-            self._bytes -= sum(int(r[3]) for r in rows)
+            self._bytes -= freed
             self._deleted[reason] += len(rows)
         self._remove_empty_days()
         return len(rows)
@@ -368,10 +464,15 @@ class RecordStore:
             return
         known = {name for row in conn.execute("SELECT frame_file, mask_file FROM records") for name in row if name}
         removed = 0
+        kept = 0
         for path in (self.path / FILES_DIR).rglob("*"):
-            if path.is_file() and path.relative_to(self.path).as_posix() not in known:
-                path.unlink(missing_ok=True)
-                removed += 1
+            if path.is_file():
+                if path.relative_to(self.path).as_posix() not in known:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+                else:
+                    kept += on_disk(path)
+        self._bytes = kept
         if removed:
             log.info("store: removed %d file(s) left by an interrupted write", removed)
 
@@ -379,7 +480,7 @@ class RecordStore:
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(
-                enabled=True, path=str(self.path), records=self._records, bytes=self._bytes, written=self._written,
+                enabled=True, path=str(self.path), records=self._records, bytes=self.usage(), written=self._written,
                 dropped=dict(self._dropped), deleted=dict(self._deleted), queue_depth=self._queue.qsize(),
                 queue_size=self.config.queue_size, last_error=self._last_error,
             )
@@ -436,6 +537,16 @@ class RecordStore:
         return buf.tobytes() if ok else None
 
 
+def on_disk(path: Path, minimum: int = 0) -> int:
+    """What a file or directory takes on disk: its size or its allocated blocks, whichever is more, at least
+    ``minimum`` (a directory's block where the filesystem reports none); 0 when it is not there."""
+    try:
+        st = path.stat()
+    except OSError:
+        return 0
+    return max(st.st_size, st.st_blocks * 512, minimum)
+
+
 def is_disk_full(exc: BaseException) -> bool:
     """A write refused for lack of space: ENOSPC or EDQUOT from the OS, SQLITE_FULL from SQLite."""
     if isinstance(exc, OSError):
@@ -489,6 +600,6 @@ def result_from_dict(record: dict[str, Any], labels: np.ndarray | None) -> Inspe
 
 def disabled_stats(config: StoreSection) -> StoreStats:
     return StoreStats(enabled=False, path=str(config.path), records=0, bytes=0, written=0,
-                      dropped={"queue_full": 0, "disk_full": 0, "error": 0},
+                      dropped={"queue_full": 0, "disk_full": 0, "too_large": 0, "error": 0},
                       deleted={"age": 0, "disk_budget": 0, "free_space": 0}, queue_depth=0, queue_size=0,
                       last_error=None)

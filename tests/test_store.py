@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -20,10 +21,22 @@ from service.store import DB_NAME, RecordStore, StoreError
 
 from .conftest import REPO
 from .daemon_support import make_record
+from .support import wait_for
 
 
 def store_config(tmp_path: Path, **overrides: object) -> StoreSection:
     return StoreSection.model_validate({"path": str(tmp_path / "store"), "min_free_mb": 0, **overrides})
+
+
+def store_bytes(path: Path) -> int:
+    """Everything under ``path`` as the disk holds it: each file and directory at its size or its allocated
+    blocks, whichever is more (what ``du`` and ``du --apparent-size`` would each count at most)."""
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(root, name))
+            total += max(st.st_size, st.st_blocks * 512)
+    return total
 
 
 def started(config: StoreSection) -> RecordStore:
@@ -113,20 +126,14 @@ def test_retention_by_age_and_by_disk_budget(tmp_path: Path) -> None:
 
     # a budget that fits only a few records: the oldest go first, the newest stay
     budget_dir = tmp_path / "budget"
-    probe = started(store_config(budget_dir))
-    probe.submit(make_record(1))
-    probe.stop()
-    per_record = probe.stats().bytes
-    db_bytes = (budget_dir / "store" / DB_NAME).stat().st_size
-    budget_mb = (db_bytes + 100_000 + 3.5 * per_record) / 1e6
-    store = started(store_config(budget_dir, disk_budget_mb=budget_mb))
-    for i in range(2, 30):
+    store = started(store_config(budget_dir, disk_budget_mb=0.5, writer_idle_class=False, writer_nice=0))
+    for i in range(1, 40):
         store.submit(make_record(i))
     store.stop()
     ids = [r["id"] for r in store.list(limit=200)]
-    assert ids[0] == 29 and 1 <= len(ids) < 28
+    assert ids[0] == 39 and 1 <= len(ids) < 38
     assert store.stats().deleted["disk_budget"] >= 1
-    assert store.stats().bytes <= budget_mb * 1e6
+    assert store_bytes(budget_dir / "store") <= 0.5e6
 
 
 def test_too_little_free_space_drops_new_records(tmp_path: Path) -> None:
@@ -135,6 +142,93 @@ def test_too_little_free_space_drops_new_records(tmp_path: Path) -> None:
     store.stop()
     assert store.stats().dropped["disk_full"] == 1 and store.stats().records == 0
     assert "disk full" in (store.stats().last_error or "")
+
+
+def _settled(store: RecordStore, count: int) -> None:
+    """Wait until ``count`` records have been written or dropped."""
+    wait_for(lambda: store.stats().written + sum(store.stats().dropped.values()) >= count, timeout=60,
+             interval=0.002, what=f"{count} records handled")
+
+
+def test_the_disk_budget_counts_the_wal_and_holds_after_every_record(tmp_path: Path) -> None:
+    """5 MB, 300 records of about 40 KB, one at a time: after each, everything the store has on disk (the
+    database, its WAL and index, the id mark, the files, the directories) is within the budget, and each
+    record took the place of as few old ones as it needed (the old code deleted them 20 at a time and left
+    the WAL uncounted: 9.3 MB on disk for a 5 MB budget)."""
+    path = tmp_path / "store"
+    store = started(store_config(tmp_path, disk_budget_mb=5, writer_idle_class=False, writer_nice=0))
+    worst = wal_worst = 0
+    deletions = []
+    try:
+        for i in range(1, 301):
+            before = store.stats().deleted["disk_budget"]
+            store.submit(make_record(i, size=(240, 320)))
+            _settled(store, i)
+            worst = max(worst, store_bytes(path))
+            wal_worst = max(wal_worst, (path / f"{DB_NAME}-wal").stat().st_size)
+            deletions.append(store.stats().deleted["disk_budget"] - before)
+        stats = store.stats()
+        assert abs(stats.bytes - store_bytes(path)) <= 16384  # the stats say what the disk holds
+    finally:
+        store.stop()
+    print(f"5 MB budget: at most {worst / 1e6:.2f} MB on disk (WAL at most {wal_worst / 1e6:.2f} MB), "
+          f"{stats.records} records kept, {stats.deleted['disk_budget']} deleted, at most {max(deletions)} per record")
+    assert worst <= 5e6 and store_bytes(path) <= 5e6
+    assert stats.written == 300 and sum(stats.dropped.values()) == 0
+    assert stats.deleted["disk_budget"] >= 100 and max(deletions) <= 2
+    assert stats.records >= 60  # the room is used: the database and the WAL take a fraction, not half
+
+
+def test_a_record_larger_than_the_budget_is_too_large_and_deletes_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A frame that cannot fit the budget even with the store empty: dropped as too_large, with its own
+    message, every stored record kept; not disk_full, whose alert means the disk is full (the old code said
+    'disk full: less than 0 MB free' on a disk with gigabytes free, after deleting every record)."""
+    store = started(store_config(tmp_path, disk_budget_mb=1, writer_idle_class=False, writer_nice=0))
+    try:
+        for i in range(1, 6):
+            store.submit(make_record(i))
+        _settled(store, 5)
+        for i in (6, 7):  # about 2.5 MB of JPEG each
+            store.submit(make_record(i, size=(1500, 1500)))
+        _settled(store, 7)
+        stats = store.stats()
+        assert stats.dropped["too_large"] == 2 and stats.dropped["disk_full"] == 0
+        assert stats.records == 5 and sum(stats.deleted.values()) == 0
+        assert "too large" in (stats.last_error or "") and "disk full" not in (stats.last_error or "")
+        assert "store.disk_budget_mb 1 " in (stats.last_error or "")
+        store.submit(make_record(8))  # an ordinary record is stored again
+        _settled(store, 8)
+    finally:
+        store.stop()
+    assert store.stats().records == 6 and store_bytes(tmp_path / "store") <= 1e6
+    warnings = [r.getMessage() for r in caplog.records if r.name == "service.store" and r.levelno >= logging.WARNING]
+    assert len([m for m in warnings if "too large" in m]) == 1 and not [m for m in warnings if "disk full" in m]
+
+
+@pytest.mark.slow
+def test_a_daemon_whose_frames_exceed_its_budget_says_too_large_not_disk_full(
+        tiny_bundle_master: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The real daemon, 4 MP frames (every one NG, so every one kept) and a 0.3 MB budget: /metrics and
+    /api/status count too_large, disk_full stays 0 (no false disk-full alert), and the store stays within
+    its budget."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from .daemon_support import base_url, get_json, http, make_config, ng_bundle, running_daemon
+
+    bundle = ng_bundle(tiny_bundle_master, tmp_path_factory.getbasetemp())
+    config = make_config(tmp_path, bundle, camera={"width": 2688, "height": 1520, "fps": 5.0},
+                         store={"disk_budget_mb": 0.3})
+    with running_daemon(config) as daemon:
+        url = base_url(daemon)
+        wait_for(lambda: daemon.store.stats().dropped["too_large"] >= 3, timeout=120, what="too_large drops")
+        status = get_json(f"{url}/api/status")[1]["store"]
+        body = http("GET", f"{url}/metrics")[2].decode()
+    dropped = {s.labels["reason"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
+               if s.name == "defectsam_store_records_dropped_total"}
+    assert dropped["too_large"] >= 3 and dropped["disk_full"] == 0
+    assert status["dropped"]["disk_full"] == 0 and "too large" in status["last_error"]
+    assert store_bytes(tmp_path / "store") <= 0.3e6
 
 
 def test_unusable_store_path_is_one_clear_error(tmp_path: Path) -> None:
