@@ -31,6 +31,7 @@ from engines.engine import Engine, running_precision
 from engines.errors import DefectsamError
 from engines.inspector import Inspector
 from service.api import VERSION, create_fastapi_app
+from service.api.limits import KEEP_ALIVE_S, ConnectionGuard, fit_open_files, guarded_protocol
 from service.capture import CameraState, CameraWorker, create_worker
 from service.config.models import DaemonConfig
 from service.live.view import EventHub, LiveView
@@ -127,9 +128,12 @@ class Daemon:
         sock.listen(128)
         sock.set_inheritable(True)
         self.port = sock.getsockname()[1]
+        # No limit_concurrency: it counted idle connections too (256 idle sockets had every request
+        # answered 503). service/api/limits.py bounds connections and requests in flight instead.
+        guard = ConnectionGuard(fit_open_files(api.max_connections), api.read_timeout_s)
         server_config = uvicorn.Config(
-            self.app, log_config=None, access_log=api.access_log, lifespan="off", timeout_graceful_shutdown=3,
-            timeout_keep_alive=5, limit_concurrency=256, server_header=False,
+            self.app, http=guarded_protocol(guard), log_config=None, access_log=api.access_log, lifespan="off",
+            timeout_graceful_shutdown=3, timeout_keep_alive=KEEP_ALIVE_S, server_header=False,
         )
         self._server = uvicorn.Server(server_config)
         self._server_thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},

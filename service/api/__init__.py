@@ -3,7 +3,8 @@
 health (/healthz, /readyz), status (/api/status, /api/config, /metrics), results
 (/api/results...), control (POST /api/trigger, bearer token), live view (/, /api/live.mjpeg,
 /api/events). Request and response schemas live in service/api/schemas.py; every response carries
-the security headers of service/api/headers.py.
+the security headers of service/api/headers.py. Requests in flight are bounded, with a reserve for the
+probes, /metrics and the trigger (service/api/limits.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from service.api import control, health, results, status
 from service.api.context import DaemonContext
 from service.api.errors import BodyLimit, http_error, reject_unknown_query, unhandled_error, validation_error
 from service.api.headers import SecurityHeaders
+from service.api.limits import RequestLimit
 from service.api.schemas import Problem
 from service.live import routes as live_routes
 
@@ -43,6 +45,7 @@ def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unhandled_error)
+    app.add_middleware(RequestLimit)  # inside BodyLimit: a request counts in flight once its body is in
     app.add_middleware(BodyLimit, limit=ctx.config.api.max_body_bytes)
     # Added last, so outermost: a 413 of BodyLimit carries the headers too (a 500 gets them from unhandled_error).
     app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url))

@@ -89,7 +89,8 @@ def _query_names(dependant: Any) -> set[str]:
 
 
 class BodyLimit:
-    """ASGI middleware refusing request bodies over ``limit`` bytes with 413."""
+    """ASGI middleware refusing request bodies over ``limit`` bytes with 413; a body within it is read
+    whole before the app runs."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -110,12 +111,11 @@ class BodyLimit:
             if declared > self.limit:
                 await self._refuse(scope, receive, send)
                 return
-            await self.app(scope, receive, send)  # the server stops reading at Content-Length
-            return
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+        elif scope.get("method") not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        # No Content-Length (chunked): read the body here, up to the limit, then hand it on.
+        # Read the body here (chunked: up to the limit), then hand it on: the routes, and the count of
+        # requests in flight inside (service/api/limits.py), see a request only once it is all in.
         chunks: list[bytes] = []
         size = 0
         while True:

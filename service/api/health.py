@@ -13,7 +13,7 @@ def build_router(ctx: DaemonContext) -> APIRouter:
     router = APIRouter(tags=["health"])
 
     @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-    def healthz() -> Health:
+    async def healthz() -> Health:  # on the event loop: no worker thread to wait for under load
         return Health(status="alive")
 
     @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},

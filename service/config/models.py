@@ -146,6 +146,22 @@ class ApiSection(Section):
         description="larger request bodies are refused with 413 before they are read",
     )
     access_log: bool = Field(default=False, title="Access log", description="log every HTTP request at INFO")
+    max_connections: int = Field(
+        default=1024, ge=16, le=65536, title="Open connection cap",
+        description=(
+            "at the cap a new connection evicts the least recently active one with no request in flight, so "
+            "idle or slow clients never lock out /healthz, /metrics or the trigger; the open-file limit is "
+            "raised to fit it (or the cap lowered, with a warning)"
+        ),
+    )
+    read_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=300.0, title="Request read timeout (s)",
+        description=(
+            "a request (line, headers and body) must arrive whole within this long of connecting or of the "
+            "previous response, or the connection is closed (slow-header clients); idle keep-alive connections "
+            "close after 5 s"
+        ),
+    )
 
     @field_validator("token")
     @classmethod

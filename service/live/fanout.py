@@ -42,6 +42,16 @@ class AsyncFanout:
             self._subscribers.add(sub)
         return sub
 
+    def try_subscribe(self, limit: int) -> Subscription | None:
+        """``subscribe`` unless ``limit`` consumers are subscribed (then None): the count and the add are
+        one step, so a burst of simultaneous clients never passes the limit."""
+        sub = Subscription(self, self.maxsize)
+        with self._lock:
+            if len(self._subscribers) >= limit:
+                return None
+            self._subscribers.add(sub)
+        return sub
+
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
             self._subscribers.discard(sub)

@@ -25,7 +25,8 @@ from service.pipeline.record import InspectionRecord
 
 log = logging.getLogger(__name__)
 
-MAX_VIEWERS = 16
+MAX_VIEWERS = 16  # MJPEG streams at once
+MAX_EVENT_CLIENTS = 32  # /api/events streams at once (each live page holds one; dashboards may add more)
 _IDLE_S = 1.0  # with no result for this long, show the raw camera frame
 
 
