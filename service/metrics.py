@@ -130,6 +130,11 @@ class PlcSnapshot(_Model):
     connections: int = Field(default=0, description="Modbus clients connected now")
     connections_total: int = Field(default=0, description="Modbus connections accepted since start")
     connections_rejected: int = Field(default=0, description="connections refused by plc.allowlist")
+    connections_closed: dict[str, int] = Field(
+        default_factory=dict,
+        description="connections the server ended, by reason: limit (plc.max_connections reached), idle "
+                    "(plc.idle_timeout_s), unread (answers left unread), framing (not Modbus TCP)",
+    )
     requests: dict[str, int] = Field(default_factory=dict, description="requests per Modbus function code")
     exceptions: dict[str, int] = Field(default_factory=dict, description="exception responses per exception code")
     heartbeat: str = Field(default="off", description="PLC heartbeat: off, waiting, ok or timeout")
@@ -336,6 +341,11 @@ def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:
     yield _counter(f"{n}_connections_accepted", "Modbus connections accepted", plc.connections_total)
     yield _counter(f"{n}_connections_rejected", "Modbus connections refused by the allowlist",
                    plc.connections_rejected)
+    closed = CounterMetricFamily(f"{n}_connections_closed", "Modbus connections the server ended, by reason",
+                                 labels=["reason"])
+    for reason in ("limit", "idle", "unread", "framing"):
+        closed.add_metric([reason], plc.connections_closed.get(reason, 0))
+    yield closed
     requests = CounterMetricFamily(f"{n}_requests", "Modbus requests per function code", labels=["function"])
     for code, count in plc.requests.items():
         requests.add_metric([code], count)

@@ -1,8 +1,12 @@
 """The record store: kept results in SQLite (WAL), each with its frame (JPEG) and masks (PNG).
 
 Every NG, UNCERTAIN and NO_FRAME result is kept, and a configured share of OK ones. A writer
-thread drains a bounded queue; when the queue is full a record is dropped and counted, so a slow
-disk never stalls inference.
+thread drains a bounded queue and encodes (JPEG, label PNG, JSON); a second one writes what is
+encoded, in one transaction per batch of what is ready, so the encoder's CPU work overlaps the
+disk's fsyncs. When the queue is full a record is dropped and counted, so a slow disk never stalls
+inference. Drops are not silent: the log says how many at most once per
+``DROP_WARNING_S`` (the first at once, then the count since the last line), and the live page
+shows the count.
 
 Durability: the frame and mask files are written to a temporary name, fsynced and renamed
 before the row that names them is committed (``synchronous=FULL``), and a record is counted as
@@ -82,6 +86,9 @@ CREATE INDEX IF NOT EXISTS records_verdict ON records (verdict, id);
 CREATE INDEX IF NOT EXISTS records_part_id ON records (part_id, id);
 """
 _STOP = object()
+_BATCH_MAX = 16  # records per transaction at most
+_ENCODED_AHEAD = 4  # encoded records waiting for the disk (a 4 MP record is about 0.6 MB)
+DROP_WARNING_S = 10.0  # at most one "records dropped" line per this many seconds
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,59 @@ class StoreStats:
     last_error: str | None
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    """A record ready for the disk: its files' bytes, its row's JSON, what its files will take on disk."""
+
+    record: InspectionRecord
+    frame_jpeg: bytes | None
+    mask_png: bytes | None
+    body: str
+    incoming: int
+
+
+class DropWarning:
+    """Records dropped because the writer's queue was full, in the log at most once per ``every_s``: the
+    first drop at once, later ones as the count since the last line (the rest at ``flush``)."""
+
+    def __init__(self, store: RecordStore, every_s: float = DROP_WARNING_S, clock: Any = time.monotonic) -> None:
+        self._store = store
+        self._every = every_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = 0  # dropped since the last line
+        self._last: float | None = None  # when the last line was logged
+        self._written_then = 0
+
+    def add(self) -> None:
+        with self._lock:
+            self._pending += 1
+        self.flush()
+
+    def flush(self, *, force: bool = False) -> None:
+        """Log the drops not yet logged, if it is time (``force``: now, at stop)."""
+        now = self._clock()
+        with self._lock:
+            if not self._pending or (not force and self._last is not None and now - self._last < self._every):
+                return
+            count, self._pending = self._pending, 0
+            since = None if self._last is None else now - self._last
+            self._last = now
+            stats = self._store.stats()
+            written, self._written_then = stats.written - self._written_then, stats.written
+        extra = {"event": "store_dropped", "reason": "queue_full", "dropped": count,
+                 "dropped_total": stats.dropped["queue_full"]}
+        if since is None:
+            log.warning("store: a record was dropped: the writer's queue is full (store.queue_size %d), the writer is "
+                        "behind. Every result still reaches the PLC and the live page; the store keeps what its "
+                        "writer manages (docs/service.md, Record store). Drops are logged at most every %.0f s",
+                        stats.queue_size, self._every, extra=extra)
+        else:
+            log.warning("store: %d record(s) dropped in the last %.0f s, the writer's queue full "
+                        "(store.queue_size %d): %d written meanwhile, %d dropped since start", count, since,
+                        stats.queue_size, written, stats.dropped["queue_full"], extra=extra)
+
+
 class StoreError(Exception):
     """The store directory cannot be used (permissions, not a directory, a corrupt database)."""
 
@@ -109,7 +169,9 @@ class RecordStore:
         self._clock = wall_clock
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.queue_size)
         self._lock = threading.Lock()
+        self._encoded: queue.Queue[Any] = queue.Queue(maxsize=_ENCODED_AHEAD)
         self._thread: threading.Thread | None = None
+        self._io_thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._ok_credit = 0.0
         self._records = 0
@@ -124,8 +186,11 @@ class RecordStore:
         self._budget = int(config.disk_budget_mb * _MB)
         self._wal_cap = min(_WAL_MAX, max(_WAL_MIN, self._budget // 32))
         self._wal_reserve = 3 * self._wal_cap
+        # rows per transaction: a batch's WAL pages stay well under half the WAL's size (see _overhead)
+        self._batch_max = max(1, min(_BATCH_MAX, self._wal_cap // (8 * 4096)))
         self._block = 4096  # the filesystem's allocation unit (open())
         self.ids: IdAllocator | None = None  # inspection ids, reserved durably in store.path (open())
+        self.drop_warning = DropWarning(self)
 
     # ------------------------------------------------------------------ lifecycle
     def open(self) -> int:
@@ -161,6 +226,8 @@ class RecordStore:
             raise RuntimeError("open() the store first")
         self._conn.close()  # the writer thread opens its own connection
         self._conn = None
+        self._io_thread = threading.Thread(target=self._run_io, name="store-io", daemon=True)
+        self._io_thread.start()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -170,12 +237,15 @@ class RecordStore:
             self.ids.close()
         if self._thread is None:
             return
+        deadline = time.monotonic() + timeout
         self._queue.put(_STOP)  # blocks while the queue is full: the writer is draining it
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        for thread in (self._thread, self._io_thread):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if any(t is not None and t.is_alive() for t in (self._thread, self._io_thread)):
             log.error("store writer did not finish within %.0f s; %d record(s) not written",
-                      timeout, self._queue.qsize())
-        self._thread = None
+                      timeout, self._queue.qsize() + self._encoded.qsize())
+        self._thread = self._io_thread = None
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path / DB_NAME, timeout=10.0, check_same_thread=False)
@@ -215,6 +285,7 @@ class RecordStore:
         except queue.Full:
             with self._lock:
                 self._dropped["queue_full"] += 1
+            self.drop_warning.add()
             return False
 
     def offer(self, record: InspectionRecord) -> None:
@@ -222,38 +293,71 @@ class RecordStore:
         if self.wants(record):
             self.submit(record)
 
-    # ------------------------------------------------------------------ the writer thread
+    # ------------------------------------------------------------------ the writer threads
     def _run(self) -> None:
+        """The encoder ("store-writer"): JPEG, label PNG and JSON of each queued record, the CPU part."""
         lower_thread_priority(self.config.writer_nice, idle_class=self.config.writer_idle_class)
-        conn = self._connect()
-        self._conn = conn
         try:
             while True:
                 try:
                     item = self._queue.get(timeout=1.0)
                 except queue.Empty:
-                    self._maybe_retention()
+                    self.drop_warning.flush()
                     continue
                 if item is _STOP:
                     break
                 try:
-                    self._write(conn, item)
+                    self._encoded.put(self._encode(item))  # waits while the disk is behind: the queue fills
                 except Exception as exc:  # one bad record must not stop the writer
-                    log.exception("store: writing record %s failed", getattr(item, "inspection_id", "?"))
-                    with self._lock:
-                        self._dropped["error"] += 1
-                        self._last_error = f"{type(exc).__name__}: {exc}"
+                    self._failed([item], exc)
+                self.drop_warning.flush()
+        finally:
+            self._encoded.put(_STOP)
+            self.drop_warning.flush(force=True)
+
+    def _run_io(self) -> None:
+        """The disk side ("store-io"): retention, files and rows, one transaction per batch of what is ready."""
+        lower_thread_priority(self.config.writer_nice, idle_class=self.config.writer_idle_class)
+        conn = self._connect()
+        self._conn = conn
+        try:
+            stop = False
+            while not stop:
+                try:
+                    batch = [self._encoded.get(timeout=1.0)]
+                except queue.Empty:
+                    self._maybe_retention()
+                    continue
+                while batch[-1] is not _STOP and len(batch) < self._batch_max:
+                    try:
+                        batch.append(self._encoded.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = batch[-1] is _STOP
+                items = [item for item in batch if item is not _STOP]
+                if items:
+                    try:
+                        self._store_batch(conn, items)
+                    except Exception as exc:
+                        self._failed([item.record for item in items], exc)
                 self._maybe_retention()
         finally:
             conn.close()
             self._conn = None
+
+    def _failed(self, records: list[InspectionRecord], exc: BaseException) -> None:
+        log.error("store: writing record(s) %s failed: %s: %s", ", ".join(str(r.inspection_id) for r in records),
+                  type(exc).__name__, exc, exc_info=exc)
+        with self._lock:
+            self._dropped["error"] += len(records)
+            self._last_error = f"{type(exc).__name__}: {exc}"
 
     def _maybe_retention(self) -> None:
         now = time.monotonic()
         if now - self._last_retention >= 30.0:
             self._enforce_retention()
 
-    def _write(self, conn: sqlite3.Connection, record: InspectionRecord) -> None:
+    def _encode(self, record: InspectionRecord) -> _Encoded:
         frame_jpeg = mask_png = None
         if record.frame is not None:
             ok, buf = cv2.imencode(".jpg", record.frame, [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
@@ -262,52 +366,84 @@ class RecordStore:
             frame_jpeg = buf.tobytes()
             if record.result.defects:
                 mask_png = encode_label_mask(record.result)
+        body = json.dumps(record.to_dict(with_polygons=True), separators=(",", ":"))
         # what the files will take: each rounded up to the allocation unit, plus a block for a new day directory
         incoming = sum(self._allocated(len(data)) for data in (frame_jpeg, mask_png) if data is not None) + self._block
+        return _Encoded(record, frame_jpeg, mask_png, body, incoming)
+
+    def _store_batch(self, conn: sqlite3.Connection, items: list[_Encoded]) -> None:
+        """Room for the whole batch (one delete transaction), its files, its rows in one transaction. A batch
+        that does not fit as a whole, or fails, is stored one record at a time (each with its own verdict)."""
+        if len(items) > 1 and self._room(conn, sum(item.incoming for item in items)) is None:
+            try:
+                self._commit(conn, items)
+                return
+            except (OSError, sqlite3.Error) as exc:
+                if not is_disk_full(exc):
+                    log.warning("store: a batch of %d records failed (%s: %s); writing them one at a time", len(items),
+                                type(exc).__name__, exc)
+        for item in items:
+            try:
+                self._store_one(conn, item)
+            except Exception as exc:
+                self._failed([item.record], exc)
+
+    def _store_one(self, conn: sqlite3.Connection, item: _Encoded) -> None:
+        refused = self._room(conn, item.incoming)
+        if refused == "too_large":
+            self._drop_too_large(item.record, item.incoming)
+        elif refused is not None:
+            self._drop_disk_full(item.record)
+        else:
+            try:
+                self._commit(conn, [item])
+            except (OSError, sqlite3.Error) as exc:
+                if not is_disk_full(exc):
+                    raise
+                self._drop_disk_full(item.record)
+
+    def _room(self, conn: sqlite3.Connection, incoming: int) -> str | None:
+        """_make_room, a disk too full for SQLite to delete counted as disk_full."""
         try:
-            refused = self._make_room(incoming)
+            return self._make_room(incoming)
         except (OSError, sqlite3.Error) as exc:
             if not is_disk_full(exc):
                 raise
             conn.rollback()  # deletes SQLite had no space to commit: none happened
-            refused = "disk_full"
-        if refused == "too_large":
-            self._drop_too_large(record, incoming)
-            return
-        if refused is not None:
-            self._drop_disk_full(record)
-            return
-        day = time.strftime("%Y%m%d", time.gmtime(record.wall_time))
-        frame_file = f"{FILES_DIR}/{day}/{record.inspection_id}.jpg" if frame_jpeg is not None else None
-        mask_file = f"{FILES_DIR}/{day}/{record.inspection_id}.mask.png" if mask_png is not None else None
+            return "disk_full"
+
+    def _commit(self, conn: sqlite3.Connection, items: list[_Encoded]) -> None:
+        """Write the items' files (each fsynced and renamed), then their rows in one transaction. On failure
+        the transaction is rolled back and the files removed: no file stays without its row."""
+        names: list[str] = []
+        rows = []
         try:
-            if frame_file is not None and frame_jpeg is not None:
-                write_bytes_atomic(self.path / frame_file, frame_jpeg)
-            if mask_file is not None and mask_png is not None:
-                write_bytes_atomic(self.path / mask_file, mask_png)
-            size = sum(on_disk(self.path / name) for name in (frame_file, mask_file) if name)
-            body = json.dumps(record.to_dict(with_polygons=True), separators=(",", ":"))
-            conn.execute(
+            for item in items:
+                record = item.record
+                day = time.strftime("%Y%m%d", time.gmtime(record.wall_time))
+                frame_file = f"{FILES_DIR}/{day}/{record.inspection_id}.jpg" if item.frame_jpeg is not None else None
+                mask_file = f"{FILES_DIR}/{day}/{record.inspection_id}.mask.png" if item.mask_png is not None else None
+                for name, data in ((frame_file, item.frame_jpeg), (mask_file, item.mask_png)):
+                    if name is not None and data is not None:
+                        names.append(name)
+                        write_bytes_atomic(self.path / name, data)
+                size = sum(on_disk(self.path / name) for name in (frame_file, mask_file) if name)
+                rows.append((record.inspection_id, record.wall_time, record.verdict.name, record.part_id,
+                             record.acquisition_id, len(record.result.defects), frame_file, mask_file, size, item.body))
+            conn.executemany(
                 "INSERT OR REPLACE INTO records (id, wall_time, verdict, part_id, acquisition_id, defect_count,"
-                " frame_file, mask_file, bytes, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.inspection_id, record.wall_time, record.verdict.name, record.part_id, record.acquisition_id,
-                 len(record.result.defects), frame_file, mask_file, size, body),
-            )
+                " frame_file, mask_file, bytes, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             conn.commit()
-        except (OSError, sqlite3.Error) as exc:
+        except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                conn.rollback()  # the row is not stored, so its files must not stay either
-            for name in (frame_file, mask_file):
-                if name:
-                    (self.path / name).unlink(missing_ok=True)
-            if not is_disk_full(exc):
-                raise
-            self._drop_disk_full(record)
-            return
+                conn.rollback()  # the rows are not stored, so their files must not stay either
+            for name in names:
+                (self.path / name).unlink(missing_ok=True)
+            raise
         with self._lock:  # counted only once committed
-            self._written += 1
-            self._records += 1
-            self._bytes += size
+            self._written += len(rows)
+            self._records += len(rows)
+            self._bytes += sum(row[8] for row in rows)
             if self._full_drops:
                 log.warning("store: writing records again, after %d dropped for lack of disk space", self._full_drops)
                 self._full_drops = 0
@@ -481,7 +617,8 @@ class RecordStore:
         with self._lock:
             return StoreStats(
                 enabled=True, path=str(self.path), records=self._records, bytes=self.usage(), written=self._written,
-                dropped=dict(self._dropped), deleted=dict(self._deleted), queue_depth=self._queue.qsize(),
+                dropped=dict(self._dropped), deleted=dict(self._deleted),
+                queue_depth=self._queue.qsize() + self._encoded.qsize(),
                 queue_size=self.config.queue_size, last_error=self._last_error,
             )
 

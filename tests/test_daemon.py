@@ -308,9 +308,9 @@ def test_live_view_encodes_only_while_watched_and_events_stream(bundle: Path, tm
 class SlowStore(RecordStore):
     """A store on a disk that takes half a second per record."""
 
-    def _write(self, conn: Any, record: InspectionRecord) -> None:
+    def _encode(self, record: InspectionRecord) -> Any:
         time.sleep(0.5)
-        super()._write(conn, record)
+        return super()._encode(record)
 
 
 def test_a_slow_disk_and_a_stalled_viewer_never_stall_inference(bundle: Path, tmp_path: Path) -> None:

@@ -598,8 +598,9 @@ def test_plc_client_storms_and_malformed_frames_leave_the_daemon_inspecting(bund
     """300 concurrent Modbus TCP clients, malformed MBAP frames and PDUs (1 MB of garbage among them), 100
     half-open connections: every well-formed request is answered, every malformed one gets an exception or
     its connection closed, a normal PLC read keeps working, the daemon keeps inspecting, and afterwards its
-    connections, file descriptors, memory and log are back where they were."""
-    data = config_data(tmp_path, bundle, plc=PLC, camera={"fps": 10.0})
+    connections, file descriptors, memory and log are back where they were. plc.max_connections is raised
+    to let the 300 in (the default, 16, refuses the rest: tests/test_plc_limits.py)."""
+    data = config_data(tmp_path, bundle, plc={**PLC, "max_connections": 512}, camera={"fps": 10.0})
     config_file = tmp_path / "defectsam.yaml"
     config_file.write_text(yaml.safe_dump(data))
     daemon = DaemonProcess(config_file, tmp_path)

@@ -304,6 +304,17 @@ class PlcSection(Section):
             "authentication): only on an isolated cell network. false: such a config is refused"
         ),
     )
+    max_connections: int = Field(
+        default=16, ge=1, le=1024, title="Connection cap",
+        description="Modbus clients connected at once; one more is disconnected at once, logged and counted",
+    )
+    idle_timeout_s: float = Field(
+        default=120.0, ge=0.0, le=86400.0, title="Idle timeout (s)",
+        description=(
+            "a connection that sends no request for this long is closed (a PLC that stopped, a half-open "
+            "connection left by a PLC restart); 0 keeps silent connections open"
+        ),
+    )
     top_n: int = Field(default=8, ge=0, le=8, title="Defect records",
                        description="per-defect records written, highest score first (0-8)")
     mask_grid: int = Field(default=16, ge=1, le=16, title="Mask grid size",

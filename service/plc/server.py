@@ -4,6 +4,14 @@ the allowlist and counts connections, requests and exceptions.
 ``RegisterStore`` is built without I/O (the tests drive it directly); ``serve`` binds it. Every
 access runs in the server's one asyncio loop and none of them awaits, so a read of any span sees
 the registers between two writer steps, never in the middle of one (service.py holds the writer).
+
+Each connection is bounded (docs/plc.md, "Limits"): at most ``INBOX_HIGH`` received bytes wait to be
+answered and ``WRITE_HIGH`` bytes of answers wait for the client to take them; past either, the
+connection stops being read (TCP flow control then holds the client back), and a client that leaves
+its answers unread for ``UNREAD_CLOSE_S`` is disconnected. One worker task per connection answers in
+order, ``ANSWERS_PER_TURN`` requests at a time, so a client that pipelines thousands of requests
+cannot delay another's poll. The server caps connections and closes those silent for
+``plc.idle_timeout_s``; its log lines about clients are rate-limited (``LogThrottle``).
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import math
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +44,13 @@ MAX_READ = 125
 MAX_WRITE = 123  # registers in one write multiple (121 in a read/write multiple)
 MBAP = struct.Struct(">HHHB")  # transaction id, protocol id (0), length (unit id + PDU), unit id
 MAX_MBAP_LENGTH = 254  # unit id + the longest PDU (253 bytes)
+# Per-connection bounds (docs/plc.md, "Limits"). A request is 12 to 260 bytes, its answer 9 to 259.
+INBOX_HIGH, INBOX_LOW = 16 * 1024, 4 * 1024  # received, not yet answered: reading pauses above, resumes below
+WRITE_HIGH, WRITE_LOW = 64 * 1024, 16 * 1024  # answered, not yet taken by the kernel: answering pauses above
+UNREAD_CLOSE_S = 10.0  # answering paused this long (the client reads none of its answers): disconnected
+ANSWERS_PER_TURN = 8  # requests one connection gets answered before the loop serves the others
+SWEEP_S = 0.5  # how often idle and unread connections are looked for
+LOG_EVERY_S = 60.0  # at most one log line per kind of client trouble this often
 
 
 def request_problem(pdu: bytes) -> ExcCodes | None:
@@ -145,105 +162,225 @@ class ServerStats:
         self.rejected = 0
         self.requests: collections.Counter[int] = collections.Counter()
         self.exceptions: collections.Counter[int] = collections.Counter()
+        # connections the server ended, by reason: limit (refused at plc.max_connections), idle
+        # (plc.idle_timeout_s), unread (answers not read for UNREAD_CLOSE_S), framing (not Modbus TCP)
+        self.closed: collections.Counter[str] = collections.Counter()
+
+
+class LogThrottle:
+    """At most one log line per key every ``interval`` seconds; the next line sent says how many were held.
+
+    A client reconnecting in a loop (refused, or closed for idling) would otherwise write a line per
+    attempt. Keys are the kinds of trouble, not the peers: a few keys, however many clients.
+    """
+
+    def __init__(self, logger: logging.Logger, interval: float = LOG_EVERY_S) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}  # key -> (when the last line went out, lines held since)
+
+    def log(self, level: int, key: str, message: str, *args: object) -> bool:
+        now = time.monotonic()
+        at, held = self._last.get(key, (-math.inf, 0))
+        if now - at < self.interval:
+            self._last[key] = (at, held + 1)
+            return False
+        self._last[key] = (now, 0)
+        if held:
+            message += " (%d more like it in the last %.0f s)"
+            args = (*args, held, now - at)
+        self.logger.log(level, message, *args)
+        return True
 
 
 class _Handler(ServerRequestHandler):
-    """One client connection: refuses peers outside the allowlist, counts requests and exceptions."""
+    """One client connection: refused outside the allowlist or past the connection cap; answers its
+    requests in order from a bounded inbox, reading only while its answers are being taken.
+
+    pymodbus's own path decodes one frame per read from the socket, keeps one request in flight and
+    empties its receive buffer when it answers, so a second request sent before the first answer
+    (Modbus TCP allows several) was dropped silently; it also waited forever on a frame whose header
+    cannot be Modbus TCP. And it reads, answers and buffers answers without bound. Here ``data_received``
+    only queues bytes; one worker task frames, vets (request_problem) and answers them.
+    """
 
     server: _Server
-    _allowed = True
+    _allowed = False
     _counted = False
-    _closing = False  # framing lost: the connection closes, input is ignored
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self._tasks: set[asyncio.Task[None]] = set()
-        # pymodbus drops everything received once its buffer passes one frame's size (264 bytes), so a
-        # burst of requests was lost whole. callback_data consumes every complete frame at once and
-        # leaves at most one partial frame (< 261 bytes), so the buffer stays small without that limit.
-        self.max_buffer_size = 1 << 20
+        self._inbox = bytearray()  # received, not yet answered (whole frames and at most one partial)
+        self._wake = asyncio.Event()  # bytes arrived, EOF, or the connection must end
+        self._writable = asyncio.Event()  # the transport takes answers (cleared by pause_writing)
+        self._writable.set()
+        self._eof = False  # the client half-closed: answer what came, then close
+        self._closing = False  # ending: nothing more is read or answered
+        self._worker: asyncio.Task[None] | None = None
+        self._last_request = time.monotonic()
+        self._unread_since: float | None = None  # answering paused since (the client does not read)
+        self.peer = "?"
 
+    # ---------------------------------------------------------------- connection (asyncio callbacks)
     def callback_connected(self) -> None:
-        stats = self.server.stats
+        server, stats = self.server, self.server.stats
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        host = str(peer[0]) if peer else ""
-        if not self.server.allowed(host):
-            self._allowed = False
+        self.peer = str(peer[0]) if peer else "?"
+        if not server.allowed(self.peer):
             stats.rejected += 1
-            log.warning("plc: refused a Modbus connection from %s (not in plc.allowlist)", host)
+            server.throttle.log(logging.WARNING, "allowlist", "plc: refused a Modbus connection from %s (not in "
+                                "plc.allowlist)", self.peer)
             self.transport.close()
             return
-        self._counted = True
+        if len(server.handlers) >= server.max_connections:
+            stats.closed["limit"] += 1
+            server.throttle.log(logging.WARNING, "limit", "plc: refused a Modbus connection from %s: %d clients "
+                                "connected already (plc.max_connections)", self.peer, len(server.handlers))
+            self.transport.close()
+            return
+        self._allowed = self._counted = True
+        server.handlers.add(self)
         stats.connections += 1
         stats.connections_total += 1
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[attr-defined]
+        self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"plc-connection-{self.peer}")
         super().callback_connected()
 
     def callback_disconnected(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._inbox.clear()
+        if self._worker is not None:
+            self._worker.cancel()
         if self._counted:
             self._counted = False
+            self.server.handlers.discard(self)
             self.server.stats.connections -= 1
         super().callback_disconnected(exc)
 
-    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
-        """Frame every complete request in ``data``, vet it (request_problem) and answer it, in order.
-
-        pymodbus's own path decodes one frame per read from the socket, keeps one request in flight
-        and empties its receive buffer when it answers, so a second request sent before the first
-        answer (Modbus TCP allows several) was dropped silently; it also waited forever on a frame
-        whose header cannot be Modbus TCP. Here such a header (protocol id not 0, a length no PDU
-        has) closes the connection: the byte stream has lost its framing and the PLC reconnects.
-        """
+    def data_received(self, data: bytes) -> None:
         if not self._allowed or self._closing:
-            return len(data)
-        used = 0
-        while len(data) - used >= MBAP.size:
-            transaction, protocol, length, unit = MBAP.unpack_from(data, used)
-            if protocol != 0 or not 2 <= length <= MAX_MBAP_LENGTH:
-                peer = self.transport.get_extra_info("peername") if self.transport else None
-                log.warning("plc: closed the Modbus connection from %s: not a Modbus TCP frame (protocol id %d, "
-                            "length %d)", peer[0] if peer else "?", protocol, length)
+            return
+        self._inbox += data
+        self._flow()
+        self._wake.set()
+
+    def eof_received(self) -> bool:  # type: ignore[override] # asyncio: True keeps the transport open
+        self._eof = True
+        self._wake.set()
+        return True  # keep the transport open to send the answers owed; the worker closes it
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+        self._unread_since = time.monotonic()
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+        self._unread_since = None
+        self._flow()
+
+    def _flow(self) -> None:
+        """Read while the inbox is short and answers are being taken; else let TCP hold the client back."""
+        transport: Any = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if len(self._inbox) >= INBOX_HIGH or not self._writable.is_set():
+            transport.pause_reading()
+        elif len(self._inbox) <= INBOX_LOW:
+            transport.resume_reading()
+
+    def check(self, now: float, idle_timeout: float) -> None:
+        """The server's sweep: end a connection whose answers go unread, or that is silent too long."""
+        if self._closing or self.transport is None:
+            return
+        if self._unread_since is not None and now - self._unread_since >= UNREAD_CLOSE_S:
+            waiting = self.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+            self._end("unread", logging.WARNING, "plc: closed the Modbus connection from %s: it read none of its "
+                      "answers for %.0f s (%d bytes waiting; requests were no longer read)", self.peer,
+                      UNREAD_CLOSE_S, waiting, abort=True)
+        elif idle_timeout and now - self._last_request >= idle_timeout:
+            self._end("idle", logging.INFO, "plc: closed the Modbus connection from %s: no request for %.0f s "
+                      "(plc.idle_timeout_s)", self.peer, idle_timeout)
+
+    def _end(self, reason: str, level: int, message: str, *args: object, abort: bool = False) -> None:
+        self._closing = True
+        self.server.stats.closed[reason] += 1
+        self.server.throttle.log(level, reason, message, *args)
+        if abort:  # its answers cannot be delivered: drop them now
+            self.transport.abort()  # type: ignore[attr-defined]
+        else:  # after the answers already queued
+            self.transport.close()
+
+    # ---------------------------------------------------------------- answering (the worker task)
+    async def _work(self) -> None:
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            answered = 0
+            while not self._closing:
+                if not self._writable.is_set():
+                    await self._writable.wait()
+                    continue
+                frame = self._next_frame()
+                if frame is None:
+                    break
+                await self._answer(*frame)
+                answered += 1
+                if answered % ANSWERS_PER_TURN == 0:
+                    self._flow()
+                    await asyncio.sleep(0)  # let the other connections' requests in
+            if self._closing:
+                return
+            self._flow()
+            if self._eof:
                 self._closing = True
-                if self.transport:  # after the answers already queued (call_soon runs in order)
-                    asyncio.get_running_loop().call_soon(self.transport.close)
-                return len(data)
-            end = used + 6 + length
-            if len(data) < end:
-                break  # the rest of the frame is on its way
-            self._answer(transaction, unit, data[used + MBAP.size:end], addr)
-            used = end
-        return used
+                self.transport.close()  # after the answers queued
+                return
 
-    def _answer(self, transaction: int, unit: int, pdu: bytes, addr: Any) -> None:
-        self.server.stats.requests[pdu[0]] += 1
-        problem = ExcCodes.GATEWAY_NO_RESPONSE if unit != self.server.store.unit_id else request_problem(pdu)
-        if problem is None and pdu[0] == 23 and isinstance(self.server.store.read(23, *_words(pdu, 2)), ExcCodes):
+    def _next_frame(self) -> tuple[int, int, bytes] | None:
+        """The next whole request in the inbox (transaction id, unit id, PDU), taken out of it; None when
+        none is whole yet. A header that cannot be Modbus TCP (protocol id not 0, a length no PDU has)
+        ends the connection after the answers already queued: the stream has lost its framing and the
+        PLC reconnects."""
+        inbox = self._inbox
+        if len(inbox) < MBAP.size:
+            return None
+        transaction, protocol, length, unit = MBAP.unpack_from(inbox, 0)
+        if protocol != 0 or not 2 <= length <= MAX_MBAP_LENGTH:
+            inbox.clear()
+            self._end("framing", logging.WARNING, "plc: closed the Modbus connection from %s: not a Modbus TCP "
+                      "frame (protocol id %d, length %d)", self.peer, protocol, length)
+            return None
+        end = 6 + length
+        if len(inbox) < end:
+            return None  # the rest of the frame is on its way
+        pdu = bytes(inbox[MBAP.size:end])
+        del inbox[:end]  # bytearray: O(1) from the front
+        self._last_request = time.monotonic()
+        return transaction, unit, pdu
+
+    async def _answer(self, transaction: int, unit: int, pdu: bytes) -> None:
+        stats, store = self.server.stats, self.server.store
+        stats.requests[pdu[0]] += 1
+        problem = ExcCodes.GATEWAY_NO_RESPONSE if unit != store.unit_id else request_problem(pdu)
+        if problem is None and pdu[0] == 23 and isinstance(store.read(23, *_words(pdu, 2)), ExcCodes):
             problem = ExcCodes.ILLEGAL_ADDRESS  # refused before pymodbus writes (it writes, then reads)
-        request = self.framer.decoder.decode(pdu) if problem is None else None
+        request: Any = self.framer.decoder.decode(pdu) if problem is None else None
         if request is None:
-            request = ExceptionResponse(pdu[0], problem or ExcCodes.ILLEGAL_VALUE)
-        request.dev_id, request.transaction_id = unit, transaction
-        # Answers go out in arrival order: tasks run in the order they are made, and each finishes in one
-        # step (the store never awaits).
-        task = asyncio.get_running_loop().create_task(self._serve(request, addr))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, request: Any, addr: Any) -> None:
-        if isinstance(request, ExceptionResponse):
-            response = request
+            response: Any = ExceptionResponse(pdu[0], problem or ExcCodes.ILLEGAL_VALUE)
         else:
-            try:
-                response = await request.datastore_update(self.server.context, request.dev_id)
+            try:  # completes in one step: the store never awaits
+                response = await request.datastore_update(self.server.context, unit)
             except Exception:
                 log.exception("plc: Modbus request %s failed", request)
                 response = ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE)
-            response.transaction_id, response.dev_id = request.transaction_id, request.dev_id
-        self.server_send(response, addr)
+        response.transaction_id, response.dev_id = transaction, unit
+        self.server_send(response, None)
 
     def send(self, data: bytes, addr: tuple[Any, ...] | None = None) -> None:
-        pending = self.recv_buffer  # pymodbus empties it on every send: a partly received next request
-        super().send(data, addr)
-        self.recv_buffer = pending
+        transport: Any = self.transport
+        if transport is not None and not transport.is_closing():  # never written after a close: asyncio logs
+            transport.write(data)  # a warning for each such write, pymodbus an error
 
     def server_send(self, pdu: Any, addr: Any) -> None:
         if isinstance(pdu, ExceptionResponse):
@@ -252,11 +389,24 @@ class _Handler(ServerRequestHandler):
 
 
 class _Server(ModbusTcpServer):
-    def __init__(self, store: RegisterStore, host: str, port: int, allowlist: Sequence[str]) -> None:
+    def __init__(self, store: RegisterStore, host: str, port: int, allowlist: Sequence[str], *,
+                 max_connections: int, idle_timeout: float) -> None:
         super().__init__(store, address=(host, port))
         self.store = store
         self.stats = ServerStats()
+        self.throttle = LogThrottle(log)
+        self.handlers: set[_Handler] = set()
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.sweeper: asyncio.Task[None] | None = None
         self._networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
+
+    async def sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            now = time.monotonic()
+            for handler in list(self.handlers):
+                handler.check(now, self.idle_timeout)
 
     def allowed(self, host: str) -> bool:
         if not self._networks:
@@ -273,17 +423,22 @@ class _Server(ModbusTcpServer):
         return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
 
 
-async def serve(store: RegisterStore, host: str, port: int, allowlist: Sequence[str]) -> tuple[_Server, int]:
-    """Bind and serve ``store`` (in the running loop); returns the server and the bound port."""
-    server = _Server(store, host, port, allowlist)
+async def serve(store: RegisterStore, host: str, port: int, allowlist: Sequence[str], *,
+                max_connections: int = 16, idle_timeout: float = 0.0) -> tuple[_Server, int]:
+    """Bind and serve ``store`` (in the running loop); returns the server and the bound port.
+    ``idle_timeout`` 0: silent connections stay open."""
+    server = _Server(store, host, port, allowlist, max_connections=max_connections, idle_timeout=idle_timeout)
     await server.serve_forever(background=True)
     listener: Any = server.transport
     if listener is None or not getattr(listener, "sockets", None):
         await server.shutdown()
         raise OSError(f"cannot listen on {host}:{port}")
+    server.sweeper = asyncio.get_running_loop().create_task(server.sweep(), name="plc-sweep")
     return server, int(listener.sockets[0].getsockname()[1])
 
 
 async def stop(server: _Server) -> None:
+    if server.sweeper is not None:
+        server.sweeper.cancel()
     await server.shutdown()
     await asyncio.sleep(0)

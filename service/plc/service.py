@@ -160,7 +160,9 @@ class PlcService:
         self._wake = asyncio.Event()
         self._stop_event = asyncio.Event()
         try:
-            server, self.port = await serve(self.store, self.config.host, self.config.port, self.config.allowlist)
+            server, self.port = await serve(self.store, self.config.host, self.config.port, self.config.allowlist,
+                                            max_connections=self.config.max_connections,
+                                            idle_timeout=self.config.idle_timeout_s)
         except OSError as exc:
             self._start_error = exc
             self._started.set()
@@ -377,6 +379,7 @@ class PlcService:
             "connections": server.connections if server else 0,
             "connections_total": server.connections_total if server else 0,
             "connections_rejected": server.rejected if server else 0,
+            "connections_closed": dict(server.closed) if server else {},
             "requests": {str(k): v for k, v in sorted(server.requests.items())} if server else {},
             "exceptions": {str(k): v for k, v in sorted(server.exceptions.items())} if server else {},
             "heartbeat": self.heartbeat_state,

@@ -22,8 +22,21 @@ function showStatus(s) {
   $("n-ng").textContent = p.verdicts.NG;
   $("n-unc").textContent = p.verdicts.UNCERTAIN;
   $("n-nof").textContent = p.verdicts.NO_FRAME;
-  $("drops").textContent = `frames dropped ${s.camera.frames_dropped} · store dropped ` +
-    Object.values(s.store.dropped).reduce((a, b) => a + b, 0) + ` · viewers ${s.live.viewers}`;
+  showStoreDrops(s.store);
+  $("drops").textContent = `frames dropped ${s.camera.frames_dropped} · viewers ${s.live.viewers}`;
+}
+
+// Records the store did not keep are shown where the operator looks, not in grey small print.
+function showStoreDrops(st) {
+  const box = $("store-drops");
+  const dropped = Object.values(st.dropped).reduce((a, b) => a + b, 0);
+  box.hidden = !st.enabled || dropped === 0;
+  if (box.hidden) return;
+  const reasons = Object.entries(st.dropped).filter(([, n]) => n > 0)
+    .map(([reason, n]) => `${n} ${reason.replace("_", " ")}`).join(", ");
+  const share = Math.round((100 * dropped) / (dropped + st.written));
+  box.textContent = `Store dropped ${dropped} of ${dropped + st.written} records (${share}%): ${reasons}.` +
+    " Inspection is not affected: every result is still published (PLC, events)." + (st.last_error ? ` Last error: ${st.last_error}` : "");
 }
 
 // The last NG frame with its masks stays on screen until the next NG, so an operator who looks up
