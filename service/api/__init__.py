@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api import control, health, results, status
 from service.api.context import DaemonContext
+from service.api.docs import DOCS_PATHS, add_docs
 from service.api.errors import BodyLimit, http_error, reject_unknown_query, unhandled_error, validation_error
 from service.api.headers import SecurityHeaders
 from service.api.limits import RequestLimit
@@ -39,7 +40,9 @@ def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
                     "Mutating endpoints need 'Authorization: Bearer <api.token>'.",
         dependencies=[Depends(reject_unknown_query)],
         responses=COMMON_RESPONSES,
+        docs_url=None, redoc_url=None,  # add_docs: the same pages, their assets served here, not from a CDN
     )
+    add_docs(app)
     for module in (health, status, results, control, live_routes):
         app.include_router(module.build_router(ctx))
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -48,5 +51,5 @@ def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
     app.add_middleware(RequestLimit)  # inside BodyLimit: a request counts in flight once its body is in
     app.add_middleware(BodyLimit, limit=ctx.config.api.max_body_bytes)
     # Added last, so outermost: a 413 of BodyLimit carries the headers too (a 500 gets them from unhandled_error).
-    app.add_middleware(SecurityHeaders, docs_paths=(app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url))
+    app.add_middleware(SecurityHeaders, docs_paths=DOCS_PATHS)
     return app

@@ -3,9 +3,9 @@
 The live page (service/static) has no inline script or style and loads nothing from elsewhere, so
 its policy allows only the daemon's own origin: a value that reached the page (a part id, a class
 name) can never run as script there, and no other site can frame the page to trick an operator
-into a click. The API docs pages FastAPI renders (``/docs``, ``/redoc``) load Swagger UI and ReDoc
-from their CDN and start them with one inline script: their policy allows that CDN, and the inline
-scripts by the SHA-256 of the very page being sent, never ``'unsafe-inline'``.
+into a click. The API docs pages (``/docs``, ``/redoc``: service/api/docs.py) load Swagger UI and
+ReDoc from the daemon too, and start them with one inline script: their policy allows it by the
+SHA-256 of the very page being sent, never ``'unsafe-inline'``, and names no other origin.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ PAGE_POLICY = "; ".join((
     "form-action 'self'",
     "frame-ancestors 'none'",
 ))
-# FastAPI's docs pages: the CDN it loads Swagger UI and ReDoc from, ReDoc's fonts, FastAPI's favicon.
-# {scripts} are the page's inline scripts' hashes. Styles: both UIs inject style elements at run time.
+# The docs pages: Swagger UI and ReDoc from the daemon (service/api/docs.py). {scripts} are the page's
+# inline scripts' hashes. Styles: both UIs inject style elements at run time; ReDoc starts a blob worker.
 _DOCS_POLICY = "; ".join((
     "default-src 'none'",
-    "script-src 'self' https://cdn.jsdelivr.net{scripts}",
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com",
-    "font-src 'self' data: https://fonts.gstatic.com",
-    "img-src 'self' data: https://fastapi.tiangolo.com https://cdn.redoc.ly",
+    "script-src 'self'{scripts}",
+    "style-src 'self' 'unsafe-inline'",
+    "font-src 'self' data:",
+    "img-src 'self' data:",
     "connect-src 'self'",
     "worker-src 'self' blob:",
     "base-uri 'none'",
