@@ -1,6 +1,7 @@
 """Draw an inspection result over its frame: masks tinted per class, contours, labels, verdict.
 
-Used by ``defectsam infer`` and by the live view; ``scale`` draws on a downscaled copy.
+Used by ``defectsam infer``, the live view and the daemon's overlay endpoint; ``scale`` draws on a downscaled
+copy, ``overlay_scale`` picks the scale that fits a requested width and a cap on the longer side.
 """
 
 from __future__ import annotations
@@ -31,13 +32,31 @@ def class_colour(class_id: int) -> tuple[int, int, int]:
     return CLASS_COLOURS[class_id % len(CLASS_COLOURS)]
 
 
+def overlay_scale(width: int, height: int, max_width: int | None = None, max_side: int | None = None) -> float:
+    """The scale (at most 1: never enlarged) that makes a ``width`` x ``height`` frame at most ``max_width``
+    wide and at most ``max_side`` on its longer side; 1.0 for a frame of unknown size (0)."""
+    scale = 1.0
+    if width > 0 and max_width:
+        scale = min(scale, max_width / width)
+    if max(width, height) > 0 and max_side:
+        scale = min(scale, max_side / max(width, height))
+    return scale
+
+
 def render_overlay(
-    frame: np.ndarray, result: InspectionResult, *, scale: float = 1.0, alpha: float = 0.45
+    frame: np.ndarray, result: InspectionResult, *, scale: float = 1.0, alpha: float = 0.45,
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """A BGR uint8 copy of ``frame`` (mono or BGR), resized by ``scale``, with the result drawn on it."""
+    """A BGR uint8 copy of ``frame`` (mono or BGR), resized by ``scale``, with the result drawn on it.
+
+    ``size`` (width, height) is the canvas when ``frame`` is already smaller than the frame the result's
+    coordinates are in (a JPEG decoded at 1/2, 1/4 or 1/8): the frame is resized to it, the defects are
+    drawn at ``scale`` of their coordinates.
+    """
     canvas = frame if frame.ndim == 3 and frame.shape[2] == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    if scale != 1.0:
+    if size is None:
         size = (max(1, round(canvas.shape[1] * scale)), max(1, round(canvas.shape[0] * scale)))
+    if size != (canvas.shape[1], canvas.shape[0]):
         canvas = cv2.resize(canvas, size, interpolation=cv2.INTER_AREA)
     else:
         canvas = canvas.copy()

@@ -32,6 +32,7 @@ from engines.errors import DefectsamError
 from engines.inspector import Inspector
 from service.api import VERSION, create_fastapi_app
 from service.api.limits import KEEP_ALIVE_S, ConnectionGuard, fit_open_files, guarded_protocol
+from service.api.overlays import OverlayRenderer
 from service.capture import CameraState, CameraWorker, create_worker
 from service.config.models import DaemonConfig
 from service.live.view import EventHub, LiveView
@@ -75,6 +76,7 @@ class Daemon:
         self.store: RecordStore | None = RecordStore(config.store) if config.store.enabled else None
         self.live = LiveView(config.live, raw_frame=self._raw_frame, idle_reason=lambda: "; ".join(self.not_ready()))
         self.events = EventHub(config.pipeline.subscriber_queue)
+        self.overlays = OverlayRenderer()
         self.counters = PipelineCounters(config.pipeline.mode)
         self.registry = create_registry(self.snapshot)
         self.notifier = notifier if notifier is not None else SystemdNotifier()
@@ -235,6 +237,7 @@ class Daemon:
         self.live.stop()
         if self._server_thread is not None:
             self._server_thread.join(10.0)
+        self.overlays.close()
         if self._engine is not None:
             self._engine.close()
         self.notifier.close()
@@ -327,6 +330,7 @@ class Daemon:
             live=LiveSnapshot(viewers=self.live.viewers, frames_encoded=self.live.encoded,
                               frames_dropped=self.live.skipped, event_clients=self.events.clients,
                               events_dropped=self.events.dropped),
+            overlay=self.overlays.stats(),
             plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
         )
 

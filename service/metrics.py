@@ -121,6 +121,20 @@ class LiveSnapshot(_Model):
     events_dropped: int = Field(description="events a slow client missed")
 
 
+class OverlaySnapshot(_Model):
+    """The overlay endpoint (service/api/overlays.py): renders, its cache, requests refused."""
+
+    renders: int = Field(default=0, description="overlays drawn since start")
+    render_errors: int = Field(default=0, description="overlay renders that raised")
+    cache_hits: int = Field(default=0, description="overlay requests answered from the cache")
+    refused: int = Field(default=0, description="overlay requests answered 503 (no render slot within the wait)")
+    rendering: int = Field(default=0, description="overlays being drawn now")
+    waiting: int = Field(default=0, description="overlay requests waiting for a render now")
+    cache_entries: int = Field(default=0, description="rendered overlays in the cache")
+    cache_bytes: int = Field(default=0, description="bytes of rendered overlays in the cache")
+    cache_budget_bytes: int = Field(default=0, description="the cache's byte budget")
+
+
 class PlcSnapshot(_Model):
     """The Modbus TCP interface (docs/plc.md); all zero when plc.enabled is false."""
 
@@ -163,6 +177,7 @@ class StatsSnapshot(_Model):
     pipeline: PipelineStats
     store: StoreSnapshot
     live: LiveSnapshot
+    overlay: OverlaySnapshot = Field(default_factory=OverlaySnapshot)
     plc: PlcSnapshot = Field(default_factory=PlcSnapshot)
 
 
@@ -330,6 +345,14 @@ class SnapshotCollector(Collector):
         yield _counter(f"{n}_live_frames_encoded", "live-view JPEGs encoded", s.live.frames_encoded)
         yield _gauge(f"{n}_event_clients", "/api/events clients connected", s.live.event_clients)
         yield _counter(f"{n}_events_dropped", "events slow clients missed", s.live.events_dropped)
+        o = s.overlay
+        yield _counter(f"{n}_overlay_renders", "overlays drawn (/api/results/{id}/overlay.jpg)", o.renders)
+        yield _counter(f"{n}_overlay_render_errors", "overlay renders that raised", o.render_errors)
+        yield _counter(f"{n}_overlay_cache_hits", "overlay requests answered from the cache", o.cache_hits)
+        yield _counter(f"{n}_overlay_refused", "overlay requests answered 503 (render slots busy)", o.refused)
+        yield _gauge(f"{n}_overlay_renders_in_flight", "overlays being drawn now", o.rendering)
+        yield _gauge(f"{n}_overlay_waiting", "overlay requests waiting for a render now", o.waiting)
+        yield _gauge(f"{n}_overlay_cache_bytes", "bytes of rendered overlays in the cache", o.cache_bytes)
         yield _gauge(f"{n}_uptime_seconds", "seconds since the daemon started", s.uptime_s)
         yield from _plc_metrics(s.plc)
 

@@ -80,6 +80,22 @@ def test_latest_history_one_result_and_its_images(url: str) -> None:
     assert status == 200 and all(item["verdict"] == "NG" for item in ng["items"])
 
 
+def test_an_overlay_is_drawn_once_then_served_from_the_cache_with_its_etag(url: str, daemon: Any) -> None:
+    record_id = get_json(f"{url}/api/results?limit=1")[1]["items"][0]["id"]
+    path = f"{url}/api/results/{record_id}/overlay.jpg?width=200"
+    before = daemon.overlays.stats()
+    status, headers, body = http("GET", path)
+    assert status == 200 and headers["etag"].startswith('"') and headers["cache-control"] == "private, max-age=300"
+    again = http("GET", path)
+    assert again[0] == 200 and again[2] == body and again[1]["etag"] == headers["etag"]
+    status, _, empty = http("GET", path, headers={"If-None-Match": f'W/"other", {headers["etag"]}'})
+    assert status == 304 and empty == b""
+    after = daemon.overlays.stats()
+    assert after.renders == before.renders + 1 and after.cache_hits == before.cache_hits + 2
+    status, metrics = http("GET", f"{url}/metrics")[:3:2]
+    assert f"defectsam_overlay_cache_hits_total {float(after.cache_hits)}" in metrics.decode()
+
+
 def test_config_view_redacts_the_token(url: str) -> None:
     status, _, body = http("GET", f"{url}/api/config")
     assert status == 200 and TOKEN.encode() not in body

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from service.api.overlays import OverlayRenderer
 from service.config.models import DaemonConfig
 from service.live.view import EventHub, LiveView
 from service.metrics import StatsSnapshot
@@ -19,6 +20,7 @@ class DaemonContext(Protocol):
     store: RecordStore | None
     live: LiveView
     events: EventHub
+    overlays: OverlayRenderer
     registry: CollectorRegistry
 
     def snapshot(self) -> StatsSnapshot:

@@ -13,8 +13,9 @@ had every request answered 503. Instead:
   between requests uvicorn's keep-alive timeout (KEEP_ALIVE_S) closes sooner. A response the
   client reads nothing of for STALL_S is cut.
 * **Requests in flight** (``RequestLimit``): IN_FLIGHT requests of each pool at once: the probes
-  and /metrics, the trigger (a ``wait`` holds its slot until the result) and everything else each
-  have their own, so a flood of one never starves the others; one more waits up to QUEUE_S for a
+  and /metrics, the trigger (a ``wait`` holds its slot until the result), the results' images
+  (frame.jpg, overlay.jpg: an overlay can wait seconds for a render, service/api/overlays.py) and
+  everything else each have their own, so a flood of one never starves the others; one more waits up to QUEUE_S for a
   slot (a coroutine, no thread), then gets 503 with Retry-After. A request counts once its body is
   in (service.api.errors.BodyLimit reads it first), so a slow body holds no slot. The pools
   together fit anyio's 40 worker threads, which run the sync routes: a probe never waits for a
@@ -47,9 +48,11 @@ STALL_S = 30.0  # a response whose client reads nothing for this long is cut
 POOLS = {"/healthz": "probe", "/readyz": "probe", "/metrics": "probe", "/api/trigger": "trigger"}
 # requests in flight per pool ("other": every other path); the sum stays within anyio's 40 worker threads,
 # "trigger" matches pipeline.max_pending_triggers' default
-IN_FLIGHT = {"probe": 8, "trigger": 16, "other": 8}
+IN_FLIGHT = {"probe": 8, "trigger": 16, "other": 8, "image": 8}
+IMAGE_PATHS = ("/frame.jpg", "/overlay.jpg")  # under /api/results/{id}: the "image" pool
 QUEUE_S = 2.0  # a request finding its pool full waits this long for a slot, then gets 503
-_POOL_NAMES = {"probe": "probes and /metrics requests", "trigger": "triggers", "other": "requests"}
+_POOL_NAMES = {"probe": "probes and /metrics requests", "trigger": "triggers", "other": "requests",
+               "image": "result image requests"}
 STREAM_PATHS = frozenset({"/api/live.mjpeg", "/api/events"})
 FD_HEADROOM = 256  # open files kept for everything but HTTP connections (store, camera, PLC, libraries)
 WARN_EVERY_S = 10.0
@@ -245,6 +248,15 @@ def fit_open_files(max_connections: int) -> int:
     return fitted
 
 
+def pool_of(path: str) -> str:
+    """The pool a request path counts in (IN_FLIGHT)."""
+    if path in POOLS:
+        return POOLS[path]
+    if path.startswith("/api/results/") and path.endswith(IMAGE_PATHS):
+        return "image"
+    return "other"
+
+
 class RequestLimit:
     """ASGI middleware: at most IN_FLIGHT[pool] requests of each pool (POOLS) in flight; one more waits
     up to QUEUE_S for a slot, in order, then gets 503 with Retry-After. The streams pass (capped where
@@ -261,8 +273,8 @@ class RequestLimit:
         if scope["type"] != "http" or path in STREAM_PATHS:
             await self.app(scope, receive, send)
             return
-        pool = POOLS.get(path, "other")
-        slots = self._slots[pool]
+        pool = pool_of(path)
+        slots = self._slots.get(pool) or self._slots["other"]
         if not slots.locked():
             await slots.acquire()  # at once
         else:

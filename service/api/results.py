@@ -1,4 +1,7 @@
-"""Inspection results: the latest, the stored history (paged, newest first), one result and its images."""
+"""Inspection results: the latest, the stored history (paged, newest first), one result and its images.
+
+Overlays are drawn on demand, bounded and cached by service/api/overlays.py.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,23 @@ from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import cv2
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, Header, HTTPException, Path, Query
 from fastapi.responses import Response
 
-from engines.overlay import render_overlay
+from engines.overlay import overlay_scale, render_overlay
+from service.api import overlays
 from service.api.context import DaemonContext
 from service.api.schemas import Problem, ResultOut, ResultPage, VerdictName, result_out
 from service.pipeline.record import InspectionRecord
 from service.store import RecordStore
 
 _JPEG: dict[int | str, dict[str, Any]] = {200: {"content": {"image/jpeg": {}}}, 404: {"model": Problem}}
+_OVERLAY: dict[int | str, dict[str, Any]] = {
+    **_JPEG,
+    304: {"description": "If-None-Match named this overlay's ETag: not modified"},
+    503: {"model": Problem, "description": f"the overlay renders stayed busy for {overlays.WAIT_S:g} s, or "
+                                            f"{overlays.WAITING} requests already wait (retry after Retry-After)"},
+}
 RecordId = Annotated[int, Path(ge=1, le=2**62, description="inspection id")]
 
 
@@ -85,21 +95,34 @@ def build_router(ctx: DaemonContext) -> APIRouter:
             raise HTTPException(404, f"no frame kept for result {record_id}")
         return Response(data, media_type="image/jpeg")
 
-    @router.get("/{record_id}/overlay.jpg", response_class=Response, responses=_JPEG,
-                summary="The result's frame with its defect masks drawn on it")
-    def overlay(
+    @router.get("/{record_id}/overlay.jpg", response_class=Response, responses=_OVERLAY,
+                summary=f"The result's frame with its defect masks drawn on it (at most {overlays.MAX_SIDE} px)")
+    async def overlay(
         record_id: RecordId,
         width: Annotated[int | None, Query(ge=64, le=8192, description="downscale to at most this width")] = None,
+        if_none_match: Annotated[str | None, Header(max_length=1024, description="an ETag sent before")] = None,
     ) -> Response:
-        data = ctx.store.overlay_jpeg(record_id, width) if ctx.store is not None else None
-        if data is None:
-            record = in_memory(record_id)
-            if record is not None and record.frame is not None:
-                scale = min(1.0, width / record.frame.shape[1]) if width else 1.0
-                data = _jpeg(render_overlay(record.frame, record.result, scale=scale))
-        if data is None:
+        def render() -> bytes | None:  # on a render thread (service/api/overlays.py)
+            store = ctx.store
+            data = store.overlay_jpeg(record_id, width, max_side=overlays.MAX_SIDE) if store is not None else None
+            if data is None:
+                record = in_memory(record_id)
+                if record is not None and record.frame is not None:
+                    h, w = record.frame.shape[:2]
+                    scale = overlay_scale(w, h, width, overlays.MAX_SIDE)
+                    data = _jpeg(render_overlay(record.frame, record.result, scale=scale))
+            return data
+
+        try:
+            drawn = await ctx.overlays.get((record_id, width), render)
+        except overlays.OverlayBusyError as exc:
+            raise HTTPException(503, exc.detail, headers={"Retry-After": str(exc.retry_after_s)}) from None
+        if drawn is None:
             raise HTTPException(404, f"no frame kept for result {record_id}")
-        return Response(data, media_type="image/jpeg")
+        headers = {"ETag": drawn.etag, "Cache-Control": "private, max-age=300"}  # an id's overlay never changes
+        if if_none_match is not None and _names_etag(if_none_match, drawn.etag):
+            return Response(status_code=304, headers=headers)
+        return Response(drawn.jpeg, media_type="image/jpeg", headers=headers)
 
     return router
 
@@ -107,3 +130,8 @@ def build_router(ctx: DaemonContext) -> APIRouter:
 def _jpeg(image: object, quality: int = 85) -> bytes | None:
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])  # type: ignore[call-overload]
     return buf.tobytes() if ok else None
+
+
+def _names_etag(if_none_match: str, etag: str) -> bool:
+    """Whether an If-None-Match header names ``etag`` (or is '*'); weak comparison, as RFC 9110 asks."""
+    return any(tag.strip().removeprefix("W/") in (etag, "*") for tag in if_none_match.split(","))
