@@ -54,7 +54,7 @@ def test_status_reports_the_pipeline(url: str) -> None:
     assert body["engine"]["weights"] == "untrained" and body["engine"]["input"] == "find 1/4, windows 64 px"
     assert body["pipeline"]["frames_processed"] >= 3 and body["pipeline"]["verdicts"]["NG"] >= 3
     assert body["pipeline"]["latency"]["infer"]["count"] >= 3
-    assert set(body["store"]["dropped"]) == {"queue_full", "disk_full", "error"}
+    assert set(body["store"]["dropped"]) == {"queue_full", "disk_full", "too_large", "error"}
 
 
 def test_latest_history_one_result_and_its_images(url: str) -> None:
