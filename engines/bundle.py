@@ -13,6 +13,12 @@ A bundle is a directory::
 ``write_bundle`` writes into a temporary sibling directory and renames it into place, so a
 reader never sees a half-written bundle and a failed write leaves the old one intact.
 
+The manifest covers itself too: the writer stores ``manifest_sha256``, the SHA-256 of the rest of
+the manifest as canonical JSON (``manifest_digest``), so ``load_bundle`` can tell a manifest edited
+by hand since it was written (thresholds, metrics, specs) from an intact one (``Bundle.manifest_check``;
+``bundle inspect`` says it, the daemon warns). A digest, not a signature: it shows an edit made
+without the writer, not one made by someone who recomputes it.
+
 Schema 3 is the native-resolution bundle (a find pass over the reduced frame, a segment pass over
 1:1 windows). Versions 1 and 2 held one letterboxed single-pass graph with masks at stride 8; this
 runtime cannot run them and says so (``read_manifest``): their models must be trained again.
@@ -41,6 +47,10 @@ SCHEMA_VERSION = 3
 SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (3,)
 SINGLE_PASS_SCHEMA_VERSIONS: tuple[int, ...] = (1, 2)  # the letterboxed single-pass bundles before version 3
 MANIFEST_NAME = "manifest.json"
+DIGEST_KEY = "manifest_sha256"
+# intact: the manifest is as its writer left it; edited: its content no longer matches the digest
+# written with it; not recorded: written before manifests carried one
+ManifestCheck = Literal["intact", "edited", "not recorded"]
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "default"
 
 
@@ -168,6 +178,11 @@ class Manifest(_Strict):
         default_factory=dict, description="quantized variants of the graphs, by precision"
     )
     thresholds: Thresholds | None = Field(default=None, description="calibrated thresholds")
+    manifest_sha256: str | None = Field(
+        default=None, pattern="^[0-9a-f]{64}$",
+        description="SHA-256 of the rest of this manifest as canonical JSON (manifest_digest), written with it; "
+        "absent in bundles written before it existed",
+    )
 
     @field_validator("schema_version")
     @classmethod
@@ -201,11 +216,18 @@ class Manifest(_Strict):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def to_json(self) -> str:
+    def to_json(self, *, seal: bool = True) -> str:
+        """The manifest file's text. ``seal``: with ``manifest_sha256`` computed for this content (what a
+        writer stores); False: with the digest this manifest was read with, if any (what the file said)."""
         fields = self.model_dump(mode="json")
         for optional in ("variants", "thresholds", "find"):
             if not fields[optional]:
                 del fields[optional]
+        del fields[DIGEST_KEY]
+        if seal:
+            fields[DIGEST_KEY] = manifest_digest(fields)
+        elif self.manifest_sha256 is not None:
+            fields[DIGEST_KEY] = self.manifest_sha256
         return json.dumps(fields, indent=2) + "\n"
 
     def graph_files(self, precision: str | None = None) -> tuple[str, str | None]:
@@ -230,6 +252,7 @@ class Bundle:
 
     path: Path
     manifest: Manifest
+    manifest_check: ManifestCheck = "not recorded"
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -257,6 +280,22 @@ class Bundle:
         return sum((self.path / n).stat().st_size for n in names)
 
 
+def manifest_digest(fields: Mapping[str, Any]) -> str:
+    """SHA-256 hex of a manifest's JSON object without ``manifest_sha256``: keys sorted at every level, no
+    whitespace, UTF-8. Layout and key order do not change it; any value, key added or key removed does."""
+    content = {key: value for key, value in fields.items() if key != DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_manifest(fields: Mapping[str, Any]) -> ManifestCheck:
+    """Whether a manifest's JSON object (as read from its file) still matches the digest written with it."""
+    recorded = fields.get(DIGEST_KEY)
+    if recorded is None:
+        return "not recorded"
+    return "intact" if recorded == manifest_digest(fields) else "edited"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -274,6 +313,10 @@ def _validation_message(error: ValidationError) -> str:
 
 def read_manifest(bundle_dir: Path | str) -> Manifest:
     """Parse and validate ``manifest.json``; no checksum is verified here."""
+    return _read_manifest(bundle_dir)[0]
+
+
+def _read_manifest(bundle_dir: Path | str) -> tuple[Manifest, ManifestCheck]:
     bundle_dir = Path(bundle_dir)
     if not bundle_dir.exists():
         raise BundleError(bundle_dir, "bundle directory does not exist")
@@ -301,15 +344,16 @@ def read_manifest(bundle_dir: Path | str) -> Manifest:
             f"{SCHEMA_VERSION}); train and export the model again (docs/bundle.md)",
         )
     try:
-        return Manifest.model_validate(raw)
+        return Manifest.model_validate(raw), check_manifest(raw)
     except ValidationError as exc:
         raise BundleError(path, _validation_message(exc)) from None
 
 
 def load_bundle(bundle_dir: Path | str) -> Bundle:
-    """Read the manifest and verify every listed file's checksum. Raises BundleError."""
+    """Read the manifest and verify every listed file's checksum. Raises BundleError. A manifest edited
+    since it was written loads all the same: ``Bundle.manifest_check`` says so."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir)
+    manifest, check = _read_manifest(bundle_dir)
     for name, expected in manifest.files.items():
         path = bundle_dir / name
         if not path.is_file():
@@ -322,7 +366,7 @@ def load_bundle(bundle_dir: Path | str) -> Bundle:
             raise BundleError(
                 path, f"checksum mismatch: manifest says sha256 {expected[:12]}..., file has {actual[:12]}..."
             )
-    return Bundle(path=bundle_dir.resolve(), manifest=manifest)
+    return Bundle(path=bundle_dir.resolve(), manifest=manifest, manifest_check=check)
 
 
 def utc_now() -> str:
@@ -388,4 +432,13 @@ def update_thresholds(bundle_dir: Path | str, thresholds: Thresholds) -> Bundle:
     fields = bundle.manifest.model_dump(mode="json")
     fields.pop("files")
     fields["thresholds"] = thresholds.model_dump(mode="json")
+    return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})
+
+
+def seal_manifest(bundle_dir: Path | str) -> Bundle:
+    """Record the digest of the manifest as it is now (a bundle written before digests, or an edit meant to
+    stay); the graphs are verified first and stay byte for byte."""
+    bundle = load_bundle(bundle_dir)
+    fields = bundle.manifest.model_dump(mode="json")
+    fields.pop("files")
     return write_bundle(bundle.path, fields, {name: bundle.path / name for name in bundle.manifest.files})

@@ -170,6 +170,10 @@ class Daemon:
         if manifest.provenance.weights == "untrained":
             log.warning("engine: bundle %r carries untrained stand-in weights; its defects are meaningless",
                         manifest.name)
+        if bundle.manifest_check == "edited":
+            log.warning("engine: bundle %r: %s/manifest.json was edited since it was written (its content no longer "
+                        "matches manifest_sha256): thresholds or specs may not be what calibration and export wrote "
+                        "(defectsam bundle inspect; defectsam bundle seal accepts it)", manifest.name, bundle.path)
         if self.store is not None:
             pipeline.subscribe("store", self.store.offer)
         pipeline.subscribe("live", self.live.offer)

@@ -4,6 +4,7 @@ atomic writes, and the ONNX Runtime engine running both graphs to the contract."
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,14 @@ from engines.backends import open_engine
 from engines.backends.onnxruntime import Config as OrtConfig
 from engines.bundle import (
     DEFAULT_BUNDLE_DIR,
+    DIGEST_KEY,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     Thresholds,
     load_bundle,
+    manifest_digest,
     read_manifest,
+    seal_manifest,
     update_metrics,
     update_thresholds,
     write_bundle,
@@ -245,3 +249,71 @@ def test_update_thresholds_stores_them_and_keeps_the_graphs(tiny_bundle: Path) -
         Thresholds(score_threshold=0.2, uncertain_threshold=0.3)
     with pytest.raises(ValueError, match="candidate_threshold"):
         Thresholds(score_threshold=0.5, uncertain_threshold=0.3, candidate_threshold=1.5)
+
+
+def test_the_manifest_carries_its_own_digest_and_an_edit_shows(tiny_bundle: Path) -> None:
+    """Issue 16, item 8: the manifest was covered by no checksum, so thresholds could be edited unnoticed.
+    The writer stores manifest_sha256 (the SHA-256 of the rest, canonical JSON); load_bundle says whether
+    the file still matches it, and loads the bundle either way."""
+    raw = _raw(tiny_bundle)
+    assert raw[DIGEST_KEY] == manifest_digest(raw) and load_bundle(tiny_bundle).manifest_check == "intact"
+    graphs = {name: (tiny_bundle / name).read_bytes() for name in raw["files"]}
+    # Layout and key order are not content: still intact.
+    (tiny_bundle / MANIFEST_NAME).write_text(json.dumps(dict(reversed(list(raw.items()))), indent=4))
+    assert load_bundle(tiny_bundle).manifest_check == "intact"
+    # A threshold raised by hand: loaded, the graphs verified, but edited.
+    update_thresholds(tiny_bundle, Thresholds(score_threshold=0.6, uncertain_threshold=0.4))
+    assert load_bundle(tiny_bundle).manifest_check == "intact"  # the updater keeps the digest current
+    _edit_section(tiny_bundle, "thresholds", score_threshold=0.95)
+    edited = load_bundle(tiny_bundle)
+    assert edited.manifest_check == "edited" and edited.manifest.thresholds is not None
+    assert edited.manifest.thresholds.score_threshold == 0.95
+    for change in ({"name": "renamed"}, {"metrics": {"training": {"miou": 0.99}}}, {"extra_digest_free": None}):
+        seal_manifest(tiny_bundle)
+        if "extra_digest_free" in change:  # a key added (here one the schema refuses: refused, not just edited)
+            _edit_manifest(tiny_bundle, **change)
+            with pytest.raises(BundleError, match="extra_digest_free"):
+                load_bundle(tiny_bundle)
+            continue
+        _edit_manifest(tiny_bundle, **change)
+        assert load_bundle(tiny_bundle).manifest_check == "edited", change
+    # A bundle written before the digest existed: not recorded; sealing records it, graphs byte for byte.
+    old = _raw(tiny_bundle)
+    del old["extra_digest_free"], old[DIGEST_KEY]
+    (tiny_bundle / MANIFEST_NAME).write_text(json.dumps(old, indent=2))
+    assert load_bundle(tiny_bundle).manifest_check == "not recorded"
+    assert read_manifest(tiny_bundle).manifest_sha256 is None
+    sealed = seal_manifest(tiny_bundle)
+    assert sealed.manifest_check == "intact" and load_bundle(tiny_bundle).manifest_check == "intact"
+    assert {name: (tiny_bundle / name).read_bytes() for name in raw["files"]} == graphs
+    update_metrics(tiny_bundle, "synthetic_test", {"n": 1})
+    assert load_bundle(tiny_bundle).manifest_check == "intact"
+    # A digest that is not one is a schema error, naming the key.
+    _edit_manifest(tiny_bundle, **{DIGEST_KEY: "not-hex"})
+    with pytest.raises(BundleError, match=DIGEST_KEY):
+        load_bundle(tiny_bundle)
+
+
+def test_the_committed_default_bundle_carries_a_matching_digest() -> None:
+    assert _raw(DEFAULT_BUNDLE_DIR).get(DIGEST_KEY) and load_bundle(DEFAULT_BUNDLE_DIR).manifest_check == "intact"
+
+
+def test_the_daemon_warns_at_load_when_the_manifest_was_edited(tiny_bundle: Path, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A real daemon on a bundle whose threshold was raised by hand: it inspects, and says so once at load;
+    on the intact bundle it says nothing of the kind."""
+    from .daemon_support import make_config, running_daemon
+
+    caplog.set_level(logging.WARNING, logger="service.app")
+    for name, edit in (("intact", False), ("edited", True)):
+        if edit:
+            update_thresholds(tiny_bundle, Thresholds(score_threshold=0.6, uncertain_threshold=0.4))
+            _edit_section(tiny_bundle, "thresholds", score_threshold=0.99)
+        caplog.clear()
+        with running_daemon(make_config(tmp_path / name, tiny_bundle)) as daemon:
+            assert daemon.wait_engine(10) == "ready"
+        warned = [r.getMessage() for r in caplog.records if "was edited since it was written" in r.getMessage()]
+        if edit:
+            assert len(warned) == 1 and "tiny-student" in warned[0] and str(tiny_bundle) in warned[0], warned
+        else:
+            assert not warned

@@ -220,11 +220,37 @@ def test_bundle_inspect(tiny_bundle: Path) -> None:
     assert f"{TINY_WINDOW} x {TINY_WINDOW} px at 1:1, at most {TINY_MAX_WINDOWS} per frame" in out
     assert "the frame in grey at 1/4" in out and "candidates per 32 x 32 frame pixels" in out
     assert "1:scratch, 2:dent, 3:pinhole (0: background)" in out
+    assert "manifest   as written (manifest_sha256 " in out and "matches its content)" in out
     as_json = json.loads(defectsam("bundle", "inspect", tiny_bundle, "--json").stdout)
     assert as_json["segment"]["window"] == TINY_WINDOW and as_json["find"]["reduction"] == 4
     assert set(as_json["files"]) == {"segment.onnx", "find.onnx"}
     (tiny_bundle / "manifest.json").write_text("{")
     assert_one_line_error(defectsam("bundle", "inspect", tiny_bundle), "manifest.json", "malformed JSON")
+
+
+def test_bundle_inspect_says_when_the_manifest_was_edited_and_seal_accepts_it(tiny_bundle: Path) -> None:
+    """Issue 16, item 8: a threshold edited by hand in manifest.json went unnoticed (no checksum covers the
+    manifest). inspect now says EDITED (and warns on stderr, --json too), still exit 0: the graphs verify;
+    a manifest from before the digest says 'not recorded'; 'bundle seal' records the digest as it is now."""
+    manifest = tiny_bundle / "manifest.json"
+    raw = json.loads(manifest.read_text())
+    raw["metrics"] = {**raw["metrics"], "hand_edit": 1}
+    manifest.write_text(json.dumps(raw, indent=2))
+    for args in ((), ("--json",)):
+        proc = defectsam("bundle", "inspect", tiny_bundle, *args)
+        assert proc.returncode == 0 and "was edited since it was written" in proc.stderr, proc.stderr
+    assert "manifest   EDITED since it was written" in defectsam("bundle", "inspect", tiny_bundle).stdout
+    as_json = json.loads(defectsam("bundle", "inspect", tiny_bundle, "--json").stdout)
+    assert as_json["manifest_sha256"] == raw["manifest_sha256"]  # what the file says, not a fresh digest
+    del raw["manifest_sha256"]
+    manifest.write_text(json.dumps(raw, indent=2))
+    proc = defectsam("bundle", "inspect", tiny_bundle)
+    assert "manifest   not recorded" in proc.stdout and not proc.stderr, proc.stderr
+    proc = defectsam("bundle", "seal", tiny_bundle)
+    assert proc.returncode == 0 and "recorded (it was not recorded)" in proc.stdout, proc.stderr
+    assert "manifest   as written" in defectsam("bundle", "inspect", tiny_bundle).stdout
+    assert json.loads(manifest.read_text())["metrics"]["hand_edit"] == 1  # sealed as it was, graphs unchanged
+    assert_one_line_error(defectsam("bundle", "seal", tiny_bundle / "nowhere"), "does not exist")
 
 
 @pytest.mark.slow

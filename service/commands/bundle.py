@@ -1,12 +1,14 @@
-"""``defectsam bundle inspect DIR``: what a bundle holds, after verifying every checksum."""
+"""``defectsam bundle inspect DIR``: what a bundle holds, after verifying every checksum, and whether its
+manifest was edited since it was written; ``defectsam bundle seal DIR`` records the manifest's digest."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
-from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from engines.bundle import DEFAULT_BUNDLE_DIR, DIGEST_KEY, Bundle, load_bundle, seal_manifest
 
 
 def add_parser(commands: Any) -> None:
@@ -19,15 +21,34 @@ def add_parser(commands: Any) -> None:
     )
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
     inspect.set_defaults(run=run_inspect)
+    seal = actions.add_parser(
+        "seal", help="record the digest of a bundle's manifest as it is now (a bundle written before manifests "
+        "carried one, or a hand edit meant to stay)")
+    seal.add_argument("bundle", help="bundle directory")
+    seal.set_defaults(run=run_seal)
+
+
+def manifest_line(bundle: Bundle) -> str:
+    """What ``bundle inspect`` says of the manifest itself."""
+    if bundle.manifest_check == "intact":
+        return f"as written ({DIGEST_KEY} {(bundle.manifest.manifest_sha256 or '')[:16]} matches its content)"
+    if bundle.manifest_check == "edited":
+        return (f"EDITED since it was written: its content no longer matches {DIGEST_KEY} (thresholds, metrics "
+                f"or specs changed by hand?); 'defectsam bundle seal' accepts it as it is")
+    return f"not recorded (written before manifests carried {DIGEST_KEY}; 'defectsam bundle seal' records it)"
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.bundle)
     m = bundle.manifest
+    if bundle.manifest_check == "edited":
+        print(f"defectsam: warning: {bundle.path}/manifest.json was edited since it was written (its content no "
+              f"longer matches {DIGEST_KEY})", file=sys.stderr)
     if args.json:
-        print(m.to_json(), end="")
+        print(m.to_json(seal=False), end="")
         return 0
     print(f"bundle     {bundle.path}")
+    print(f"manifest   {manifest_line(bundle)}")
     print(f"name       {m.name}  (schema {m.schema_version}, created {m.created})")
     print(f"models     segmenter {m.segment.arch} ({m.segment.parameters:,} parameters)"
           + (f", finder {m.find.arch} ({m.find.parameters:,})" if m.find else ", no finder (tiles only)")
@@ -58,4 +79,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         print("metrics")
         for key, value in m.metrics.items():
             print(f"  {key}: {json.dumps(value)}")
+    return 0
+
+
+def run_seal(args: argparse.Namespace) -> int:
+    before = load_bundle(args.bundle).manifest_check
+    bundle = seal_manifest(args.bundle)
+    print(f"{bundle.path}/manifest.json: {DIGEST_KEY} {bundle.manifest.manifest_sha256} recorded (it was {before})")
     return 0
