@@ -347,8 +347,10 @@ def describe_url(daemon: Daemon) -> str:
 
 def run(config: DaemonConfig, **kwargs: Any) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit status."""
-    from service.ops import install_signal_handlers, tune_allocator
+    from service.ops import install_signal_handlers, root_warning, tune_allocator
 
+    if (warning := root_warning()) is not None:
+        log.warning("%s", warning)
     if not tune_allocator():
         log.info("allocator left as it is (not glibc)")
     daemon = Daemon(config, **kwargs)

@@ -104,6 +104,21 @@ def tune_allocator() -> bool:
     return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_arena_max, 2))
 
 
+def root_warning() -> str | None:
+    """The start-up warning for a daemon running as root (effective uid 0), or None.
+
+    Nothing the daemon does needs root: the installed unit runs it as the system user 'defectsam' with
+    CAP_NET_BIND_SERVICE alone (Modbus port 502), the container as UID 10001 (deploy/README.md). As root,
+    a flaw in the HTTP or Modbus handling, in an image decoder or in a bundle's graphs would own the box.
+    """
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None or geteuid() != 0:
+        return None
+    return ("running as root (euid 0): nothing the daemon does needs it; run it as a service user, as "
+            "deploy/install.sh and deploy/defectsam.service do (user 'defectsam', CAP_NET_BIND_SERVICE for port "
+            "502), or give the container a non-root user (Dockerfile.jetson: UID 10001)")
+
+
 def setup_logging(config: LoggingSection, stream: Any = None) -> None:
     """Configure the root logger (and uvicorn's) once, from config."""
     handler = logging.StreamHandler(stream or sys.stderr)

@@ -274,6 +274,38 @@ def test_bench_engine_compares_bundles_and_window_sizes_in_one_run(tiny_bundle: 
     assert_one_line_error(defectsam("bench", "engine", "--bundle", tiny_bundle, "--windows", "100"), "--windows")
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs to run as root (CI does)")
+def test_serve_as_root_says_so_at_start(tmp_path: Path) -> None:
+    """Issue 16, item 8: the daemon ran as root without a word. `defectsam serve` started as root logs one
+    warning saying to run it as a service user, as deploy/install.sh does."""
+    import yaml
+
+    from service.soak import DaemonProcess
+
+    from .daemon_support import config_data
+
+    config = tmp_path / "defectsam.yaml"
+    config.write_text(yaml.safe_dump(config_data(tmp_path, tmp_path / "no-bundle")))
+    daemon = DaemonProcess(config, tmp_path)
+    try:
+        daemon.wait_serving(60)
+        assert daemon.terminate(30)[0] == 0
+    finally:
+        daemon.close()
+    warned = [line for line in daemon.log_path.read_text().splitlines() if "running as root" in line]
+    assert len(warned) == 1 and " WARNING " in warned[0] and "deploy/install.sh" in warned[0], warned
+
+
+def test_the_root_warning_names_the_service_user_and_stays_quiet_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service import ops
+
+    monkeypatch.setattr(ops.os, "geteuid", lambda: 1000)
+    assert ops.root_warning() is None
+    monkeypatch.setattr(ops.os, "geteuid", lambda: 0)
+    warning = ops.root_warning()
+    assert warning is not None and "user 'defectsam'" in warning and "CAP_NET_BIND_SERVICE" in warning
+
+
 def test_usage_errors_exit_2_in_one_line() -> None:
     proc = defectsam("infer")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
