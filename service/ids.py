@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
+
+from engines.atomic import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,7 @@ def read_mark(path: Path) -> int:
 
 def write_mark(path: Path, value: int) -> None:
     """Write the mark durably: temporary file, fsync, rename, fsync of the directory."""
-    data = json.dumps({"reserved_through": value}).encode("ascii") + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, json.dumps({"reserved_through": value}).encode("ascii") + b"\n")
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself survives a power cut
