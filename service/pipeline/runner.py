@@ -155,12 +155,11 @@ class Pipeline:
         counters: PipelineCounters,
         *,
         request_frame: Callable[[], float] = time.monotonic,
-        first_id: int = 1,
         next_id: Callable[[], int] | None = None,
     ) -> None:
         """``request_frame`` is the camera's ``trigger()``: it returns the monotonic request time.
         ``next_id`` hands out inspection ids (the daemon's: service.ids.IdAllocator, unique across
-        restarts); without it ids count from ``first_id``."""
+        restarts); without it ids count from 1."""
         self.inspector = inspector
         self.engine = inspector.engine
         self.config = config
@@ -169,7 +168,7 @@ class Pipeline:
         self._request_frame = request_frame
         self._bundle_name = self.engine.bundle.manifest.name
         self.frame_problem: str | None = None  # why the camera's frames cannot be inspected, while they cannot
-        self._next_id: Callable[[], int] = next_id if next_id is not None else itertools.count(first_id).__next__
+        self._next_id: Callable[[], int] = next_id if next_id is not None else itertools.count(1).__next__
         self._trigger_ids = itertools.count(1)
         self._subscribers: list[tuple[str, Subscriber]] = []
         self._pending: collections.deque[TriggerTicket] = collections.deque()

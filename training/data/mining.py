@@ -34,7 +34,7 @@ from engines.atomic import replace_dir
 from engines.synthetic import CLASSES, GENERATOR_VERSION, render_frame
 from training.data.errors import DatasetError
 from training.data.folder import instances_from_label
-from training.data.sample import Sample
+from training.data.sample import Sample, label_map
 from training.data.synthetic_frames import cache_root
 
 ARRAYS = ("windows", "labels", "origins", "centres", "frames", "scores")
@@ -73,9 +73,7 @@ def mine_frame(inspector: Any, params: MiningParams, index: int) -> dict[str, np
     frame = render_frame(params.seed + index, defect_free_prob=params.defect_free_prob,
                          max_defects=params.max_defects)
     height, width = frame.image.shape[:2]
-    labels = np.zeros((height, width), np.uint8)
-    for mask, class_id in zip(frame.masks, frame.classes, strict=True):
-        labels[mask] = int(class_id) + 1
+    labels = label_map(frame)
     size = params.window
     near = labels > 0
     if params.clearance > 0 and near.any():

@@ -57,7 +57,18 @@ class SampleDataset(Protocol):
 IGNORE_LABEL = 255  # label-map value of pixels that count in no loss and no metric (padding)
 
 
-def label_map(sample: Sample) -> np.ndarray:
+class Instances(Protocol):
+    """What ``label_map`` reads: a Sample, or a rendered engines.synthetic.SyntheticFrame."""
+
+    @property
+    def image(self) -> np.ndarray: ...
+    @property
+    def masks(self) -> np.ndarray: ...
+    @property
+    def classes(self) -> np.ndarray: ...
+
+
+def label_map(sample: Instances) -> np.ndarray:
     """uint8 HxW semantic labels of a sample: 0 background, c+1 where instance class c lies.
 
     Where instances overlap, the later one wins (readers list them in class order; a label image

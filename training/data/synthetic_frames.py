@@ -44,7 +44,7 @@ from engines.find import find_geometry, reduce_grey, to_grey
 from engines.synthetic import CLASSES, FRAME_HEIGHT, FRAME_WIDTH, GENERATOR_VERSION, render_frame
 from training.data.errors import DatasetError
 from training.data.folder import instances_from_label
-from training.data.sample import Sample
+from training.data.sample import Sample, label_map
 
 CACHE_ENV = "DEFECTSAM_CACHE"
 _REPO = Path(__file__).resolve().parents[2]
@@ -107,9 +107,7 @@ def render_frame_arrays(params: FrameSetParams, index: int) -> dict[str, np.ndar
     """Frame ``seed + index`` -> its windows, labels, origins, find input and candidate cells."""
     seed = params.seed + index
     frame = render_frame(seed, defect_free_prob=params.defect_free_prob, max_defects=params.max_defects)
-    labels = np.zeros(frame.image.shape[:2], np.uint8)
-    for mask, class_id in zip(frame.masks, frame.classes, strict=True):
-        labels[mask] = int(class_id) + 1
+    labels = label_map(frame)
     rng = np.random.default_rng([seed, 7])
     origins = _window_origins(frame, params, rng)
     size = params.window
