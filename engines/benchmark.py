@@ -36,6 +36,7 @@ from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
 from engines.backends.onnxruntime import resolve_providers
 from engines.bundle import Bundle, sha256_file
 from engines.errors import BundleError, DefectsamError
+from engines.percentiles import quantile
 
 REFERENCE_FILE = "reference.json"
 REFERENCE_INPUTS_FILE = "inputs.npz"
@@ -296,14 +297,15 @@ def _open_reference(reference: ReferenceGraph, config: BackendConfig | None, ite
 
 
 def _row(times: list[float], cores: float, rss_added: float, **fields: Any) -> EngineBenchResult:
-    ms = np.asarray(times) * 1000.0
-    p50 = float(np.percentile(ms, 50))
+    p50, p99 = quantile(times, 0.50), quantile(times, 0.99)
+    if p50 is None or p99 is None:
+        raise ValueError("no timings to summarise")
     return EngineBenchResult(
         **fields,
-        latency_ms_p50=round(p50, 2),
-        latency_ms_p99=round(float(np.percentile(ms, 99)), 2),
-        latency_ms_mean=round(float(ms.mean()), 2),
-        fps_median=round(1000.0 / p50, 2),
+        latency_ms_p50=round(p50 * 1000.0, 2),
+        latency_ms_p99=round(p99 * 1000.0, 2),
+        latency_ms_mean=round(1000.0 * sum(times) / len(times), 2),
+        fps_median=round(1.0 / p50, 2),
         cpu_cores=round(cores, 2),
         rss_mb_added=round(rss_added, 1),
     )

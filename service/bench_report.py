@@ -341,7 +341,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if pipeline is not None:
         p = pipeline
         plc = ("-" if p["plc_latency_ms_p50"] is None
-               else f"{p['plc_latency_ms_p50']:.1f} / {p['plc_latency_ms_p99']:.1f} ({p['plc_results']} results)")
+               else f"{p['plc_latency_ms_p50']:.2f} / {p['plc_latency_ms_p99']:.2f} ({p['plc_results']} results)")
         out += [
             f"## Pipeline: the daemon on {p['frame']} frames",
             "",

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.percentiles import quantile_ms
 from engines.results import Verdict
 from service.pipeline.record import STAGES, InspectionRecord
 
@@ -244,11 +245,11 @@ class PipelineCounters:
                 for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._hist[stage], strict=True):
                     cumulative += n
                     buckets.append((None if bound == float("inf") else bound, cumulative))  # JSON has no +Inf
-                recent = sorted(self._recent[stage])
+                recent = list(self._recent[stage])
                 latency[stage] = LatencyStats(
                     count=self._count[stage], sum_s=self._sum[stage], buckets=buckets,
-                    recent_p50_ms=_percentile_ms(recent, 0.50), recent_p95_ms=_percentile_ms(recent, 0.95),
-                    recent_max_ms=round(recent[-1] * 1000, 2) if recent else None,
+                    recent_p50_ms=quantile_ms(recent, 0.50), recent_p95_ms=quantile_ms(recent, 0.95),
+                    recent_max_ms=round(max(recent) * 1000, 2) if recent else None,
                 )
             return PipelineStats(
                 mode=self.mode, running=self.running, frames_processed=self._processed, fps=round(fps, 3),
@@ -256,12 +257,6 @@ class PipelineCounters:
                 triggers=dict(self._triggers), latency=latency, last_inspection_id=self._last_id,
                 last_result_age_s=None if self._last_at is None else round(now - self._last_at, 3),
             )
-
-
-def _percentile_ms(ordered: list[float], q: float) -> float | None:
-    if not ordered:
-        return None
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
 
 class SnapshotCollector(Collector):

@@ -36,6 +36,7 @@ import numpy as np
 from engines.benchmark import reset_peak_rss, resident_mb
 from engines.errors import DefectsamError
 from engines.inspector import Inspector
+from engines.percentiles import quantile_ms
 from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH, render_frame
 from service.app import Daemon
 from service.capture.synthetic import SyntheticSource
@@ -139,8 +140,7 @@ def bench_pipeline(
         for _ in range(rounds):
             before = daemon.snapshot()
             cpu_before, t_before = sum(os.times()[:2]), time.monotonic()
-            if plc is not None:
-                plc.latencies.clear()
+            plc_mark = plc.latencies.cursor() if plc is not None else 0
             collecting.set()
             while (now := time.monotonic()) < t_before + slice_s:
                 time.sleep(min(1.0, t_before + slice_s - now))
@@ -149,7 +149,7 @@ def bench_pipeline(
                     next_sample += 60.0
             collecting.clear()
             if plc is not None:
-                plc_latencies += list(plc.latencies)
+                plc_latencies += plc.latencies.since(plc_mark)
             after = daemon.snapshot()
             elapsed = time.monotonic() - t_before
             cpu += sum(os.times()[:2]) - cpu_before
@@ -173,19 +173,17 @@ def bench_pipeline(
     latencies = [lat for lat in latencies if lat]
     if not latencies:
         raise DefectsamError("no frame was inspected during the window; is the camera producing frames?")
-    end_to_end = np.asarray([lat["end_to_end"] for lat in latencies]) * 1000.0
+    end_to_end_s = [lat["end_to_end"] for lat in latencies]
     stages = {key: round(float(np.median([lat[key] for lat in latencies])) * 1000.0, 1)
               for key in latencies[0] if key != "end_to_end"}
-    engine_ms = np.asarray(engine_times) * 1000.0
     series.append((round(time.monotonic() - begun, 1), round(rss_end, 1)))
-    plc_ms = np.asarray(plc_latencies) * 1000.0
     return PipelineBenchResult(
         bundle=name,
         backend=backend,
         frame=_frame_size(config),
-        engine_fps_median=round(1000.0 / float(np.median(engine_ms)), 2),
-        engine_latency_ms_p50=round(float(np.percentile(engine_ms, 50)), 1),
-        engine_latency_ms_p99=round(float(np.percentile(engine_ms, 99)), 1),
+        engine_fps_median=round(1.0 / float(np.median(engine_times)), 2),
+        engine_latency_ms_p50=_ms(engine_times, 0.50),
+        engine_latency_ms_p99=_ms(engine_times, 0.99),
         pipeline_fps=round(inspected / window, 2),
         ratio=round(float(np.median([fps / engine for fps, engine in pairs])), 3),
         rounds=[(round(fps, 2), round(engine, 2), round(fps / engine, 3)) for fps, engine in pairs],
@@ -194,8 +192,8 @@ def bench_pipeline(
         frames_dropped=dropped,
         inspected=inspected,
         window_s=round(window, 1),
-        latency_ms_p50=round(float(np.percentile(end_to_end, 50)), 1),
-        latency_ms_p99=round(float(np.percentile(end_to_end, 99)), 1),
+        latency_ms_p50=_ms(end_to_end_s, 0.50),
+        latency_ms_p99=_ms(end_to_end_s, 0.99),
         stage_ms_p50=stages,
         rss_mb_start=round(rss_start, 1),
         rss_mb_end=round(rss_end, 1),
@@ -207,9 +205,16 @@ def bench_pipeline(
         precision=precision,
         peak_since_start=peak_since_start,
         plc_results=len(plc_latencies),
-        plc_latency_ms_p50=round(float(np.percentile(plc_ms, 50)), 1) if plc_latencies else None,
-        plc_latency_ms_p99=round(float(np.percentile(plc_ms, 99)), 1) if plc_latencies else None,
+        plc_latency_ms_p50=quantile_ms(plc_latencies, 0.50),
+        plc_latency_ms_p99=quantile_ms(plc_latencies, 0.99),
     )
+
+
+def _ms(seconds: list[float], q: float) -> float:
+    value = quantile_ms(seconds, q)
+    if value is None:
+        raise DefectsamError("no samples to take a percentile of")
+    return value
 
 
 def _frame_size(config: DaemonConfig) -> str:
@@ -222,7 +227,7 @@ def _frame_size(config: DaemonConfig) -> str:
 def markdown_report(result: PipelineBenchResult) -> str:
     r = result
     plc = ([f"| capture -> PLC result registers written p50 / p99 ms ({r.plc_results} results) | "
-            f"{r.plc_latency_ms_p50:.1f} / {r.plc_latency_ms_p99:.1f} |"]
+            f"{r.plc_latency_ms_p50:.2f} / {r.plc_latency_ms_p99:.2f} |"]
            if r.plc_latency_ms_p50 is not None and r.plc_latency_ms_p99 is not None else [])
     return "\n".join([
         f"bundle {r.bundle} ({r.precision or 'fp32'}) on {r.backend}, {r.frame} frames",

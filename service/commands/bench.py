@@ -30,6 +30,7 @@ from engines.benchmark import (
 )
 from engines.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from engines.errors import BundleError, DefectsamError
+from engines.percentiles import quantile_ms
 
 
 def add_parser(commands: Any) -> None:
@@ -235,10 +236,10 @@ def run_plc(args: argparse.Namespace) -> int:
                 raise DefectsamError("the engine did not load")
             client = ModbusTcpClient("127.0.0.1", port=daemon.plc.port or 0, timeout=3)
             client.connect()
-            daemon.plc.latencies.clear()
+            server_mark, publish_mark = daemon.plc.latencies.cursor(), daemon.plc.publish_latencies.cursor()
             seen, last, polled = 0, None, []
             deadline = time.monotonic() + 30 + args.results * 5 / args.fps
-            while len(daemon.plc.latencies) < args.results and time.monotonic() < deadline:
+            while len(daemon.plc.latencies.since(server_mark)) < args.results and time.monotonic() < deadline:
                 words = list(client.read_input_registers(0, count=INPUT_WORDS, device_id=1).registers)
                 iid = get(words, BY_NAME["inspection_id"])
                 if iid != last:
@@ -248,8 +249,8 @@ def run_plc(args: argparse.Namespace) -> int:
                         polled.append(time.monotonic() - latest.times.captured)
                 time.sleep(0.001)
             client.close()
-            server_side = sorted(daemon.plc.latencies)
-            publish_side = sorted(daemon.plc.publish_latencies)
+            server_side = daemon.plc.latencies.since(server_mark)
+            publish_side = daemon.plc.publish_latencies.since(publish_mark)
             snap = daemon.snapshot()
             end_to_end = snap.pipeline.latency["end_to_end"]
         finally:
@@ -257,23 +258,28 @@ def run_plc(args: argparse.Namespace) -> int:
     if not server_side:
         raise DefectsamError("no results were written to the registers")
 
-    def pct(values: list[float], q: float) -> str:
-        ordered = sorted(values)
-        return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.2f}" if ordered else "-"
-
     print(f"daemon: synthetic camera {args.width}x{args.height} at {args.fps:g} fps, engine "
           f"{snap.engine.bundle} input {snap.engine.input}, onnxruntime cpu x{args.threads}")
-    print("| measurement | results | p50 ms | p99 ms |")
-    print("|---|---|---|---|")
-    print(f"| capture -> result registers written (server) | {len(server_side)} | {pct(server_side, 0.5)} | "
-          f"{pct(server_side, 0.99)} |")
-    print(f"| published by the pipeline -> result registers written | {len(publish_side)} | "
-          f"{pct(publish_side, 0.5)} | {pct(publish_side, 0.99)} |")
-    print(f"| capture -> seen by a polling Modbus client (1 ms poll) | {len(polled)} | {pct(polled, 0.5)} | "
-          f"{pct(polled, 0.99)} |")
+    print("\n".join(plc_latency_rows({
+        "capture -> result registers written (server)": server_side,
+        "published by the pipeline -> result registers written": publish_side,
+        "capture -> seen by a polling Modbus client (1 ms poll)": polled,
+    })))
     print(f"| pipeline end_to_end (capture -> published), recent | {end_to_end.count} | "
           f"{end_to_end.recent_p50_ms} | p95 {end_to_end.recent_p95_ms} |")
     return 0
+
+
+def plc_latency_rows(samples: dict[str, list[float]]) -> list[str]:
+    """``bench plc``'s table: per measurement (samples in seconds) the count, p50 and p99 in ms."""
+    def cell(values: list[float], q: float) -> str:
+        value = quantile_ms(values, q)
+        return "-" if value is None else f"{value:.2f}"
+
+    rows = ["| measurement | results | p50 ms | p99 ms |", "|---|---|---|---|"]
+    rows += [f"| {name} | {len(values)} | {cell(values, 0.5)} | {cell(values, 0.99)} |"
+             for name, values in samples.items()]
+    return rows
 
 
 def _frame(text: str) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from engines.errors import DefectsamError
+from engines.percentiles import LatencyLog, quantile_ms
 from service.config.models import PlcSection, is_loopback
 from service.metrics import PlcSnapshot
 from service.pipeline.record import InspectionRecord
@@ -79,8 +80,8 @@ class PlcService:
         self.triggers_taken = 0
         self.triggers_missed = 0
         self.fail_safe_writes = 0
-        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_KEEP)  # capture -> registers
-        self.publish_latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_KEEP)  # published -> regs
+        self.latencies = LatencyLog(LATENCY_KEEP)  # capture -> result registers written
+        self.publish_latencies = LatencyLog(LATENCY_KEEP)  # published by the pipeline -> registers written
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -369,9 +370,7 @@ class PlcService:
     # ------------------------------------------------------------------ stats (any thread)
     def stats(self) -> PlcSnapshot:
         server = self._stats
-        lat = sorted(self.latencies)
-        def pct(q: float) -> float | None:
-            return round(lat[min(len(lat) - 1, int(q * len(lat)))] * 1000, 3) if lat else None
+        lat = self.latencies.recent()
         return PlcSnapshot.model_validate({
             "enabled": True,
             "listen": f"{self.config.host}:{self.port}",
@@ -392,8 +391,8 @@ class PlcService:
             "triggers_missed": self.triggers_missed,
             "fail_safe_writes": self.fail_safe_writes,
             "push_errors": self._push.errors if self._push is not None else 0,
-            "capture_to_register_p50_ms": pct(0.5),
-            "capture_to_register_p99_ms": pct(0.99),
+            "capture_to_register_p50_ms": quantile_ms(lat, 0.5),
+            "capture_to_register_p99_ms": quantile_ms(lat, 0.99),
         })
 
 
