@@ -14,7 +14,7 @@ DEMO_PORT ?= 8080
 DEMO_PLC_PORT ?= 5020
 PEERS := prometheus chromium mbpoll shellcheck
 
-.PHONY: demo demo-screenshot demo-infer test lint peers deploy-check bench bench-report default-bundle train-quickstart \
+.PHONY: demo demo-screenshot demo-infer test test-fast lint peers deploy-check bench bench-report default-bundle train-quickstart \
 	clean
 
 # The runtime as a line box gets it: engines + service, no torch.
@@ -78,6 +78,10 @@ deploy-check:
 
 test: $(DEV_VENV)/.installed lint
 	$(DEV_VENV)/bin/python -m pytest -q
+
+# The edit loop: lint and the tests not marked slow (no daemons, exports, training); CI runs the full `make test`.
+test-fast: $(DEV_VENV)/.installed lint
+	$(DEV_VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: $(DEV_VENV)/.installed
 	$(DEV_VENV)/bin/ruff check .

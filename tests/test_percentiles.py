@@ -67,6 +67,7 @@ def _p99_cell(rows: list[str]) -> float:
     return float(rows[2].strip("|").split("|")[3])
 
 
+@pytest.mark.slow
 def test_api_bench_plc_and_bench_report_agree_on_the_same_samples(tiny_bundle_master: Path,
                                                                   tmp_path: Path) -> None:
     config = make_config(tmp_path, ng_bundle(tiny_bundle_master, tmp_path),
