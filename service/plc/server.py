@@ -1,5 +1,14 @@
-"""The Modbus TCP side: a datastore served from two plain lists, and a pymodbus server that enforces
-the allowlist and counts connections, requests and exceptions.
+"""The Modbus TCP side: a datastore served from two plain lists, and a small asyncio Modbus TCP server
+of its own that enforces the allowlist and counts connections, requests and exceptions.
+
+The server is this module's, not pymodbus's: the register map serves six function codes (read holding
+and input registers, write single and multiple, mask write, read/write multiple) and needed its own
+framing and vetting anyway (pymodbus dropped pipelined requests, answered malformed ones with function
+code 0x80, waited forever on a bad header and buffered without bound), so the library's server class,
+its request handler and its datastore were only being worked around through their internals. pymodbus
+stays the project's Modbus *client* (the PLC simulator, the push to a PLC, the tests), which is public
+API; the framing here follows the MODBUS Messaging on TCP/IP Implementation Guide v1.0b and the
+function codes the MODBUS Application Protocol Specification v1.1b3.
 
 ``RegisterStore`` is built without I/O (the tests drive it directly); ``serve`` binds it. Every
 access runs in the server's one asyncio loop and none of them awaits, so a read of any span sees
@@ -18,24 +27,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import enum
 import ipaddress
 import logging
 import math
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
-
-from pymodbus.constants import ExcCodes
-from pymodbus.datastore import ModbusServerContext
-from pymodbus.exceptions import NoSuchIdException
-from pymodbus.pdu import ExceptionResponse
-from pymodbus.server import ModbusTcpServer
-from pymodbus.server.requesthandler import ServerRequestHandler
 
 from service.plc.registers import CONTROL_WORDS, INPUT_WORDS, MIRROR_BASE
 
 log = logging.getLogger(__name__)
+
+class ExcCodes(enum.IntEnum):
+    """Modbus exception codes (Application Protocol v1.1b3, 7) this server answers with."""
+
+    ILLEGAL_FUNCTION = 0x01
+    ILLEGAL_ADDRESS = 0x02
+    ILLEGAL_VALUE = 0x03
+    DEVICE_FAILURE = 0x04
+    GATEWAY_NO_RESPONSE = 0x0B  # a unit id this server is not: what a gateway answers for a silent target
+
 
 READ_HOLDING, READ_INPUT = 3, 4
 WRITE_FUNCTIONS = (6, 16, 22, 23)  # single, multiple, mask write, read/write multiple
@@ -59,9 +71,8 @@ def request_problem(pdu: bytes) -> ExcCodes | None:
     does not serve, 03 ILLEGAL DATA VALUE for a quantity out of range or a length or byte count that
     does not match it. None: well formed, the register map decides (02 ILLEGAL DATA ADDRESS or data).
 
-    pymodbus refuses some of these itself while decoding, but answers them with function code 0x80
-    and exception 01 whatever was asked; and it serves diagnostics and identification functions the
-    register map does not offer.
+    (pymodbus's server refused some of these while decoding, but answered them with function code 0x80
+    and exception 01 whatever was asked, and served diagnostics the register map does not offer.)
     """
     code, body = pdu[0], pdu[1:]
     if code not in SERVED:
@@ -84,28 +95,17 @@ def request_problem(pdu: bytes) -> ExcCodes | None:
     return None if ok else ExcCodes.ILLEGAL_VALUE
 
 
-class RegisterStore(ModbusServerContext):
+class RegisterStore:
     """Holding 0..15 (writable control block), input 0..115 and its read-only mirror at holding 1000+.
 
-    Subclasses pymodbus's server context only to be accepted by its server: both accessors are
-    overridden, and neither awaits. ``on_write(address, count)`` runs after a write, synchronously.
+    ``on_write(address, count)`` runs after a write, synchronously, in the server's loop.
     """
 
     def __init__(self, unit_id: int, on_write: Callable[[int, int], None] | None = None) -> None:
-        # Deliberately no super().__init__(): the base builds pymodbus's simulator memory we do not use.
-        self.old_simulator = True  # pymodbus's server then calls our async_getValues/async_setValues
-        self.simdevices = []
         self.unit_id = unit_id
         self.holding = [0] * CONTROL_WORDS
         self.inputs = [0] * INPUT_WORDS
         self.on_write = on_write
-
-    def device_ids(self) -> list[int]:
-        return [self.unit_id]
-
-    def _check(self, device_id: int) -> None:
-        if device_id != self.unit_id:
-            raise NoSuchIdException(f"unit id {device_id} (this server answers {self.unit_id})")
 
     def read(self, func_code: int, address: int, count: int) -> list[int] | ExcCodes:
         if not 1 <= count <= MAX_READ:
@@ -134,18 +134,6 @@ class RegisterStore(ModbusServerContext):
         if self.on_write is not None:
             self.on_write(address, len(values))
         return None
-
-    async def async_getValues(  # noqa: N802 - pymodbus names it
-            self, device_id: int, func_code: int, address: int,
-                              count: int = 1) -> list[int] | ExcCodes:
-        self._check(device_id)
-        return self.read(func_code, address, count)
-
-    async def async_setValues(  # noqa: N802 - pymodbus names it
-            self, device_id: int, func_code: int, address: int,
-                              values: Sequence[int] | Sequence[bool]) -> ExcCodes | None:
-        self._check(device_id)
-        return self.write(func_code, address, values)
 
 
 def _words(pdu: bytes, count: int) -> list[int]:
@@ -193,23 +181,65 @@ class LogThrottle:
         return True
 
 
-class _Handler(ServerRequestHandler):
+def exception_pdu(code: int, problem: ExcCodes) -> bytes:
+    return bytes((code | 0x80, int(problem)))
+
+
+def _pack(words: Sequence[int]) -> bytes:
+    return b"".join(int(w).to_bytes(2, "big") for w in words)
+
+
+def answer_pdu(store: RegisterStore, pdu: bytes) -> bytes:
+    """The response PDU to a request PDU that ``request_problem`` passed: the register map's data or its
+    exception. Runs in one synchronous step (the store never awaits), so no read sees half a write."""
+    code = pdu[0]
+    if code in (READ_HOLDING, READ_INPUT):
+        address, count = _words(pdu, 2)
+        values = store.read(code, address, count)
+        if isinstance(values, ExcCodes):
+            return exception_pdu(code, values)
+        return bytes((code, 2 * count)) + _pack(values)
+    if code == 6:  # write single register: the answer echoes the request
+        address, value = _words(pdu, 2)
+        problem = store.write(code, address, [value])
+        return exception_pdu(code, problem) if problem is not None else pdu
+    if code == 16:  # write multiple: the answer is the address and quantity
+        address, count = _words(pdu, 2)
+        problem = store.write(code, address, _words(pdu[5:], count))
+        return exception_pdu(code, problem) if problem is not None else pdu[:5]
+    if code == 22:  # mask write: (current AND and_mask) OR (or_mask AND NOT and_mask); the answer echoes
+        address, and_mask, or_mask = _words(pdu, 3)
+        current = store.read(code, address, 1)
+        if isinstance(current, ExcCodes):
+            return exception_pdu(code, current)
+        problem = store.write(code, address, [(current[0] & and_mask) | (or_mask & ~and_mask & 0xFFFF)])
+        return exception_pdu(code, problem) if problem is not None else pdu
+    # 23 read/write multiple: the write happens before the read (Application Protocol 6.17); a read span
+    # that is not in the map refuses the whole request before anything is written
+    read_address, read_count, write_address, write_count = _words(pdu, 4)
+    if isinstance(store.read(code, read_address, read_count), ExcCodes):
+        return exception_pdu(code, ExcCodes.ILLEGAL_ADDRESS)
+    problem = store.write(code, write_address, _words(pdu[9:], write_count))
+    if problem is not None:
+        return exception_pdu(code, problem)
+    values = store.read(code, read_address, read_count)
+    assert not isinstance(values, ExcCodes)  # checked above; the write cannot move the map
+    return bytes((code, 2 * read_count)) + _pack(values)
+
+
+class _Connection(asyncio.Protocol):
     """One client connection: refused outside the allowlist or past the connection cap; answers its
     requests in order from a bounded inbox, reading only while its answers are being taken.
 
-    pymodbus's own path decodes one frame per read from the socket, keeps one request in flight and
-    empties its receive buffer when it answers, so a second request sent before the first answer
-    (Modbus TCP allows several) was dropped silently; it also waited forever on a frame whose header
-    cannot be Modbus TCP. And it reads, answers and buffers answers without bound. Here ``data_received``
-    only queues bytes; one worker task frames, vets (request_problem) and answers them.
+    ``data_received`` only queues bytes; one worker task frames, vets (request_problem) and answers
+    them, so requests pipelined before the first answer (Modbus TCP allows several) are all answered.
     """
 
-    server: _Server
-    _allowed = False
-    _counted = False
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._allowed = False
+        self._counted = False
         self._inbox = bytearray()  # received, not yet answered (whole frames and at most one partial)
         self._wake = asyncio.Event()  # bytes arrived, EOF, or the connection must end
         self._writable = asyncio.Event()  # the transport takes answers (cleared by pause_writing)
@@ -222,40 +252,40 @@ class _Handler(ServerRequestHandler):
         self.peer = "?"
 
     # ---------------------------------------------------------------- connection (asyncio callbacks)
-    def callback_connected(self) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
         server, stats = self.server, self.server.stats
-        peer = self.transport.get_extra_info("peername") if self.transport else None
+        peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "?"
         if not server.allowed(self.peer):
             stats.rejected += 1
             server.throttle.log(logging.WARNING, "allowlist", "plc: refused a Modbus connection from %s (not in "
                                 "plc.allowlist)", self.peer)
-            self.transport.close()
+            transport.close()
             return
-        if len(server.handlers) >= server.max_connections:
+        if len(server.connections) >= server.max_connections:
             stats.closed["limit"] += 1
             server.throttle.log(logging.WARNING, "limit", "plc: refused a Modbus connection from %s: %d clients "
-                                "connected already (plc.max_connections)", self.peer, len(server.handlers))
-            self.transport.close()
+                                "connected already (plc.max_connections)", self.peer, len(server.connections))
+            transport.close()
             return
         self._allowed = self._counted = True
-        server.handlers.add(self)
+        server.connections.add(self)
         stats.connections += 1
         stats.connections_total += 1
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)  # type: ignore[attr-defined]
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"plc-connection-{self.peer}")
-        super().callback_connected()
 
-    def callback_disconnected(self, exc: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._inbox.clear()
         if self._worker is not None:
             self._worker.cancel()
         if self._counted:
             self._counted = False
-            self.server.handlers.discard(self)
+            self.server.connections.discard(self)
             self.server.stats.connections -= 1
-        super().callback_disconnected(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self._allowed or self._closing:
@@ -264,7 +294,7 @@ class _Handler(ServerRequestHandler):
         self._flow()
         self._wake.set()
 
-    def eof_received(self) -> bool:  # type: ignore[override] # asyncio: True keeps the transport open
+    def eof_received(self) -> bool:
         self._eof = True
         self._wake.set()
         return True  # keep the transport open to send the answers owed; the worker closes it
@@ -281,7 +311,7 @@ class _Handler(ServerRequestHandler):
 
     def _flow(self) -> None:
         """Read while the inbox is short and answers are being taken; else let TCP hold the client back."""
-        transport: Any = self.transport
+        transport = self.transport
         if transport is None or transport.is_closing():
             return
         if len(self._inbox) >= INBOX_HIGH or not self._writable.is_set():
@@ -294,7 +324,7 @@ class _Handler(ServerRequestHandler):
         if self._closing or self.transport is None:
             return
         if self._unread_since is not None and now - self._unread_since >= UNREAD_CLOSE_S:
-            waiting = self.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+            waiting = self.transport.get_write_buffer_size()
             self._end("unread", logging.WARNING, "plc: closed the Modbus connection from %s: it read none of its "
                       "answers for %.0f s (%d bytes waiting; requests were no longer read)", self.peer,
                       UNREAD_CLOSE_S, waiting, abort=True)
@@ -306,8 +336,10 @@ class _Handler(ServerRequestHandler):
         self._closing = True
         self.server.stats.closed[reason] += 1
         self.server.throttle.log(level, reason, message, *args)
+        if self.transport is None:
+            return
         if abort:  # its answers cannot be delivered: drop them now
-            self.transport.abort()  # type: ignore[attr-defined]
+            self.transport.abort()
         else:  # after the answers already queued
             self.transport.close()
 
@@ -324,7 +356,7 @@ class _Handler(ServerRequestHandler):
                 frame = self._next_frame()
                 if frame is None:
                     break
-                await self._answer(*frame)
+                self._answer(*frame)
                 answered += 1
                 if answered % ANSWERS_PER_TURN == 0:
                     self._flow()
@@ -334,7 +366,8 @@ class _Handler(ServerRequestHandler):
             self._flow()
             if self._eof:
                 self._closing = True
-                self.transport.close()  # after the answers queued
+                if self.transport is not None:
+                    self.transport.close()  # after the answers queued
                 return
 
     def _next_frame(self) -> tuple[int, int, bytes] | None:
@@ -359,45 +392,37 @@ class _Handler(ServerRequestHandler):
         self._last_request = time.monotonic()
         return transaction, unit, pdu
 
-    async def _answer(self, transaction: int, unit: int, pdu: bytes) -> None:
+    def _answer(self, transaction: int, unit: int, pdu: bytes) -> None:
         stats, store = self.server.stats, self.server.store
         stats.requests[pdu[0]] += 1
         problem = ExcCodes.GATEWAY_NO_RESPONSE if unit != store.unit_id else request_problem(pdu)
-        if problem is None and pdu[0] == 23 and isinstance(store.read(23, *_words(pdu, 2)), ExcCodes):
-            problem = ExcCodes.ILLEGAL_ADDRESS  # refused before pymodbus writes (it writes, then reads)
-        request: Any = self.framer.decoder.decode(pdu) if problem is None else None
-        if request is None:
-            response: Any = ExceptionResponse(pdu[0], problem or ExcCodes.ILLEGAL_VALUE)
+        if problem is not None:
+            response = exception_pdu(pdu[0], problem)
         else:
-            try:  # completes in one step: the store never awaits
-                response = await request.datastore_update(self.server.context, unit)
+            try:
+                response = answer_pdu(store, pdu)
             except Exception:
-                log.exception("plc: Modbus request %s failed", request)
-                response = ExceptionResponse(request.function_code, ExcCodes.DEVICE_FAILURE)
-        response.transaction_id, response.dev_id = transaction, unit
-        self.server_send(response, None)
-
-    def send(self, data: bytes, addr: tuple[Any, ...] | None = None) -> None:
-        transport: Any = self.transport
-        if transport is not None and not transport.is_closing():  # never written after a close: asyncio logs
-            transport.write(data)  # a warning for each such write, pymodbus an error
-
-    def server_send(self, pdu: Any, addr: Any) -> None:
-        if isinstance(pdu, ExceptionResponse):
-            self.server.stats.exceptions[int(pdu.exception_code)] += 1
-        super().server_send(pdu, addr)
+                log.exception("plc: Modbus request (function %d) failed", pdu[0])
+                response = exception_pdu(pdu[0], ExcCodes.DEVICE_FAILURE)
+        if response[0] & 0x80:
+            stats.exceptions[response[1]] += 1
+        transport = self.transport
+        if transport is not None and not transport.is_closing():  # never written after a close (asyncio warns)
+            transport.write(MBAP.pack(transaction, 0, len(response) + 1, unit) + response)
 
 
-class _Server(ModbusTcpServer):
-    def __init__(self, store: RegisterStore, host: str, port: int, allowlist: Sequence[str], *,
-                 max_connections: int, idle_timeout: float) -> None:
-        super().__init__(store, address=(host, port))
+class _Server:
+    """The listening socket and its connections, in one asyncio loop."""
+
+    def __init__(self, store: RegisterStore, allowlist: Sequence[str], *, max_connections: int,
+                 idle_timeout: float) -> None:
         self.store = store
         self.stats = ServerStats()
         self.throttle = LogThrottle(log)
-        self.handlers: set[_Handler] = set()
+        self.connections: set[_Connection] = set()
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.listener: asyncio.Server | None = None
         self.sweeper: asyncio.Task[None] | None = None
         self._networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
 
@@ -405,8 +430,8 @@ class _Server(ModbusTcpServer):
         while True:
             await asyncio.sleep(SWEEP_S)
             now = time.monotonic()
-            for handler in list(self.handlers):
-                handler.check(now, self.idle_timeout)
+            for connection in list(self.connections):
+                connection.check(now, self.idle_timeout)
 
     def allowed(self, host: str) -> bool:
         if not self._networks:
@@ -419,26 +444,27 @@ class _Server(ModbusTcpServer):
             address = address.ipv4_mapped
         return any(address in network for network in self._networks)
 
-    def callback_new_connection(self) -> _Handler:
-        return _Handler(self, self.trace_packet, self.trace_pdu, self.trace_connect)
-
 
 async def serve(store: RegisterStore, host: str, port: int, allowlist: Sequence[str], *,
                 max_connections: int = 16, idle_timeout: float = 0.0) -> tuple[_Server, int]:
     """Bind and serve ``store`` (in the running loop); returns the server and the bound port.
-    ``idle_timeout`` 0: silent connections stay open."""
-    server = _Server(store, host, port, allowlist, max_connections=max_connections, idle_timeout=idle_timeout)
-    await server.serve_forever(background=True)
-    listener: Any = server.transport
-    if listener is None or not getattr(listener, "sockets", None):
-        await server.shutdown()
-        raise OSError(f"cannot listen on {host}:{port}")
-    server.sweeper = asyncio.get_running_loop().create_task(server.sweep(), name="plc-sweep")
-    return server, int(listener.sockets[0].getsockname()[1])
+    ``idle_timeout`` 0: silent connections stay open. OSError when the address cannot be bound."""
+    server = _Server(store, allowlist, max_connections=max_connections, idle_timeout=idle_timeout)
+    loop = asyncio.get_running_loop()
+    server.listener = await loop.create_server(lambda: _Connection(server), host, port, reuse_address=True)
+    server.sweeper = loop.create_task(server.sweep(), name="plc-sweep")
+    return server, int(server.listener.sockets[0].getsockname()[1])
 
 
 async def stop(server: _Server) -> None:
+    """Stop listening and close every connection."""
     if server.sweeper is not None:
         server.sweeper.cancel()
-    await server.shutdown()
+    if server.listener is not None:
+        server.listener.close()
+    for connection in list(server.connections):
+        if connection.transport is not None:
+            connection.transport.abort()
+    if server.listener is not None:
+        await server.listener.wait_closed()
     await asyncio.sleep(0)
