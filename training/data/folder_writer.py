@@ -187,7 +187,7 @@ def _write_all(
     for member in members:
         for index in range(len(member.dataset)):
             sample = member.dataset[index]
-            present = sample.masks.reshape(len(sample.masks), -1).any(axis=1)
+            present = sample.masks.any(axis=(1, 2))
             if not present.all():  # an empty instance mask reads back as no instance
                 sample = dataclasses.replace(sample, masks=sample.masks[present], classes=sample.classes[present],
                                              sizes=None if sample.sizes is None else sample.sizes[present])

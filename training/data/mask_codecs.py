@@ -29,7 +29,8 @@ def polygon_mask(polygons: Sequence[Sequence[float] | np.ndarray], height: int, 
     Each polygon is rasterised exactly as pycocotools' ``frPyObjects`` does (``rleFrPoly``: the
     boundary traced at 5x, a pixel is inside where its centre falls between the traced edges), so a
     COCO file reads as detectron2 or mmdetection read it. MaskCodecError for an odd number of
-    coordinates, fewer than 3 points, or a value that is not a finite number.
+    coordinates, fewer than 3 points, a value that is not a finite number, or a point more than
+    an image size outside the image.
     """
     mask = np.zeros((height, width), dtype=bool)
     for polygon in polygons:

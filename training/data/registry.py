@@ -32,6 +32,7 @@ import bisect
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -362,7 +363,8 @@ def parse_spec(text: str) -> list[dict[str, Any]]:
     if not text:
         raise DatasetError("--data", "empty dataset spec")
     path = Path(text)
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+    head = re.split(r"[,:+]", text, maxsplit=1)[0].strip()
+    if path.suffix.lower() in (".json", ".yaml", ".yml") and head not in NAMES:  # not yolo-seg,root=data.yaml
         return _read_spec_file(path)
     specs: list[dict[str, Any]] = []
     for part in text.split("+"):
