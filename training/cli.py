@@ -1,6 +1,7 @@
 """``defectsam-train``: data, teachers, distillation, evaluation and export of the student models.
 
     synth             render a synthetic defect data set (training.commands.synth)
+    convert           write any dataset (mvtec, coco, yolo-seg...) in the folder layout (training.commands.convert)
     train             train a segmenter or a finder from a YAML config, any recipe (resumable; runs under torchrun)
     distill           the same, for a config whose recipe has a teacher (blog, nofeature, mobilesam, kdsam)
     cache-teacher     compute a teacher's embeddings and foreground logits once, on disk
@@ -116,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # Command modules of the data and evaluation half (each has add_parser(subparsers) setting run=).
 _OPTIONAL_COMMANDS = (
-    "training.commands.synth", "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
+    "training.commands.synth", "training.commands.convert",
+    "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
     "training.reference.command",
 )
 

@@ -9,6 +9,9 @@ Specs, discriminated by ``name``::
     {name: folder, root: /data/line3, split: val}
     {name: magnetic_tile, split: test}            # root defaults to ../shared/datasets/magnetic_tile
     {name: neu_seg, split: test}
+    {name: mvtec, root: /data/mvtec_ad/bottle, split: test}  # one MVTec AD category
+    {name: coco, root: /data/export/annotations/instances_default.json}  # or a folder + split
+    {name: yolo-seg, root: /data/roboflow/data.yaml, split: val}
 
 Every spec also takes ``class_map`` (rename classes, e.g. ``{Crack: scratch}``; two names mapped to
 one merge) and ``limit`` (an evenly spaced subset of that many samples). A list of specs builds one
@@ -20,6 +23,7 @@ or ``.yaml`` file holding a spec or a list of them::
     magnetic_tile:test        synthetic,n=50,seed=7,width=1024,height=576
     folder,root=/data/line3,split=val+neu_seg:train
     magnetic_tile:train,class_map.Crack=scratch,class_map.Blowhole=pinhole
+    mvtec:test,root=/data/mvtec_ad/bottle    coco,root=/data/cvat_export    yolo-seg:val,root=/data/rf/data.yaml
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import bisect
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,15 +42,18 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from engines.synthetic import FRAME_HEIGHT, FRAME_WIDTH
+from training.data.coco import CocoDataset
 from training.data.errors import DatasetError
 from training.data.find import FindDataset
 from training.data.folder import FolderDataset
 from training.data.magnetic_tile import MagneticTileDataset
 from training.data.mining import MinedWindowsDataset, MiningParams
+from training.data.mvtec import MvtecDataset
 from training.data.neu_seg import NeuSegDataset
 from training.data.sample import Sample, SampleDataset
 from training.data.synthetic import SyntheticDataset
 from training.data.synthetic_frames import FrameSet, FrameSetParams, SyntheticWindowsDataset, build_frame_set
+from training.data.yolo_seg import YoloSegDataset
 
 DATASETS_ENV = "DEFECTSAM_DATASETS"
 _REPO = Path(__file__).resolve().parents[2]
@@ -158,15 +166,40 @@ class NeuSegSpec(_Spec):
     min_instance_area: int = Field(default=1, ge=1, description="smaller components are dropped")
 
 
+class MvtecSpec(_Spec):
+    name: Literal["mvtec"] = "mvtec"
+    root: Path = Field(description="one MVTec AD category: the folder holding train/, test/, ground_truth/")
+    split: str = Field(default="test", description="train (good images only) or test")
+    min_instance_area: int = Field(default=1, ge=1, description="smaller components are dropped")
+
+
+class CocoSpec(_Spec):
+    name: Literal["coco"] = "coco"
+    root: Path = Field(description="the COCO instances JSON, or the export folder holding it")
+    split: str | None = Field(
+        default=None, description="with a folder root: read annotations/instances_SPLIT.json (or SPLIT/...; see docs)"
+    )
+    images: Path | None = Field(default=None, description="the images' folder (default: found beside the JSON)")
+    min_instance_area: int = Field(default=1, ge=1, description="smaller instances are dropped")
+
+
+class YoloSegSpec(_Spec):
+    name: Literal["yolo-seg"] = "yolo-seg"
+    root: Path = Field(description="the dataset YAML (names:, train:, val:), or the folder holding it")
+    split: str | None = Field(default=None, description="the YAML's train, val or test; default: all of them")
+    min_instance_area: int = Field(default=1, ge=1, description="smaller instances are dropped")
+
+
 AnySpec = Union[  # noqa: UP007 - a runtime alias
     SyntheticSpec, SyntheticWindowsSpec, SyntheticFindSpec, MinedWindowsSpec, FolderSpec, MagneticTileSpec,
-    NeuSegSpec,
+    NeuSegSpec, MvtecSpec, CocoSpec, YoloSegSpec,
 ]
 DatasetSpec = Annotated[AnySpec, Field(discriminator="name")]
 _SPEC = TypeAdapter(DatasetSpec)
 _SPECS = TypeAdapter(list[DatasetSpec])
 NAMES: tuple[str, ...] = (
     "synthetic", "synthetic_windows", "synthetic_find", "mined_windows", "folder", "magnetic_tile", "neu_seg",
+    "mvtec", "coco", "yolo-seg",
 )
 
 
@@ -288,9 +321,15 @@ def _build_one(spec: AnySpec) -> SampleDataset:
         root = spec.root or datasets_root() / "magnetic_tile"
         dataset = MagneticTileDataset(root, spec.split, min_instance_area=spec.min_instance_area,
                                       free_limit=spec.free_limit)
-    else:
+    elif isinstance(spec, NeuSegSpec):
         root = spec.root or datasets_root() / "neu_seg"
         dataset = NeuSegDataset(root, spec.split, min_instance_area=spec.min_instance_area)
+    elif isinstance(spec, MvtecSpec):
+        dataset = MvtecDataset(spec.root, spec.split, min_instance_area=spec.min_instance_area)
+    elif isinstance(spec, CocoSpec):
+        dataset = CocoDataset(spec.root, spec.split, images=spec.images, min_instance_area=spec.min_instance_area)
+    else:
+        dataset = YoloSegDataset(spec.root, spec.split, min_instance_area=spec.min_instance_area)
     name = dataset_name(dataset)
     if len(dataset) == 0:
         raise DatasetError(name, "dataset holds no samples")
@@ -315,13 +354,17 @@ def _scalar(text: str) -> Any:
     return text
 
 
+_TEXT_KEYS = ("root", "split", "images")  # kept as written (a split "7" or a folder "1e3" is not a number)
+
+
 def parse_spec(text: str) -> list[dict[str, Any]]:
     """A one-line spec (module docstring) or a spec file -> raw spec dicts. DatasetError when malformed."""
     text = text.strip()
     if not text:
         raise DatasetError("--data", "empty dataset spec")
     path = Path(text)
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+    head = re.split(r"[,:+]", text, maxsplit=1)[0].strip()
+    if path.suffix.lower() in (".json", ".yaml", ".yml") and head not in NAMES:  # not yolo-seg,root=data.yaml
         return _read_spec_file(path)
     specs: list[dict[str, Any]] = []
     for part in text.split("+"):
@@ -344,7 +387,7 @@ def parse_spec(text: str) -> list[dict[str, Any]]:
                     raise DatasetError(part, f"{field!r} given both as a value and as {key!r}")
                 entry[sub] = value
             else:
-                raw[key] = value if key in ("root", "split") else _scalar(value)
+                raw[key] = value if key in _TEXT_KEYS else _scalar(value)
         specs.append(raw)
     return specs
 

@@ -1,6 +1,6 @@
 """One labelled image, as every dataset reader returns it.
 
-Readers (synthetic, generic folder, magnetic tile, NEU-Seg) all yield ``Sample``; crop and
+Readers (synthetic, generic folder, magnetic tile, NEU-Seg, MVTec, COCO, YOLO-seg) all yield ``Sample``; crop and
 prompt sampling, augmentation, the teacher cache and evaluation consume nothing else.
 """
 
