@@ -3,7 +3,8 @@
 What ships is what is measured: every frame goes through ``Inspector`` on an engines backend, both
 passes, the merge and the postprocess, in frame pixels, against the dataset's own masks. A
 checkpoint is evaluated the same way, after an export to a temporary bundle
-(``evaluate_checkpoint``). Three families of figures per run:
+(``evaluate_checkpoint``). The dataset's classes are matched to the bundle's by name (``align_classes``):
+a bundle may list them in another order or know more. Three families of figures per run:
 
 * semantic (training.eval.semantic): the field's dataset-level IoU per class and mIoU, foreground
   only and with background, from the per-pixel most probable class of the merged windows;
