@@ -6,6 +6,7 @@
     distill           the same, for a config whose recipe has a teacher (blog, nofeature, mobilesam, kdsam)
     cache-teacher     compute a teacher's embeddings and foreground logits once, on disk
     eval              evaluate a checkpoint or a bundle (training.commands.eval)
+    compare           evaluate several bundles on the same data, one table side by side (training.commands.compare)
     calibrate         choose a bundle's score threshold on held-out data (training.commands.calibrate)
     quantize          add a gated INT8 variant to a bundle (training.commands.quantize)
     export            export a model or a trained checkpoint to an engine bundle
@@ -120,6 +121,7 @@ _OPTIONAL_COMMANDS = (
     "training.commands.synth", "training.commands.convert",
     "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
     "training.reference.command",
+    "training.commands.compare",
 )
 
 

@@ -3,7 +3,8 @@
 What ships is what is measured: every frame goes through ``Inspector`` on an engines backend, both
 passes, the merge and the postprocess, in frame pixels, against the dataset's own masks. A
 checkpoint is evaluated the same way, after an export to a temporary bundle
-(``evaluate_checkpoint``). Three families of figures per run:
+(``evaluate_checkpoint``). The dataset's classes are matched to the bundle's by name (``align_classes``):
+a bundle may list them in another order or know more. Three families of figures per run:
 
 * semantic (training.eval.semantic): the field's dataset-level IoU per class and mIoU, foreground
   only and with background, from the per-pixel most probable class of the merged windows;
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -32,7 +33,7 @@ from engines.errors import DefectsamError
 from engines.inspector import InspectionConfig, Inspector, PassOutputs
 from engines.postprocess import PostprocessConfig
 from engines.windows import semantic_labels
-from training.data.registry import dataset_name, evenly_spaced
+from training.data.registry import MergedDataset, dataset_name, evenly_spaced
 from training.data.sample import Sample, SampleDataset, label_map
 from training.eval.metrics import DetectionScores, Region, SizeScores, instance_size, intersection, iou
 from training.eval.semantic import ConfusionMatrix
@@ -80,6 +81,7 @@ def evaluate_bundle(
         raise DefectsamError(f"--pixel-size-um must be a number of micrometres > 0, got {pixel_size_um}")
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle)
+    dataset = align_classes(dataset, bundle.manifest.classes)
     engine = open_engine(bundle, OrtConfig(precision=precision, providers=["cpu"]))  # type: ignore[arg-type]
     try:
         inspector = Inspector(engine, inspection, postprocess)
@@ -101,6 +103,23 @@ def _evaluate(
                    iou_threshold=iou_threshold)
     report["seconds"] = round(time.monotonic() - started, 2)
     return report
+
+
+def align_classes(dataset: SampleDataset, classes: Sequence[str]) -> SampleDataset:
+    """``dataset`` with its class indices in the order of ``classes`` (a bundle's), matched by name: the
+    dataset itself when the orders agree. A bundle that knows every class of the dataset, in another order
+    or with more, is scored on it; a dataset class the bundle lacks is a DefectsamError naming it."""
+    names, wanted = list(dataset.class_names), list(classes)
+    if names == wanted:
+        return dataset
+    missing = [name for name in names if name not in wanted]
+    if missing:
+        raise DefectsamError(
+            f"{dataset_name(dataset)}: its classes {names} are not the bundle's {wanted} (it has no "
+            f"{', '.join(map(repr, missing))}; rename them with class_map in the dataset spec)"
+        )
+    aligned: SampleDataset = MergedDataset([dataset], class_names=wanted)
+    return aligned
 
 
 def _check_classes(inspector: Inspector, dataset: SampleDataset) -> None:
