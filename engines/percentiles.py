@@ -10,6 +10,7 @@ that a bench measures its own window without clearing the daemon's record.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import threading
 from collections.abc import Iterable
@@ -58,7 +59,8 @@ class LatencyLog:
         """The samples added after ``mark`` that are still kept (all of them unless more than ``keep`` came)."""
         with self._lock:
             wanted = min(self._added - mark, len(self._samples))
-            return list(self._samples)[len(self._samples) - wanted:] if wanted > 0 else []
+            newest_first = list(itertools.islice(reversed(self._samples), max(wanted, 0)))  # O(wanted), not O(keep)
+            return newest_first[::-1]
 
     def recent(self) -> list[float]:
         """The samples kept, oldest first."""
