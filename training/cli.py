@@ -12,6 +12,7 @@
     models            print the model family's parameters
     config            print every key of the training config
     reference         the reference run: teacher, students, bundles, INT8, eval, benchmark, report (training.reference)
+    plots             redraw a run's results.png and val_overlays.png (training.commands.plots)
 
 Bad input (a flag, a file, a config key) is reported as one line on stderr naming it, with exit
 status 2; a config error names the dotted key.
@@ -118,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 _OPTIONAL_COMMANDS = (
     "training.commands.synth", "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
     "training.reference.command",
+    "training.commands.plots",
 )
 
 
