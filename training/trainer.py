@@ -515,7 +515,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
                 improved = metrics["score"] > best
                 best = max(best, metrics["score"])
                 record.update({f"val_{k}": v for k, v in metrics.items()})
-            record["lr"] = scheduler.get_last_lr()[0]
+            record["lr"] = float(f"{scheduler.get_last_lr()[0]:.6g}")
             record["epoch_seconds"] = round(clock.end_epoch(), 2)
             record["elapsed_seconds"] = round(clock.elapsed, 2)
             history.add(record)

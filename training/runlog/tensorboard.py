@@ -2,9 +2,9 @@
 
 Every numeric value of an epoch record is a scalar at that epoch, its tag the record's key with the
 first underscore made a slash (``train_loss`` -> ``train/loss``, ``val_miou_fg`` -> ``val/miou_fg``);
-the val overlays are an image at the run's last epoch. A resumed run opens the directory with
-``purge_step`` at its first new epoch, so epochs written after the checkpoint it resumes from
-(a crash between the two) are discarded by TensorBoard, not shown twice.
+the val overlays are an image at the run's last epoch. A run opens the directory with ``purge_step``
+at its first new epoch, so epochs written after the checkpoint it resumes from (a crash between the
+two), or by the run a ``--fresh`` one starts over, are discarded by TensorBoard, not shown twice.
 
     tensorboard --logdir runs/
 """
@@ -36,7 +36,7 @@ class EventLog:
             log(f"tensorboard is not installed: no event files ({INSTALL_HINT} for them); results.csv and "
                 "results.png have every value")
             return
-        self.writer = SummaryWriter(str(out / DIRECTORY), purge_step=first_epoch if first_epoch > 1 else None)
+        self.writer = SummaryWriter(str(out / DIRECTORY), purge_step=first_epoch)
 
     def epoch(self, record: dict[str, Any]) -> None:
         if self.writer is None:
