@@ -24,12 +24,12 @@ $(RUN_VENV)/.installed: pyproject.toml
 	$(RUN_VENV)/bin/pip install -q -e .
 	touch $@
 
-# Everything: runtime + training (torch 2.13.0, pinned: see README) + test tools.
+# Everything: runtime + training (torch 2.13.0, pinned: see README) + TensorBoard + test tools.
 $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install -q --upgrade pip
 	$(DEV_VENV)/bin/pip install -q torch==2.13.0
-	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler]'
+	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler,tensorboard]'
 	touch $@
 
 demo: $(RUN_VENV)/.installed

@@ -47,6 +47,18 @@ def write_text_atomic(path: Path | str, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def staging_dir(target: Path) -> Path:
+    """A new empty directory beside ``target`` to fill and then ``replace_dir`` into place.
+
+    It gets the mode a plain ``mkdir`` would (0777 less the umask), not mkdtemp's 0700: a bundle, a
+    frame set or a teacher cache is read by other users (the service's, a colleague's).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o777 & ~current_umask())
+    return staging
+
+
 def replace_dir(new: Path, target: Path) -> None:
     """Rename the finished directory ``new`` to ``target``; an existing ``target`` is moved aside first,
     then removed. Readers see the old directory or the new one, never a mix; a failed rename puts the

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engines.atomic import current_umask, replace_dir
+from engines.atomic import replace_dir, staging_dir
 from engines.contract import SIDE_MULTIPLE
 from engines.errors import BundleError
 
@@ -383,10 +382,8 @@ def write_bundle(out_dir: Path | str, manifest_fields: Mapping[str, Any], files:
     out_dir = Path(out_dir).resolve()
     if "files" in manifest_fields:
         raise ValueError("write_bundle computes 'files' itself")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = staging_dir(out_dir)  # 0777 less the umask: a bundle is read by the service user
     try:
-        staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a bundle is read by the service user
         digests: dict[str, str] = {}
         for name, source in files.items():
             target = staging / name

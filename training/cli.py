@@ -14,6 +14,7 @@
     models            print the model family's parameters
     config            print every key of the training config
     reference         the reference run: teacher, students, bundles, INT8, eval, benchmark, report (training.reference)
+    plots             redraw a run's results.png and val_overlays.png (training.commands.plots)
 
 Bad input (a flag, a file, a config key) is reported as one line on stderr naming it, with exit
 status 2; a config error names the dotted key.
@@ -122,6 +123,7 @@ _OPTIONAL_COMMANDS = (
     "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
     "training.reference.command",
     "training.commands.compare",
+    "training.commands.plots",
 )
 
 

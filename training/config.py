@@ -125,7 +125,10 @@ class EvalConfig(_Strict):
 
 class TrainConfig(_Strict):
     name: str = Field(default="run", description="run name (bundle name on export)")
-    out: Path = Field(description="run directory: last.pt, best.pt, metrics.jsonl, config.yaml")
+    out: Path = Field(
+        description="run directory: last.pt, best.pt, config.yaml, results.csv, results.png, val_overlays.png "
+        "(docs/training.md)"
+    )
     seed: int = Field(default=0, description="seed of initialisation, shuffling and augmentation")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig

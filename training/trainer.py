@@ -10,10 +10,13 @@ by the average precision of its cells.
 
 The device is chosen automatically (``cuda:LOCAL_RANK`` when CUDA is there, else CPU); autocast
 (bf16, or fp16 with a gradient scaler) runs on CUDA only. Rank 0 alone writes: ``last.pt`` after
-every epoch, ``best.pt`` when the validation metric improves, ``metrics.jsonl`` and the resolved
-``config.yaml``. Checkpoints hold model, optimizer, scheduler, epoch, step and config, go to a
+every epoch, ``best.pt`` when the validation metric improves, the resolved ``config.yaml``, the
+epoch records (``results.csv``, ``metrics.jsonl``: training.runlog.history), TensorBoard events when
+tensorboard is installed, and at the end ``results.png`` and ``val_overlays.png`` (training.runlog).
+Checkpoints hold model, optimizer, scheduler, epoch, step, config and the epoch records, go to a
 temporary name and are renamed into place, so a crash never leaves a partial file where a good
-one was. A run directory that holds ``last.pt`` is resumed from it.
+one was. A run directory that holds ``last.pt`` is resumed from it. The progress bar and the epoch
+line give the epoch's time, the run's elapsed time and its ETA (training.runlog.clock).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,10 @@ from training.model.checkpoint import CheckpointError, load_weights, save_checkp
 from training.model.finder import CandidateFinder
 from training.model.segmenter import WindowSegmenter
 from training.recipes import Recipe, build_recipe
+from training.runlog.clock import RunClock, format_duration
+from training.runlog.history import RunHistory
+from training.runlog.plots import OVERLAYS_PNG, write_run_plots
+from training.runlog.tensorboard import EventLog
 from training.teachers import Teacher, build_teacher
 from training.teachers.cache import CacheError, TeacherCache, build_cache, open_cache
 
@@ -241,13 +247,13 @@ def _lr_lambda(total: int, warmup: int, min_ratio: float) -> Any:
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Iterator[Any]:
+def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar updated by hand (its postfix carries the run's ETA), or None."""
     if not enabled:
-        yield from iterable
-        return
+        return None
     from tqdm import tqdm
 
-    yield from tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
@@ -394,7 +400,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
     # Every rank reports itself once (torchrun prefixes the line with the rank's number).
     print(
         f"rank {runtime.rank}/{runtime.world_size} on {runtime.device}: {len(sampler)} of {len(dataset)} "
-        f"samples per epoch, {config.task} model {m.arch}, recipe {config.recipe.name}",
+        f"samples per epoch, {config.task} model {m.arch}, {describe_recipe(config)}",
         file=sys.stderr, flush=True,
     )
     total_steps = min(sched.max_steps or sys.maxsize, sched.epochs * steps_per_epoch)
@@ -408,6 +414,7 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
 
     start_epoch, step, best = 0, 0, -math.inf
     last_path, best_path = out / LAST, out / BEST
+    payload: dict[str, Any] | None = None
     if last_path.is_file() and not fresh:
         payload = load_weights(model, last_path, m.arch)
         try:
@@ -422,9 +429,13 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(last_path, f"cannot resume from it: {str(exc).splitlines()[0]}") from None
         say(f"resuming {out} at epoch {start_epoch}, step {step}")
+    history = RunHistory.resume(out, payload)
+    events: EventLog | None = None
     if runtime.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "config.yaml", _yaml(config))
+        history.write()  # the files hold the checkpoint's epochs, no later ones
+        events = EventLog(out, start_epoch + 1, say)
 
     teacher_id = getattr(teacher, "teacher_id", None) or (cache.teacher_id if cache is not None else None)
     common = {
@@ -439,11 +450,12 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
     phase = -1
     step_module: nn.Module = recipe if recipe is not None else _FinderLoss(model)  # type: ignore[arg-type]
     wrapped: nn.Module = step_module
-    started = time.monotonic()
-    start_step = step
+    clock = RunClock(sched.epochs, steps_per_epoch, total_steps, elapsed_before=history.elapsed_before,
+                     epoch_seconds=history.epoch_seconds())
     for epoch in range(start_epoch, sched.epochs):
         if step >= total_steps:
             break
+        clock.start_epoch(epoch, step)
         new_phase = recipe.phase(epoch, sched.epochs) if recipe is not None else 0
         if new_phase != phase:
             phase = new_phase
@@ -460,8 +472,8 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
             sampler.set_epoch(epoch)
         totals: dict[str, float] = {}
         batches = 0
-        bar = _progress(loader, steps_per_epoch, f"epoch {epoch + 1}/{sched.epochs}", runtime.is_main and _tty())
-        for raw in bar:
+        bar = _progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{sched.epochs}", runtime.is_main and _tty())
+        for raw in loader:
             if step >= total_steps:
                 break
             batch = _to(raw, runtime.device)
@@ -479,15 +491,20 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
             scheduler.step()
             step += 1
             batches += 1
-            if runtime.is_main and not _tty() and batches % _LOG_EVERY == 0:
-                mean_loss = totals.get("loss", 0.0) / max(1, batches - 1)
-                say(_progress_line(epoch, sched.epochs, batches, steps_per_epoch, step - start_step,
-                                   total_steps - start_step, mean_loss, time.monotonic() - started))
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {totals['loss'] / batches:.4f}, run ETA {format_duration(clock.eta(step))}",
+                                    refresh=False)
+            elif runtime.is_main and batches % _LOG_EVERY == 0:
+                say(_progress_line(epoch, sched.epochs, batches, steps_per_epoch, totals["loss"] / batches, clock,
+                                   step))
+        if bar is not None:
+            bar.close()
         means = {k: v / max(1, batches) for k, v in totals.items()}
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "phase": phase, "lr": scheduler.get_last_lr()[0]}
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "phase": phase}
         record.update({f"train_{k}": round(v, 5) for k, v in means.items()})
         last_epoch = epoch + 1 == sched.epochs or step >= total_steps
         if runtime.is_main:
@@ -498,24 +515,50 @@ def _train(config: TrainConfig, runtime: Runtime, *, fresh: bool, log: Any) -> d
                 improved = metrics["score"] > best
                 best = max(best, metrics["score"])
                 record.update({f"val_{k}": v for k, v in metrics.items()})
+            record["lr"] = float(f"{scheduler.get_last_lr()[0]:.6g}")
+            record["epoch_seconds"] = round(clock.end_epoch(), 2)
+            record["elapsed_seconds"] = round(clock.elapsed, 2)
+            history.add(record)
             state = {
                 **common, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if needs_scaler else None, "epoch": epoch + 1, "step": step,
                 "best": best, "metrics": {k: v for k, v in metrics.items() if v is not None},
+                "history": history.records,
             }  # fmt: skip
             save_training_checkpoint(last_path, model, recipe, m.arch, state)
             if improved:
                 save_training_checkpoint(best_path, model, recipe, m.arch, state)
-            record["seconds"] = round(time.monotonic() - started, 1)
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            say(_line(record))
+            history.write()
+            if events is not None:
+                events.epoch(record)
+            say(_line(record, sched.epochs, clock))
         runtime.barrier()
         summary.update(record)
-    if runtime.is_main and not best_path.exists() and last_path.exists():
-        _copy_checkpoint(last_path, best_path)
+    if runtime.is_main:
+        if not best_path.exists() and last_path.exists():
+            _copy_checkpoint(last_path, best_path)
+        if best_path.exists():
+            load_weights(model, best_path, m.arch)  # the figures show the checkpoint a bundle is made from
+        written = write_run_plots(out, history.records, model, val_data, classes, title=run_title(config),
+                                  device=runtime.device)
+        if events is not None:
+            if OVERLAYS_PNG in written and history.records:
+                events.image("val_overlays", written[OVERLAYS_PNG], int(history.records[-1]["epoch"]))
+            events.close()
+        say(f"{out}: {', '.join(['results.csv', *written])} written")
     summary["checkpoint"] = str(best_path)
     return summary
+
+
+def describe_recipe(config: TrainConfig) -> str:
+    """'recipe supervised (ground truth only, no teacher)' or 'recipe blog, distilled from teacher family (t.pt)'."""
+    if config.teacher is None or config.recipe.name == "supervised":
+        return f"recipe {config.recipe.name} (ground truth only, no teacher)"
+    return f"recipe {config.recipe.name}, distilled from a {config.teacher.kind} teacher ({config.teacher.checkpoint})"
+
+
+def run_title(config: TrainConfig) -> str:
+    return f"{config.name}: {config.model.arch}, {describe_recipe(config)}"
 
 
 def _copy_checkpoint(source: Path, target: Path) -> None:
@@ -530,20 +573,23 @@ def _copy_checkpoint(source: Path, target: Path) -> None:
 _LOG_EVERY = 50  # steps between progress lines when stderr is not a terminal (no progress bar)
 
 
-def _progress_line(epoch: int, epochs: int, batch: int, batches: int, done: int, total: int, loss: float,
-                   elapsed: float) -> str:
-    """'epoch 2/6 step 150/750 loss 0.4123 (0.61 s/step, ETA 41 min)': what a log file shows between epochs."""
-    per_step = elapsed / max(1, done)
-    eta = per_step * max(0, total - done)
+def _progress_line(epoch: int, epochs: int, batch: int, batches: int, loss: float, clock: RunClock,
+                   step: int) -> str:
+    """'epoch 2/6 step 150/750 loss 0.4123 (0.61 s/step, elapsed 4 min 10 s, ETA 41 min 02 s)': what a log
+    file shows between epochs (no progress bar there)."""
+    per_step = (time.monotonic() - clock.epoch_started) / max(1, batch)
     return (f"epoch {epoch + 1}/{epochs} step {batch}/{batches} loss {loss:.4f} ({per_step:.2f} s/step, "
-            f"ETA {eta / 60:.0f} min)")
+            f"elapsed {format_duration(clock.elapsed)}, ETA {format_duration(clock.eta(step))})")
 
 
-def _line(record: dict[str, Any]) -> str:
-    shown = [f"epoch {record['epoch']}", f"step {record['step']}"]
+def _line(record: dict[str, Any], epochs: int, clock: RunClock) -> str:
+    """The epoch's line: its losses and val metrics, then its time, the run's elapsed time and ETA."""
+    shown = [f"epoch {record['epoch']}/{epochs}", f"step {record['step']}"]
     for key, value in record.items():
         if key.startswith(("train_", "val_")) and isinstance(value, float):
             shown.append(f"{key} {value:.4f}")
+    shown.append(f"{format_duration(record['epoch_seconds'])} (elapsed {format_duration(record['elapsed_seconds'])}, "
+                 f"ETA {format_duration(clock.eta_after_epoch())})")
     return "  ".join(shown)
 
 

@@ -21,7 +21,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.atomic import replace_dir
+from engines.atomic import replace_dir, staging_dir
 from engines.synthetic import CLASSES, GENERATOR_VERSION, render_frame
 from training.data.errors import DatasetError
 from training.data.folder import instances_from_label
@@ -162,7 +161,7 @@ def build_mined_set(params: MiningParams, root: Path | None = None, *, workers: 
             parts = [mine_frame(inspector, params, i) for i in range(params.frames)]
         finally:
             inspector.engine.close()
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    staging = staging_dir(target)
     try:
         for name in ARRAYS:
             np.save(staging / f"{name}.npy", np.concatenate([p[name] for p in parts]))
@@ -170,7 +169,6 @@ def build_mined_set(params: MiningParams, root: Path | None = None, *, workers: 
         index_doc = {"params": params.__dict__, "generator": GENERATOR_VERSION, "classes": list(CLASSES),
                      "windows": total, "frames_with_windows": int(sum(1 for p in parts if len(p["frames"])))}
         (staging / "index.json").write_text(json.dumps(index_doc, indent=2))
-        staging.chmod(0o755)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

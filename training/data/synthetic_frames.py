@@ -29,7 +29,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engines.atomic import replace_dir
+from engines.atomic import replace_dir, staging_dir
 from engines.contract import CELL_STRIDE
 from engines.find import find_geometry, reduce_grey, to_grey
 from engines.synthetic import CLASSES, FRAME_HEIGHT, FRAME_WIDTH, GENERATOR_VERSION, render_frame
@@ -141,7 +140,7 @@ def build_frame_set(params: FrameSetParams, root: Path | None = None, *, workers
     if (target / "index.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
+    staging = staging_dir(target)
     try:
         first = render_frame_arrays(params, 0)
         arrays: dict[str, np.ndarray] = {}
@@ -177,7 +176,6 @@ def build_frame_set(params: FrameSetParams, root: Path | None = None, *, workers
         arrays.clear()
         index_doc = {"params": params.__dict__, "generator": GENERATOR_VERSION, "classes": list(CLASSES)}
         (staging / "index.json").write_text(json.dumps(index_doc, indent=2))
-        staging.chmod(0o755)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from engines.atomic import replace_dir
+from engines.atomic import replace_dir, staging_dir
 from engines.errors import DefectsamError
 from training.data.sample import IGNORE_LABEL, interior_point
 from training.data.windows import WindowExample, collate_windows
@@ -149,7 +148,7 @@ def build_cache(
 
     final = cache_dir(root, teacher.teacher_id)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    tmp = staging_dir(final)
     try:
         embeddings: list[np.ndarray] = []
         foregrounds: list[np.ndarray] = []
