@@ -1,4 +1,4 @@
-"""The ``defectsam`` command: run bundles on images, inspect bundles, benchmark and build engines, run the daemon.
+"""The ``defectsam`` command: run bundles on images, inspect and build engines, run the daemon, export its records.
 
 Bad input (a file, a flag, a bundle) ends in one line on stderr naming it and the cause,
 and exit status 2; never a traceback.
@@ -14,6 +14,7 @@ from engines.errors import DefectsamError
 from service.commands import bench, bundle, engine, infer, plc_sim, serve
 from service.commands import config as config_command
 from service.commands import soak as soak_command
+from service.commands import store as store_command
 
 EXIT_BAD_INPUT = 2
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_command.add_parser(commands)
     plc_sim.add_parser(commands)
     soak_command.add_parser(commands)
+    store_command.add_parser(commands)
     return parser
 
 

@@ -68,7 +68,7 @@ _DB_FILES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", IDS_NAME)
 _MB = 1_000_000
 _WAL_MIN, _WAL_MAX = 64 * 1024, 4 * 1024 * 1024  # the WAL's size between checkpoints: budget / 32, within these
 _SHM_RESERVE = 32 * 1024  # the WAL index (-shm): 32 KB per 4096 WAL frames, so one step here
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     wall_time REAL NOT NULL,
@@ -199,7 +199,7 @@ class RecordStore:
         try:
             (self.path / FILES_DIR).mkdir(parents=True, exist_ok=True)
             conn = self._connect()
-            conn.executescript(_SCHEMA)
+            conn.executescript(SCHEMA)
             conn.commit()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"store.path {self.path}: cannot be used: {exc}") from None

@@ -167,14 +167,17 @@ class Prometheus:
 
 
 @contextlib.contextmanager
-def running_prometheus(directory: Path, daemon_port: int, rules: Path | None = None) -> Iterator[Prometheus]:
+def running_prometheus(directory: Path, daemon_port: int, rules: Path | None = None,
+                       job: dict[str, Any] | None = None) -> Iterator[Prometheus]:
     """Debian's Prometheus on a loopback port, scraping and evaluating every second the daemon at
     ``daemon_port`` (job ``defectsam``), with a copy of the ``rules`` file if given; stopped on exit.
-    Its config and TSDB live in ``directory``."""
+    ``job``: keys of the scrape job that replace the plain one's (static_configs with target labels,
+    relabel_configs). Its config and TSDB live in ``directory``."""
     assert PROMETHEUS is not None, "prometheus not found (make peers: Debian's prometheus)"
+    scrape = {"job_name": "defectsam", "static_configs": [{"targets": [f"127.0.0.1:{daemon_port}"]}], **(job or {})}
     config: dict[str, Any] = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "defectsam", "static_configs": [{"targets": [f"127.0.0.1:{daemon_port}"]}]}],
+        "scrape_configs": [scrape],
     }
     if rules is not None:
         shutil.copy(rules, directory / rules.name)

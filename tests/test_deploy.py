@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,9 +80,19 @@ def _dashboard_exprs() -> list[tuple[str, str]]:
     return exprs
 
 
-def _concrete(expr: str) -> str:
-    """A dashboard query with Grafana's variables filled in, as Prometheus would receive it."""
-    return expr.replace("$__rate_interval", "15s").replace('=~"$instance"', '=~".+"')
+def _concrete(expr: str, line: str = ".*", station: str = ".*") -> str:
+    """A dashboard query with Grafana's variables filled in, as Prometheus would receive it (the variables'
+    "All" is their allValue, ``.*``)."""
+    return expr.replace("$__rate_interval", "15s").replace("$line", line).replace("$station", station)
+
+
+def _scrape_job(port: int) -> dict[str, Any]:
+    """deploy's defectsam scrape job, its targets the test daemon: twice, as two stations of one line, one
+    named by its target label, the other by the relabelling (its host name)."""
+    job = next(j for j in yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"] if j["job_name"] == "defectsam")
+    static = [{"targets": [f"127.0.0.1:{port}"], "labels": {"line": "line9"}},
+              {"targets": [f"127.0.0.1:{port}"], "labels": {"line": "line9", "station": "station7"}}]
+    return {"static_configs": static, "relabel_configs": job["relabel_configs"]}
 
 
 # --- metric names -----------------------------------------------------------------------------------------
@@ -147,17 +158,39 @@ def test_promtool_rule_unit_tests_pass() -> None:
     tested = {t["alertname"] for case in yaml.safe_load(RULE_TESTS.read_text())["tests"]
               for t in case["alert_rule_test"]}
     assert {"DefectsamCameraDown", "DefectsamFpsBelowTarget", "DefectsamPlcHeartbeatLost",
-            "DefectsamEngineNotLoaded", "DefectsamStoreAtDiskBudget"} <= tested
+            "DefectsamEngineNotLoaded", "DefectsamStoreAtDiskBudget", "DefectsamRejectRateHigh"} <= tested
 
 
 @needs_promtool
 def test_promtool_rule_unit_tests_catch_a_broken_rule(tmp_path: Path) -> None:
     """The unit tests have teeth: with the FPS target lowered below the slow station's rate they fail."""
     (tmp_path / "tests").mkdir()
-    (tmp_path / RULES.name).write_text(RULES.read_text().replace("expr: vector(20)", "expr: vector(5)"))
+    target = "record: defectsam:pipeline_fps_target\n        expr: vector(20)"
+    assert target in RULES.read_text()
+    (tmp_path / RULES.name).write_text(RULES.read_text().replace(target, target.replace("(20)", "(5)")))
     shutil.copy(RULE_TESTS, tmp_path / "tests" / RULE_TESTS.name)
     result = _run(PROMTOOL, "test", "rules", tmp_path / "tests" / RULE_TESTS.name)  # type: ignore[arg-type]
     assert result.returncode != 0 and "DefectsamFpsBelowTarget" in result.stdout + result.stderr
+
+
+@needs_promtool
+def test_reject_rate_alert_is_per_station_and_reads_the_plant_threshold(tmp_path: Path) -> None:
+    """The two-station unit test has teeth too: with the threshold at 20 % the 17 % station no longer fires,
+    and the alert keeps each station's line and station labels."""
+    rule = next(r for r in _rules() if r.get("alert") == "DefectsamRejectRateHigh")
+    assert "defectsam:reject_rate_threshold" in rule["expr"] and "defectsam:station_reject_ratio_10m" in rule["expr"]
+    ratio = next(r for r in _rules() if r.get("record") == "defectsam:station_reject_ratio_10m")
+    assert "sum by (job, instance, line, station)" in ratio["expr"]
+    assert "$labels.station" in rule["annotations"]["summary"] and "$labels.line" in rule["annotations"]["summary"]
+    threshold = "record: defectsam:reject_rate_threshold\n        expr: vector(0.05)"
+    assert threshold in RULES.read_text()
+    (tmp_path / "tests").mkdir()
+    (tmp_path / RULES.name).write_text(RULES.read_text().replace(threshold, threshold.replace("0.05", "0.2")))
+    shutil.copy(RULE_TESTS, tmp_path / "tests" / RULE_TESTS.name)
+    result = _run(PROMTOOL, "test", "rules", tmp_path / "tests" / RULE_TESTS.name)  # type: ignore[arg-type]
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "alertname: DefectsamRejectRateHigh, time: 25m" in out, out
+    assert 'station="station1"' in out and "got:[]" in out
 
 
 @needs_promtool
@@ -175,7 +208,7 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 def test_prometheus_evaluates_the_rules_and_answers_the_dashboard_on_a_live_daemon(
     daemon: Any, tmp_path: Path
 ) -> None:
-    with running_prometheus(tmp_path, daemon.port, rules=RULES) as prometheus:
+    with running_prometheus(tmp_path, daemon.port, rules=RULES, job=_scrape_job(daemon.port)) as prometheus:
         query, api = prometheus.query, prometheus.api
         wait_for(lambda: query("rate(defectsam_frames_processed_total[15s]) > 0"), timeout=60, interval=0.5,
                  what="Prometheus to scrape two samples of the daemon")
@@ -205,6 +238,17 @@ def test_prometheus_evaluates_the_rules_and_answers_the_dashboard_on_a_live_daem
         assert quantiles and {q["metric"]["stage"] for q in quantiles} >= {"infer", "end_to_end"}
         defects = query(_concrete(next(e for t, e in _dashboard_exprs() if t == "Defects by class")))
         assert defects and {d["metric"]["class"] for d in defects} == {"scratch", "dent", "pinhole"}
+        # the two targets are two stations of line9: the relabelling named one by its host, the other kept
+        # its label; the Station variable lists both, and a panel filtered to one station shows only it
+        _, values = get_json(f"{api}/label/station/values?match[]=" + urllib.parse.quote('defectsam_up{line=~"line9"}'))
+        assert set(values["data"]) == {"127.0.0.1", "station7"}
+        reject = next(e for t, e in _dashboard_exprs() if t == "Reject rate, last 10 min")
+        ratios = wait_for(lambda: query(_concrete(reject, line="line9", station="station7")), timeout=15,
+                          interval=0.5, what="the per-station reject ratio")
+        assert [r["metric"]["station"] for r in ratios] == ["station7"] and float(ratios[0]["value"][1]) == 1.0
+        assert len(query(_concrete(reject)) or []) == 2  # every frame of the NG bundle is NG, at each station
+        frames = query(_concrete(next(e for t, e in _dashboard_exprs() if t == "Verdicts"), station="127.0.0.1"))
+        assert frames and {f["metric"]["station"] for f in frames} == {"127.0.0.1"}
 
 
 # --- Grafana dashboard -------------------------------------------------------------------------------------
@@ -222,13 +266,32 @@ def test_dashboard_parses_and_has_the_panels() -> None:
     assert "rate(defectsam_frames_processed_total" in by_title["Frame rate"]
     latency = by_title["Stage latency quantiles"]
     for q in ("0.5", "0.95", "0.99"):
-        assert f"histogram_quantile({q}, sum by (le, stage) (rate(defectsam_latency_seconds_bucket" in latency
-    assert "sum by (verdict)" in by_title["Verdicts"] and "defectsam_verdicts_total" in by_title["Verdicts"]
+        assert (f"histogram_quantile({q}, sum by (le, line, station, stage) (rate(defectsam_latency_seconds_bucket"
+                in latency)
+    verdicts = by_title["Verdicts"]
+    assert "sum by (line, station, verdict)" in verdicts and "defectsam_verdicts_total" in verdicts
     defects = by_title["Defects by class"]
-    assert "sum by (class)" in defects and "defectsam_defects_total" in defects
+    assert "sum by (line, station, class)" in defects and "defectsam_defects_total" in defects
+    assert 'verdict="NG"' in by_title["Reject rate by station"]
+    assert "defectsam:reject_rate_threshold" in by_title["Reject rate by station"]
+    assert "defectsam:station_reject_ratio_10m" in by_title["Reject rate, last 10 min"]
+    # Line, then Station filtered by the chosen lines; "All" matches a target without the labels too
     variables = {v["name"]: v for v in dash["templating"]["list"]}
-    assert variables["datasource"]["type"] == "datasource" and variables["instance"]["includeAll"]
+    assert [v["name"] for v in dash["templating"]["list"]] == ["datasource", "line", "station"]
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["line"]["definition"] == "label_values(defectsam_up, line)"
+    assert variables["station"]["definition"] == 'label_values(defectsam_up{line=~"$line"}, station)'
+    assert all(variables[v]["includeAll"] and variables[v]["multi"] and variables[v]["allValue"] == ".*"
+               for v in ("line", "station"))
     assert all(p["datasource"]["uid"] == "${datasource}" for p in panels)
+    # every query of a station's series is filtered by both variables, and every panel's series are by station
+    for panel in panels:
+        for target in panel["targets"]:
+            if "defectsam_" in target["expr"] and not target["expr"].startswith("defectsam:reject_rate_threshold"):
+                assert target["expr"].count('line=~"$line", station=~"$station"') == target["expr"].count("{"), target
+                assert "{{station}}" in target["legendFormat"], (panel["title"], target)
+            for by in re.findall(r"sum by \(([^)]*)\)", target["expr"]):
+                assert {"line", "station"} <= {label.strip() for label in by.split(",")}, (panel["title"], by)
 
 
 # --- systemd unit, scripts, station config -----------------------------------------------------------------
