@@ -3,7 +3,7 @@
 #               with the embedded default bundle; the live page is at http://127.0.0.1:8080/
 #   make test   sets up the development environment and runs lint and the tests
 # make peers installs the Debian programs the integration tests talk to or check deploy/ with
-# (prometheus's promtool, shellcheck; root; CI runs it).
+# (prometheus's promtool, shellcheck, mosquitto; root; CI runs it).
 PYTHON ?= python3
 RUN_VENV := .venv-run
 DEV_VENV := .venv
@@ -12,7 +12,7 @@ DEMO_OUT ?= out/demo
 
 DEMO_PORT ?= 8080
 DEMO_PLC_PORT ?= 5020
-PEERS := prometheus chromium mbpoll shellcheck
+PEERS := prometheus chromium mbpoll shellcheck mosquitto mosquitto-clients
 
 .PHONY: demo demo-screenshot demo-infer test test-fast lint peers deploy-check bench bench-report default-bundle train-quickstart \
 	clean
@@ -29,7 +29,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install -q --upgrade pip
 	$(DEV_VENV)/bin/pip install -q torch==2.13.0
-	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler,tensorboard]'
+	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler,tensorboard,mqtt]'
 	touch $@
 
 demo: $(RUN_VENV)/.installed

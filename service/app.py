@@ -46,6 +46,9 @@ from service.metrics import (
     StoreSnapshot,
     create_registry,
 )
+from service.mqtt.payloads import bundle_digest, state_payload
+from service.mqtt.publisher import MqttPublisher
+from service.mqtt.stats import MqttSnapshot
 from service.ops import SystemdNotifier, Watchdog
 from service.pipeline.record import InspectionRecord
 from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
@@ -95,6 +98,7 @@ class Daemon:
         self._watchdog = Watchdog(self.notifier, self.healthy)
         self.port: int | None = None
         self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health) if config.plc.enabled else None
+        self.mqtt = self._mqtt_publisher() if config.mqtt.enabled else None
         self.app = create_fastapi_app(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,6 +115,8 @@ class Daemon:
         self._start_server()
         if self.plc is not None:
             self.plc.start()
+        if self.mqtt is not None:
+            self.mqtt.start()
         self._loader = threading.Thread(target=self._load_engine, name="engine-loader", daemon=True)
         self._loader.start()
         self._watchdog.start()
@@ -180,6 +186,8 @@ class Daemon:
         pipeline.subscribe("events", self.events.offer)
         if self.plc is not None:
             pipeline.subscribe("plc", self.plc.offer)
+        if self.mqtt is not None:
+            pipeline.subscribe("mqtt", self.mqtt.offer)
         if self._stop_requested.is_set():
             engine.close()
             return
@@ -235,6 +243,8 @@ class Daemon:
             self.pipeline.stop()
         if self.plc is not None:
             self.plc.stop()
+        if self.mqtt is not None:
+            self.mqtt.stop()
         if self.store is not None:
             self.store.stop()
         self.camera.stop()
@@ -336,7 +346,23 @@ class Daemon:
                               events_dropped=self.events.dropped),
             overlay=self.overlays.stats(),
             plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
+            mqtt=self.mqtt.stats() if self.mqtt is not None else MqttSnapshot(),
         )
+
+    # ------------------------------------------------------------------ MQTT (service/mqtt)
+    def _mqtt_publisher(self) -> MqttPublisher:
+        """The MQTT publisher; DefectsamError (one line) when paho-mqtt is missing or the TLS files are unusable."""
+        digest: list[Any] = [None, None]  # [bundle, its digest]: computed once per loaded bundle
+
+        def state() -> dict[str, Any]:
+            engine = self._engine
+            if engine is not None and digest[0] is not engine.bundle:
+                digest[:] = [engine.bundle, bundle_digest(engine.bundle)]
+            return state_payload(self.snapshot(), digest[1] if engine is not None else None, publisher.station,
+                                 self.config.mqtt.line)
+
+        publisher = MqttPublisher(self.config.mqtt, state=state)
+        return publisher
 
 
 def describe_url(daemon: Daemon) -> str:

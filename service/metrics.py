@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engines.percentiles import quantile_ms
 from engines.results import Verdict
+from service.mqtt.stats import MqttSnapshot, mqtt_metrics
 from service.pipeline.record import STAGES, InspectionRecord
 
 NAMESPACE = "defectsam"
@@ -180,6 +181,7 @@ class StatsSnapshot(_Model):
     live: LiveSnapshot
     overlay: OverlaySnapshot = Field(default_factory=OverlaySnapshot)
     plc: PlcSnapshot = Field(default_factory=PlcSnapshot)
+    mqtt: MqttSnapshot = Field(default_factory=MqttSnapshot)
 
 
 class PipelineCounters:
@@ -350,6 +352,7 @@ class SnapshotCollector(Collector):
         yield _gauge(f"{n}_overlay_cache_bytes", "bytes of rendered overlays in the cache", o.cache_bytes)
         yield _gauge(f"{n}_uptime_seconds", "seconds since the daemon started", s.uptime_s)
         yield from _plc_metrics(s.plc)
+        yield from mqtt_metrics(s.mqtt, NAMESPACE)
 
 
 def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -197,6 +198,65 @@ def running_prometheus(directory: Path, daemon_port: int, rules: Path | None = N
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").is_file() else None)
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
+
+
+class Mosquitto:
+    """Debian's Mosquitto on a loopback port with its own config file (no persistence); ``kill`` and
+    ``start`` again on the same port stand for a broker that goes away and comes back."""
+
+    def __init__(self, directory: Path, users: dict[str, str] | None = None) -> None:
+        assert MOSQUITTO is not None, "mosquitto not found (make peers: Debian's mosquitto)"
+        self.directory = directory
+        self.port = free_port()
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr",
+                 "log_type error", "log_type warning"]
+        if os.geteuid() == 0:  # mosquitto started as root switches to its own user, who cannot read pytest's tmp
+            lines.append("user root")
+        if users:
+            assert MOSQUITTO_PASSWD is not None, "mosquitto_passwd not found (Debian's mosquitto)"
+            passwords = directory / "passwords"
+            for i, (user, password) in enumerate(users.items()):
+                subprocess.run([MOSQUITTO_PASSWD, "-b", *(["-c"] if i == 0 else []), str(passwords), user, password],
+                               check=True, capture_output=True, timeout=30)
+            lines += ["allow_anonymous false", f"password_file {passwords}"]
+        else:
+            lines.append("allow_anonymous true")
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.directory / "mosquitto.log").open("ab")
+        self.proc = subprocess.Popen([str(MOSQUITTO), "-c", str(self.config)], stdout=log, stderr=log)
+        log.close()
+
+        def listening() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, (
+                f"mosquitto exited: {(self.directory / 'mosquitto.log').read_text()[-2000:]}")
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(listening, timeout=20, what=f"mosquitto on port {self.port}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@contextlib.contextmanager
+def running_mosquitto(directory: Path, users: dict[str, str] | None = None) -> Iterator[Mosquitto]:
+    broker = Mosquitto(directory, users)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
 
 
 def make_record(inspection_id: int, verdict: Verdict = Verdict.NG, *, wall_time: float | None = None,

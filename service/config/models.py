@@ -354,6 +354,125 @@ class PlcSection(Section):
         return self
 
 
+# ---------------------------------------------------------------------------------------------------- mqtt
+# MQTT for MES/SCADA (service/mqtt, docs/mqtt.md). Topic layout, QoS and retain as Frigate has them.
+_TOPIC_LEVEL = r"^[A-Za-z0-9_.-]+$"
+
+
+class MqttTlsSection(Section):
+    enabled: bool = Field(
+        default=False, title="TLS",
+        description="connect to the broker over TLS (its port is then usually 8883); the broker's certificate is "
+                    "verified against ca_file, or the system's CAs when ca_file is null",
+    )
+    ca_file: Path | None = Field(
+        default=None, title="CA certificates (PEM)",
+        description="CA bundle the broker's certificate must chain to; null: the system's trusted CAs",
+    )
+    cert_file: Path | None = Field(
+        default=None, title="Client certificate (PEM)",
+        description="for brokers that authenticate clients by certificate; needs key_file",
+    )
+    key_file: Path | None = Field(default=None, title="Client key (PEM)", description="the client certificate's key")
+    insecure: bool = Field(
+        default=False, title="Skip the host name check",
+        description="true: accept a broker certificate issued for another name (still signed by the CA); "
+                    "only for a test bench",
+    )
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> MqttTlsSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise key_error(missing, None, "a client certificate needs both cert_file and key_file")
+        return self
+
+
+class MqttSection(Section):
+    enabled: bool = Field(
+        default=False, title="Publish to an MQTT broker",
+        description="results and station state to a broker for MES/SCADA (docs/mqtt.md); needs the mqtt extra "
+                    "(pip install 'defectsam[mqtt]')",
+    )
+    host: str = Field(default="127.0.0.1", min_length=1, title="Broker address",
+                      description="the broker's IP address or host name (no scheme: 10.0.5.2, not mqtt://...)")
+    port: int = Field(default=1883, ge=1, le=65535, title="Broker port",
+                      description="1883 for plain MQTT, 8883 is the usual TLS port")
+    client_id: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$", title="Client id",
+        description="unique per broker (a second client with the same id disconnects the first); null: "
+                    "defectsam-<station>",
+    )
+    topic_prefix: str = Field(
+        default="defectsam", min_length=1, max_length=200, title="Topic prefix",
+        description="topics are <topic_prefix>/<station>/available, .../state and .../result; may hold "
+                    "levels (acme/plant1/line3)",
+    )
+    station: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=_TOPIC_LEVEL, title="Station name",
+        description="one topic level naming this daemon (letters, digits, _ . -); null: the host name",
+    )
+    line: str | None = Field(
+        default=None, min_length=1, max_length=128, title="Line name",
+        description="carried in every payload for the MES (not part of the topic); null leaves it out",
+    )
+    username: str | None = Field(default=None, min_length=1, max_length=256, title="Broker user name",
+                                 description="null: connect without credentials")
+    password: SecretStr | None = Field(
+        default=None, title="Broker password",
+        description="set it with DEFECTSAM__MQTT__PASSWORD rather than in the file; shown as '**********'",
+    )
+    tls: MqttTlsSection = Field(default_factory=MqttTlsSection, title="TLS", description="encryption to the broker")
+    qos: int = Field(
+        default=1, ge=0, le=2, title="Result QoS",
+        description="QoS of result messages: 1 (at least once; a result may arrive twice after a reconnect), "
+                    "0 (at most once) or 2 (exactly once); availability and state are always QoS 1",
+    )
+    keepalive_s: int = Field(
+        default=30, ge=5, le=3600, title="Keepalive (s)",
+        description="the broker publishes the Last Will ('offline') when it hears nothing for 1.5 times this",
+    )
+    reconnect_max_s: float = Field(
+        default=30.0, ge=1.0, le=600.0, title="Reconnect backoff cap (s)",
+        description="after losing the broker, retries start at 1 s and double up to this",
+    )
+    queue_size: int = Field(
+        default=1000, ge=1, le=100000, title="Outgoing queue length",
+        description="results waiting for the broker (while it is away); when full the oldest is dropped and "
+                    "counted (the record store and GET /api/results keep them)",
+    )
+    state_interval_s: float = Field(
+        default=10.0, ge=1.0, le=3600.0, title="State interval (s)",
+        description="the retained state is republished this often (FPS, counters), and at once when readiness, "
+                    "the camera or the engine changes",
+    )
+
+    @field_validator("host")
+    @classmethod
+    def _plain_host(cls, value: str) -> str:
+        if not value.strip() or any(ch.isspace() for ch in value):
+            raise ValueError("must be an IP address or host name, without spaces")
+        if "://" in value or "/" in value:
+            raise ValueError("must be a bare host name or IP address (the scheme and port are separate keys)")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_levels(cls, value: str) -> str:
+        if any(ch in value for ch in "+#\0") or value.startswith("$"):
+            raise ValueError("must not hold the wildcards + or # or NUL, nor start with $ (broker topics)")
+        if any(not level or level != level.strip() for level in value.split("/")):
+            raise ValueError("levels are separated by single slashes, with no empty level, "
+                             "no leading or trailing slash and no blanks around a level")
+        return value
+
+    @model_validator(mode="after")
+    def _user_with_password(self) -> MqttSection:
+        if self.password is not None and self.username is None:
+            raise key_error("username", None, "a password needs a username (mqtt.username)")
+        return self
+
+
 class DaemonConfig(Section):
     """Everything ``defectsam serve`` reads at start-up."""
 
@@ -373,6 +492,8 @@ class DaemonConfig(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection, title="Logging", description="log level, format")
     plc: PlcSection = Field(default_factory=PlcSection, title="PLC interface",
                             description="Modbus TCP server with the vision register map (docs/plc.md)")
+    mqtt: MqttSection = Field(default_factory=MqttSection, title="MQTT",
+                              description="results and station state to an MQTT broker for MES/SCADA (docs/mqtt.md)")
 
     @model_validator(mode="before")
     @classmethod
