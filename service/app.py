@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import uvicorn
@@ -40,17 +40,23 @@ from service.metrics import (
     CameraSnapshot,
     EngineSnapshot,
     LiveSnapshot,
+    OpcuaSnapshot,
     PipelineCounters,
     PlcSnapshot,
     StatsSnapshot,
     StoreSnapshot,
     create_registry,
 )
+from service.opcua import create_service as create_opcua_service
+from service.opcua.station import LineState, Station, plc_command_writer
 from service.ops import SystemdNotifier, Watchdog
 from service.pipeline.record import InspectionRecord
 from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
 from service.plc.service import Health, PlcService
 from service.store import RecordStore, StoreError, disabled_stats
+
+if TYPE_CHECKING:
+    from service.opcua.service import OpcuaService
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,7 @@ class Daemon:
         self._watchdog = Watchdog(self.notifier, self.healthy)
         self.port: int | None = None
         self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health) if config.plc.enabled else None
+        self.opcua = self._create_opcua() if config.opcua.enabled else None
         self.app = create_fastapi_app(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -111,6 +118,8 @@ class Daemon:
         self._start_server()
         if self.plc is not None:
             self.plc.start()
+        if self.opcua is not None:
+            self.opcua.start()
         self._loader = threading.Thread(target=self._load_engine, name="engine-loader", daemon=True)
         self._loader.start()
         self._watchdog.start()
@@ -180,6 +189,8 @@ class Daemon:
         pipeline.subscribe("events", self.events.offer)
         if self.plc is not None:
             pipeline.subscribe("plc", self.plc.offer)
+        if self.opcua is not None:
+            pipeline.subscribe("opcua", self.opcua.offer)
         if self._stop_requested.is_set():
             engine.close()
             return
@@ -235,6 +246,8 @@ class Daemon:
             self.pipeline.stop()
         if self.plc is not None:
             self.plc.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         if self.store is not None:
             self.store.stop()
         self.camera.stop()
@@ -295,6 +308,20 @@ class Daemon:
         return Health(camera_ok=self.camera.stats().state is CameraState.CONNECTED,
                       engine_loaded=self._engine_state == "ready" and not self._stop_requested.is_set())
 
+    # ------------------------------------------------------------------ OPC UA (service/opcua)
+    def _create_opcua(self) -> OpcuaService:
+        def line_state() -> LineState:
+            engine = self._engine
+            health = self._plc_health()
+            return LineState(camera_ok=health.camera_ok, engine_loaded=health.engine_loaded,
+                             not_ready=tuple(self.not_ready()),
+                             bundle=engine.bundle.manifest.name if engine is not None else "")
+
+        station = Station(mode=self.config.pipeline.mode, trigger_timeout_s=self.config.pipeline.trigger_timeout_s,
+                          trigger=self.trigger, state=line_state,
+                          write_command=plc_command_writer(self.plc) if self.plc is not None else None)
+        return create_opcua_service(self.config.opcua, station)
+
     def _raw_frame(self) -> np.ndarray | None:
         frame = self.camera.slot.peek()
         return None if frame is None else frame.image
@@ -336,6 +363,7 @@ class Daemon:
                               events_dropped=self.events.dropped),
             overlay=self.overlays.stats(),
             plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
+            opcua=self.opcua.snapshot() if self.opcua is not None else OpcuaSnapshot(),
         )
 
 
