@@ -29,7 +29,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install -q --upgrade pip
 	$(DEV_VENV)/bin/pip install -q torch==2.13.0
-	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler]'
+	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler,opcua]'
 	touch $@
 
 demo: $(RUN_VENV)/.installed

@@ -86,6 +86,7 @@ def test_browse_trigger_and_read_a_result_that_matches_the_api(daemon: Any) -> N
     async def scenario() -> tuple[dict[str, Any], list[ua.DataValue], int]:
         async with client(daemon) as c:
             idx = await c.get_namespace_index(URI)
+            assert idx == 2  # as docs/opcua.md's uals/uaread examples have it
             station = await c.nodes.objects.get_child([f"{idx}:Defectsam", f"{idx}:line4"])
             names = {(await n.read_browse_name()).Name for n in await station.get_children()}
             assert {"State", "LastResult", "Counters", "Command", "Trigger"} <= names
