@@ -29,7 +29,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(DEV_VENV)
 	$(DEV_VENV)/bin/pip install -q --upgrade pip
 	$(DEV_VENV)/bin/pip install -q torch==2.13.0
-	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler,tensorboard,mqtt]'
+	$(DEV_VENV)/bin/pip install -q -e '.[train,dev,basler,tensorboard,mqtt,opcua]'
 	touch $@
 
 demo: $(RUN_VENV)/.installed

@@ -20,7 +20,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import uvicorn
@@ -40,6 +40,7 @@ from service.metrics import (
     CameraSnapshot,
     EngineSnapshot,
     LiveSnapshot,
+    OpcuaSnapshot,
     PipelineCounters,
     PlcSnapshot,
     StatsSnapshot,
@@ -49,11 +50,16 @@ from service.metrics import (
 from service.mqtt.payloads import bundle_digest, state_payload
 from service.mqtt.publisher import MqttPublisher
 from service.mqtt.stats import MqttSnapshot
+from service.opcua import create_service as create_opcua_service
+from service.opcua.station import LineState, Station, plc_command_writer
 from service.ops import SystemdNotifier, Watchdog
 from service.pipeline.record import InspectionRecord
 from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
 from service.plc.service import Health, PlcService
 from service.store import RecordStore, StoreError, disabled_stats
+
+if TYPE_CHECKING:
+    from service.opcua.service import OpcuaService
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,7 @@ class Daemon:
         self.port: int | None = None
         self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health) if config.plc.enabled else None
         self.mqtt = self._mqtt_publisher() if config.mqtt.enabled else None
+        self.opcua = self._create_opcua() if config.opcua.enabled else None
         self.app = create_fastapi_app(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -117,6 +124,8 @@ class Daemon:
             self.plc.start()
         if self.mqtt is not None:
             self.mqtt.start()
+        if self.opcua is not None:
+            self.opcua.start()
         self._loader = threading.Thread(target=self._load_engine, name="engine-loader", daemon=True)
         self._loader.start()
         self._watchdog.start()
@@ -188,6 +197,8 @@ class Daemon:
             pipeline.subscribe("plc", self.plc.offer)
         if self.mqtt is not None:
             pipeline.subscribe("mqtt", self.mqtt.offer)
+        if self.opcua is not None:
+            pipeline.subscribe("opcua", self.opcua.offer)
         if self._stop_requested.is_set():
             engine.close()
             return
@@ -245,6 +256,8 @@ class Daemon:
             self.plc.stop()
         if self.mqtt is not None:
             self.mqtt.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         if self.store is not None:
             self.store.stop()
         self.camera.stop()
@@ -305,6 +318,20 @@ class Daemon:
         return Health(camera_ok=self.camera.stats().state is CameraState.CONNECTED,
                       engine_loaded=self._engine_state == "ready" and not self._stop_requested.is_set())
 
+    # ------------------------------------------------------------------ OPC UA (service/opcua)
+    def _create_opcua(self) -> OpcuaService:
+        def line_state() -> LineState:
+            engine = self._engine
+            health = self._plc_health()
+            return LineState(camera_ok=health.camera_ok, engine_loaded=health.engine_loaded,
+                             not_ready=tuple(self.not_ready()),
+                             bundle=engine.bundle.manifest.name if engine is not None else "")
+
+        station = Station(mode=self.config.pipeline.mode, trigger_timeout_s=self.config.pipeline.trigger_timeout_s,
+                          trigger=self.trigger, state=line_state,
+                          write_command=plc_command_writer(self.plc) if self.plc is not None else None)
+        return create_opcua_service(self.config.opcua, station)
+
     def _raw_frame(self) -> np.ndarray | None:
         frame = self.camera.slot.peek()
         return None if frame is None else frame.image
@@ -347,6 +374,7 @@ class Daemon:
             overlay=self.overlays.stats(),
             plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
             mqtt=self.mqtt.stats() if self.mqtt is not None else MqttSnapshot(),
+            opcua=self.opcua.snapshot() if self.opcua is not None else OpcuaSnapshot(),
         )
 
     # ------------------------------------------------------------------ MQTT (service/mqtt)

@@ -167,6 +167,22 @@ class PlcSnapshot(_Model):
     capture_to_register_p99_ms: float | None = Field(default=None, description="capture to registers, recent p99")
 
 
+class OpcuaSnapshot(_Model):
+    """The OPC UA server (docs/opcua.md); all zero when opcua.enabled is false."""
+
+    enabled: bool = False
+    endpoint: str | None = None
+    clients: int = Field(default=0, description="OPC UA connections open now")
+    connections_total: int = Field(default=0, description="OPC UA connections accepted since start")
+    connections_refused: int = Field(default=0, description="connections refused by opcua.allowlist")
+    logins_refused: int = Field(default=0, description="sessions refused: anonymous, unknown user, wrong password")
+    writes_refused: int = Field(default=0, description="writes refused with a bad status code")
+    triggers_taken: int = Field(default=0, description="Trigger method calls taken")
+    triggers_refused: int = Field(default=0, description="Trigger method calls refused (not ready, busy, bad part id)")
+    results_published: int = Field(default=0, description="results written to the LastResult nodes")
+    results_dropped: int = Field(default=0, description="results dropped before the OPC UA writer (handoff full)")
+
+
 class StatsSnapshot(_Model):
     """The daemon at one instant: what /api/status returns and what /metrics renders."""
 
@@ -182,6 +198,7 @@ class StatsSnapshot(_Model):
     overlay: OverlaySnapshot = Field(default_factory=OverlaySnapshot)
     plc: PlcSnapshot = Field(default_factory=PlcSnapshot)
     mqtt: MqttSnapshot = Field(default_factory=MqttSnapshot)
+    opcua: OpcuaSnapshot = Field(default_factory=OpcuaSnapshot)
 
 
 class PipelineCounters:
@@ -353,6 +370,7 @@ class SnapshotCollector(Collector):
         yield _gauge(f"{n}_uptime_seconds", "seconds since the daemon started", s.uptime_s)
         yield from _plc_metrics(s.plc)
         yield from mqtt_metrics(s.mqtt, NAMESPACE)
+        yield from _opcua_metrics(s.opcua)
 
 
 def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:
@@ -385,6 +403,22 @@ def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:
     yield _counter(f"{n}_buffer_overruns", "results dropped because the PLC buffer was full", plc.buffer_overruns)
     yield _counter(f"{n}_triggers_missed", "PLC triggers that came while not ready", plc.triggers_missed)
     yield _counter(f"{n}_fail_safe_writes", "fail-safe NO_FRAME results written", plc.fail_safe_writes)
+
+
+def _opcua_metrics(opcua: OpcuaSnapshot) -> Iterator[Metric]:
+    n = f"{NAMESPACE}_opcua"
+    yield _gauge(f"{n}_enabled", "1 when the OPC UA server runs", int(opcua.enabled))
+    yield _gauge(f"{n}_clients", "OPC UA connections open", opcua.clients)
+    yield _counter(f"{n}_connections_accepted", "OPC UA connections accepted", opcua.connections_total)
+    yield _counter(f"{n}_connections_refused", "OPC UA connections refused by the allowlist",
+                   opcua.connections_refused)
+    yield _counter(f"{n}_logins_refused", "OPC UA sessions refused (anonymous, unknown user, wrong password)",
+                   opcua.logins_refused)
+    yield _counter(f"{n}_writes_refused", "OPC UA writes refused with a bad status code", opcua.writes_refused)
+    yield _counter(f"{n}_triggers_taken", "OPC UA Trigger calls taken", opcua.triggers_taken)
+    yield _counter(f"{n}_triggers_refused", "OPC UA Trigger calls refused", opcua.triggers_refused)
+    yield _counter(f"{n}_results_published", "results written to the OPC UA nodes", opcua.results_published)
+    yield _counter(f"{n}_results_dropped", "results dropped before the OPC UA writer", opcua.results_dropped)
 
 
 def _fmt(bound: float) -> str:

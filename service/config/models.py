@@ -473,6 +473,122 @@ class MqttSection(Section):
         return self
 
 
+# ---------------------------------------------------------------- OPC UA (service/opcua, docs/opcua.md)
+OpcuaPolicy = Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]
+
+
+def _no_security() -> list[OpcuaPolicy]:
+    return ["None"]
+
+
+class OpcuaSection(Section):
+    enabled: bool = Field(
+        default=False, title="OPC UA server",
+        description="serve results and state as typed OPC UA nodes for SCADA/MES (docs/opcua.md); needs the "
+                    "'opcua' extra (pip install 'defectsam[opcua]')",
+    )
+    host: str = Field(
+        default="127.0.0.1", min_length=1, title="Listen address",
+        description=(
+            "address the OPC UA server listens on; 127.0.0.1 (the default) keeps it local. Any other address "
+            "needs opcua.allowlist or opcua.users (or opcua.allow_any_client: true), else the daemon refuses "
+            "to start"
+        ),
+    )
+    port: int = Field(default=4840, ge=1, le=65535, title="Listen port",
+                      description="OPC UA TCP port (4840 is the IANA port for opc.tcp)")
+    station: str = Field(
+        default="station", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$", title="Station name",
+        description="the station's folder: Objects/Defectsam/<station> (letters, digits, '_', '.', '-')",
+    )
+    namespace_uri: str = Field(
+        default="urn:defectsam:vision", min_length=1, title="Namespace URI",
+        description="the namespace of the station's nodes (its index is looked up by clients from this URI)",
+    )
+    allowlist: list[str] = Field(
+        default_factory=list, title="Client allowlist",
+        description=(
+            "IP addresses or networks (CIDR) allowed to connect, e.g. [10.0.5.30] (the SCADA server); others "
+            "are disconnected at once and counted. Empty: any client that gets past opcua.users"
+        ),
+    )
+    users: dict[str, SecretStr] = Field(
+        default_factory=dict, title="Users",
+        description=(
+            "user name -> password; when set, a session must log in with one of them (anonymous sessions are "
+            "refused); empty: anonymous sessions only. Set it from the environment, e.g. "
+            "DEFECTSAM__OPCUA__USERS='{scada: secret}', rather than in the file"
+        ),
+    )
+    allow_any_client: bool = Field(
+        default=False, title="Accept any client on the network",
+        description=(
+            "true: a non-loopback host with neither allowlist nor users accepts anyone who reaches the port "
+            "(they can trigger and write the command word): only on an isolated cell network"
+        ),
+    )
+    security_policies: list[OpcuaPolicy] = Field(
+        default_factory=_no_security, min_length=1, title="Security policies",
+        description=(
+            "endpoints offered: None (no signing or encryption: loopback or an isolated cell network), "
+            "Basic256Sha256_Sign, Basic256Sha256_SignAndEncrypt (both need opcua.certificate and "
+            "opcua.private_key)"
+        ),
+    )
+    certificate: Path | None = Field(
+        default=None, title="Server certificate",
+        description="the server's X.509 certificate (DER or PEM) for the Basic256Sha256 policies",
+    )
+    private_key: Path | None = Field(
+        default=None, title="Server private key",
+        description="the certificate's private key (PEM), readable by the daemon's user only",
+    )
+    top_n: int = Field(default=8, ge=0, le=32, title="Defect nodes",
+                       description="defects published under LastResult/Defects (highest score first)")
+    queue: int = Field(
+        default=16, ge=1, le=1024, title="Handoff length",
+        description="results waiting for the OPC UA writer; when full the oldest is dropped and counted",
+    )
+
+    @field_validator("allowlist")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("users")
+    @classmethod
+    def _passwords(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, password in value.items():
+            if not name.strip():
+                raise ValueError("a user name is empty")
+            if len(password.get_secret_value()) < 8:
+                raise ValueError(f"the password of {name!r} must be at least 8 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _secure_enough(self) -> OpcuaSection:
+        signed = [p for p in self.security_policies if p != "None"]
+        if signed and self.certificate is None:
+            raise key_error("certificate", None, f"{signed[0]} needs a server certificate (opcua.certificate and "
+                                                 "opcua.private_key), or use security_policies: [None]")
+        if signed and self.private_key is None:
+            raise key_error("private_key", None, f"{signed[0]} needs the certificate's private key")
+        if (self.enabled and not self.allowlist and not self.users and not self.allow_any_client
+                and not is_loopback(self.host)):
+            raise key_error(
+                "host", self.host,
+                "not a loopback address while opcua.allowlist and opcua.users are empty: any host on the network "
+                "could trigger inspections and write the command word. Put the SCADA server's address in "
+                "opcua.allowlist, set opcua.users, listen on 127.0.0.1, or set opcua.allow_any_client: true",
+            )
+        return self
+
+
 class DaemonConfig(Section):
     """Everything ``defectsam serve`` reads at start-up."""
 
@@ -494,6 +610,8 @@ class DaemonConfig(Section):
                             description="Modbus TCP server with the vision register map (docs/plc.md)")
     mqtt: MqttSection = Field(default_factory=MqttSection, title="MQTT",
                               description="results and station state to an MQTT broker for MES/SCADA (docs/mqtt.md)")
+    opcua: OpcuaSection = Field(default_factory=OpcuaSection, title="OPC UA server",
+                                description="typed nodes for SCADA/MES, off by default (docs/opcua.md)")
 
     @model_validator(mode="before")
     @classmethod
