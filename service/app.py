@@ -37,6 +37,7 @@ from service.capture import CameraState, CameraWorker, create_worker
 from service.config.models import DaemonConfig
 from service.live.view import EventHub, LiveView
 from service.metrics import (
+    BundleSnapshot,
     CameraSnapshot,
     EngineSnapshot,
     LiveSnapshot,
@@ -50,6 +51,8 @@ from service.ops import SystemdNotifier, Watchdog
 from service.pipeline.record import InspectionRecord
 from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
 from service.plc.service import Health, PlcService
+from service.recipes import RecipeBook
+from service.reload import LoadTarget, LoadTicket, Reloader
 from service.store import RecordStore, StoreError, disabled_stats
 
 log = logging.getLogger(__name__)
@@ -94,7 +97,14 @@ class Daemon:
         self._loader: threading.Thread | None = None
         self._watchdog = Watchdog(self.notifier, self.healthy)
         self.port: int | None = None
-        self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health) if config.plc.enabled else None
+        # hot swap and recipes (issue 17): service/reload.py, service/recipes.py
+        self.reloader = Reloader(config.engine, self._open_engine, pipeline=lambda: self.pipeline,
+                                 latest_frame=self._warmup_frame, on_swap=self._swapped)
+        self.recipes = RecipeBook(config.recipes, self.reloader)
+        self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health,
+                              select_recipe=self.recipes.select) if config.plc.enabled else None
+        if self.plc is not None:
+            self.reloader.subscribe("plc", self.plc.on_load_event)
         self.app = create_fastapi_app(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -153,6 +163,7 @@ class Daemon:
         engine_config = self.config.engine
         path = engine_config.bundle or DEFAULT_BUNDLE_DIR
         try:
+            path = self.reloader.startup_path() or path
             bundle = load_bundle(path)
             log.info("engine: loading bundle %s (%s) on %s", bundle.manifest.name, path, engine_config.backend.type)
             engine = self._open_engine(bundle, engine_config.backend, on_state=self._on_engine_state)
@@ -186,6 +197,7 @@ class Daemon:
         self._engine = engine
         self.pipeline = pipeline
         pipeline.start()
+        self.reloader.started(bundle)
         self._engine_state = "ready"
         log.info("engine: ready (%s, %s, %s, window %d px, at most %d windows)", manifest.name, engine.backend_name,
                  "find + segment" if manifest.find is not None else "segment only (tiles)", inspector.window,
@@ -231,6 +243,7 @@ class Daemon:
             self._server.should_exit = True
         if self._loader is not None:
             self._loader.join(30.0)
+        self.reloader.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
         if self.plc is not None:
@@ -291,6 +304,39 @@ class Daemon:
             raise PipelineError(f"the engine is {self._engine_state}")
         return self.pipeline.trigger(part_id)
 
+    # ------------------------------------------------------------------ hot swap (issue 17)
+    def activate_bundle(self, ref: str) -> LoadTicket:
+        """Load an installed bundle (name or hash in engine.bundle_store), check it, swap it in and point the
+        store's 'active' at it. Raises service.reload.LoadBusyError while another load runs."""
+        return self.reloader.request(LoadTarget(bundle=ref, source="api", set_pointer=True), queue=False)
+
+    def _swapped(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _warmup_frame(self) -> np.ndarray | None:
+        """A real frame to check a new engine on: the camera's newest (a triggered camera is asked for one)."""
+        frame = self.camera.slot.peek()
+        if frame is None:
+            frame = self.camera.next_frame(2.0)
+        return None if frame is None else frame.image
+
+    def bundle_snapshot(self) -> BundleSnapshot:
+        r = self.reloader
+        active, loading, last = r.active, r.loading, r.last
+        return BundleSnapshot(
+            store=str(r.store.root) if r.store is not None else None,
+            name=active.name if active else None, hash=active.digest if active else None,
+            directory=active.directory if active else None, recipe=active.recipe if active else 0,
+            since=active.since if active else None,
+            loading=loading.bundle if loading else None, loading_recipe=loading.recipe if loading else 0,
+            last_result=None if last is None else "ok" if last.phase == "active" else
+            "superseded" if last.kind == "superseded" else "failed",
+            last_bundle=last.target.bundle if last else None, last_source=last.target.source if last else None,
+            last_reason=last.reason if last else None,
+            last_seconds=round(last.seconds, 4) if last and last.seconds is not None else None,
+            last_at=r.last_at, reloads=dict(r.results),
+        )
+
     def _plc_health(self) -> Health:
         return Health(camera_ok=self.camera.stats().state is CameraState.CONNECTED,
                       engine_loaded=self._engine_state == "ready" and not self._stop_requested.is_set())
@@ -336,6 +382,7 @@ class Daemon:
                               events_dropped=self.events.dropped),
             overlay=self.overlays.stats(),
             plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
+            bundle=self.bundle_snapshot(),
         )
 
 

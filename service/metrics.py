@@ -165,6 +165,26 @@ class PlcSnapshot(_Model):
     capture_to_register_p99_ms: float | None = Field(default=None, description="capture to registers, recent p99")
 
 
+class BundleSnapshot(_Model):
+    """The running bundle and its hot swaps (service/reload.py, docs/bundle.md)."""
+
+    store: str | None = Field(default=None, description="engine.bundle_store (null: none)")
+    name: str | None = Field(default=None, description="the running bundle's manifest name")
+    hash: str | None = Field(default=None, description="its manifest digest (sha256)")
+    directory: str | None = Field(default=None, description="its version directory in the store")
+    recipe: int = Field(default=0, description="the recipe running (0: none)")
+    since: str | None = Field(default=None, description="when it became the running one (UTC)")
+    loading: str | None = Field(default=None, description="the bundle being loaded now, if any")
+    loading_recipe: int = Field(default=0, description="the recipe being loaded now (0: none)")
+    last_result: str | None = Field(default=None, description="the last load's outcome: ok, failed or superseded")
+    last_bundle: str | None = Field(default=None, description="what the last load was asked to run")
+    last_source: str | None = Field(default=None, description="who asked: api, pointer, modbus, opcua, ...")
+    last_reason: str | None = Field(default=None, description="why the last load failed")
+    last_seconds: float | None = Field(default=None, description="request to swapped (or failed), seconds")
+    last_at: str | None = Field(default=None, description="when the last load ended (UTC)")
+    reloads: dict[str, int] = Field(default_factory=dict, description="loads per outcome since start")
+
+
 class StatsSnapshot(_Model):
     """The daemon at one instant: what /api/status returns and what /metrics renders."""
 
@@ -179,6 +199,7 @@ class StatsSnapshot(_Model):
     live: LiveSnapshot
     overlay: OverlaySnapshot = Field(default_factory=OverlaySnapshot)
     plc: PlcSnapshot = Field(default_factory=PlcSnapshot)
+    bundle: BundleSnapshot = Field(default_factory=BundleSnapshot)
 
 
 class PipelineCounters:
@@ -355,6 +376,23 @@ class SnapshotCollector(Collector):
         yield _gauge(f"{n}_overlay_cache_bytes", "bytes of rendered overlays in the cache", o.cache_bytes)
         yield _gauge(f"{n}_uptime_seconds", "seconds since the daemon started", s.uptime_s)
         yield from _plc_metrics(s.plc)
+        yield from _bundle_metrics(s.bundle)
+
+
+def _bundle_metrics(b: BundleSnapshot) -> Iterator[Metric]:
+    n = f"{NAMESPACE}_bundle"
+    info = InfoMetricFamily(n, "the running bundle: manifest name, hash, store directory, recipe")
+    info.add_metric([], {"name": b.name or "", "hash": (b.hash or "")[:12], "directory": b.directory or "",
+                         "recipe": str(b.recipe)})
+    yield info
+    reloads = CounterMetricFamily(f"{n}_reload", "bundle loads after start (hot swaps), per result",
+                                  labels=["result"])
+    for result in ("ok", "failed", "superseded"):
+        reloads.add_metric([result], b.reloads.get(result, 0))
+    yield reloads
+    yield _gauge(f"{n}_loading", "1 while a bundle loads to replace the running one", int(b.loading is not None))
+    yield _gauge(f"{n}_reload_last_seconds", "the last load: request to swapped (or failed)", b.last_seconds or 0.0)
+    yield _gauge(f"{NAMESPACE}_recipe_active", "the recipe running (0: none)", b.recipe)
 
 
 def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:
