@@ -37,11 +37,11 @@ from service.capture import CameraState, CameraWorker, create_worker
 from service.config.models import DaemonConfig
 from service.live.view import EventHub, LiveView
 from service.metrics import (
+    BundleSnapshot,
     CameraSnapshot,
     EngineSnapshot,
     LiveSnapshot,
     OpcuaSnapshot,
-    PipelineCounters,
     PlcSnapshot,
     StatsSnapshot,
     StoreSnapshot,
@@ -51,11 +51,14 @@ from service.mqtt.payloads import bundle_digest, state_payload
 from service.mqtt.publisher import MqttPublisher
 from service.mqtt.stats import MqttSnapshot
 from service.opcua import create_service as create_opcua_service
-from service.opcua.station import LineState, Station, plc_command_writer
+from service.opcua.station import LineState, Station, plc_command_writer, plc_words
 from service.ops import SystemdNotifier, Watchdog
+from service.pipeline.counters import PipelineCounters
 from service.pipeline.record import InspectionRecord
 from service.pipeline.runner import Pipeline, PipelineError, TriggerTicket
 from service.plc.service import Health, PlcService
+from service.recipes import RecipeBook
+from service.reload import LoadTarget, LoadTicket, Reloader
 from service.store import RecordStore, StoreError, disabled_stats
 
 if TYPE_CHECKING:
@@ -103,7 +106,14 @@ class Daemon:
         self._loader: threading.Thread | None = None
         self._watchdog = Watchdog(self.notifier, self.healthy)
         self.port: int | None = None
-        self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health) if config.plc.enabled else None
+        # hot swap and recipes (issue 17): service/reload.py, service/recipes.py
+        self.reloader = Reloader(config.engine, self._open_engine, pipeline=lambda: self.pipeline,
+                                 latest_frame=self._warmup_frame, on_swap=self._swapped)
+        self.recipes = RecipeBook(config.recipes, self.reloader)
+        self.plc = PlcService(config.plc, trigger=self.trigger, health=self._plc_health,
+                              select_recipe=self.recipes.select) if config.plc.enabled else None
+        if self.plc is not None:
+            self.reloader.subscribe("plc", self.plc.on_load_event)
         self.mqtt = self._mqtt_publisher() if config.mqtt.enabled else None
         self.opcua = self._create_opcua() if config.opcua.enabled else None
         self.app = create_fastapi_app(self)
@@ -168,6 +178,7 @@ class Daemon:
         engine_config = self.config.engine
         path = engine_config.bundle or DEFAULT_BUNDLE_DIR
         try:
+            path = self.reloader.startup_path() or path
             bundle = load_bundle(path)
             log.info("engine: loading bundle %s (%s) on %s", bundle.manifest.name, path, engine_config.backend.type)
             engine = self._open_engine(bundle, engine_config.backend, on_state=self._on_engine_state)
@@ -205,6 +216,7 @@ class Daemon:
         self._engine = engine
         self.pipeline = pipeline
         pipeline.start()
+        self.reloader.started(bundle)
         self._engine_state = "ready"
         log.info("engine: ready (%s, %s, %s, window %d px, at most %d windows)", manifest.name, engine.backend_name,
                  "find + segment" if manifest.find is not None else "segment only (tiles)", inspector.window,
@@ -250,6 +262,7 @@ class Daemon:
             self._server.should_exit = True
         if self._loader is not None:
             self._loader.join(30.0)
+        self.reloader.stop()
         if self.pipeline is not None:
             self.pipeline.stop()
         if self.plc is not None:
@@ -314,6 +327,39 @@ class Daemon:
             raise PipelineError(f"the engine is {self._engine_state}")
         return self.pipeline.trigger(part_id)
 
+    # ------------------------------------------------------------------ hot swap (issue 17)
+    def activate_bundle(self, ref: str) -> LoadTicket:
+        """Load an installed bundle (name or hash in engine.bundle_store), check it, swap it in and point the
+        store's 'active' at it. Raises service.reload.LoadBusyError while another load runs."""
+        return self.reloader.request(LoadTarget(bundle=ref, source="api", set_pointer=True), queue=False)
+
+    def _swapped(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _warmup_frame(self) -> np.ndarray | None:
+        """A real frame to check a new engine on: the camera's newest (a triggered camera is asked for one)."""
+        frame = self.camera.slot.peek()
+        if frame is None:
+            frame = self.camera.next_frame(2.0)
+        return None if frame is None else frame.image
+
+    def bundle_snapshot(self) -> BundleSnapshot:
+        r = self.reloader
+        active, loading, last = r.active, r.loading, r.last
+        return BundleSnapshot(
+            store=str(r.store.root) if r.store is not None else None,
+            name=active.name if active else None, hash=active.digest if active else None,
+            directory=active.directory if active else None, recipe=active.recipe if active else 0,
+            since=active.since if active else None,
+            loading=loading.bundle if loading else None, loading_recipe=loading.recipe if loading else 0,
+            last_result=None if last is None else "ok" if last.phase == "active" else
+            "superseded" if last.kind == "superseded" else "failed",
+            last_bundle=last.target.bundle if last else None, last_source=last.target.source if last else None,
+            last_reason=last.reason if last else None,
+            last_seconds=round(last.seconds, 4) if last and last.seconds is not None else None,
+            last_at=r.last_at, reloads=dict(r.results),
+        )
+
     def _plc_health(self) -> Health:
         return Health(camera_ok=self.camera.stats().state is CameraState.CONNECTED,
                       engine_loaded=self._engine_state == "ready" and not self._stop_requested.is_set())
@@ -323,9 +369,11 @@ class Daemon:
         def line_state() -> LineState:
             engine = self._engine
             health = self._plc_health()
+            echo, error = plc_words(self.plc) if self.plc is not None else (None, None)
             return LineState(camera_ok=health.camera_ok, engine_loaded=health.engine_loaded,
                              not_ready=tuple(self.not_ready()),
-                             bundle=engine.bundle.manifest.name if engine is not None else "")
+                             bundle=engine.bundle.manifest.name if engine is not None else "",
+                             command_echo=echo, error_code=error)
 
         station = Station(mode=self.config.pipeline.mode, trigger_timeout_s=self.config.pipeline.trigger_timeout_s,
                           trigger=self.trigger, state=line_state,
@@ -375,6 +423,7 @@ class Daemon:
             plc=self.plc.stats() if self.plc is not None else PlcSnapshot(),
             mqtt=self.mqtt.stats() if self.mqtt is not None else MqttSnapshot(),
             opcua=self.opcua.snapshot() if self.opcua is not None else OpcuaSnapshot(),
+            bundle=self.bundle_snapshot(),
         )
 
     # ------------------------------------------------------------------ MQTT (service/mqtt)

@@ -1,7 +1,7 @@
 """One stats snapshot, two views: the JSON of ``/api/status`` and the Prometheus text of ``/metrics``.
 
-``PipelineCounters`` accumulates what the pipeline publishes (verdicts, defects per class,
-per-stage latency histograms, frame rate). ``StatsSnapshot`` is the whole daemon at one instant
+``PipelineCounters`` (service/pipeline/counters.py) accumulates what the pipeline publishes (verdicts,
+defects per class, per-stage latency histograms, frame rate). ``StatsSnapshot`` is the whole daemon at one instant
 (camera, engine, pipeline, store, live view), built by the daemon. ``SnapshotCollector`` renders a
 snapshot as Prometheus metric families on every scrape, in a ``CollectorRegistry`` of its own: no
 global registry, no second set of counters that could disagree with the JSON.
@@ -9,10 +9,6 @@ global registry, no second set of counters that could disagree with the JSON.
 
 from __future__ import annotations
 
-import bisect
-import collections
-import threading
-import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -26,17 +22,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field
 
-from engines.percentiles import quantile_ms
-from engines.results import Verdict
 from service.mqtt.stats import MqttSnapshot, mqtt_metrics
-from service.pipeline.record import STAGES, InspectionRecord
+from service.pipeline.counters import PipelineStats
 
 NAMESPACE = "defectsam"
-# Upper bounds in seconds; a 4 MP frame through a CPU engine takes 50-500 ms, a Jetson 10-50 ms.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-                   1.0, 2.0, 5.0)
-FPS_WINDOW_S = 5.0
-_RECENT = 256  # latencies kept per stage for the status page's recent percentiles
 CAMERA_STATES = ("starting", "connected", "reconnecting", "stopped")
 ENGINE_STATES = ("loading", "building", "ready", "failed")
 PIPELINE_MODES = ("free_run", "triggered")
@@ -44,32 +33,6 @@ PIPELINE_MODES = ("free_run", "triggered")
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True)
-
-
-class LatencyStats(_Model):
-    """One stage's latency: cumulative histogram since start, percentiles of the recent frames."""
-
-    count: int = Field(description="frames measured since start")
-    sum_s: float = Field(description="total seconds since start")
-    buckets: list[tuple[float | None, int]] = Field(
-        description="(upper bound s, cumulative count), as Prometheus has it; the last bound, +Inf, is null")
-    recent_p50_ms: float | None = Field(description="median of the last frames (up to 256)")
-    recent_p95_ms: float | None = Field(description="95th percentile of the last frames")
-    recent_max_ms: float | None = Field(description="slowest of the last frames")
-
-
-class PipelineStats(_Model):
-    mode: str
-    running: bool
-    frames_processed: int = Field(description="frames inspected since start")
-    fps: float = Field(description="frames inspected per second over the last 5 s")
-    errors: int = Field(description="frames whose inspection raised (published as NO_FRAME)")
-    verdicts: dict[str, int] = Field(description="results per verdict since start")
-    defects: dict[str, int] = Field(description="defects found per class since start")
-    triggers: dict[str, int] = Field(description="triggers per outcome: inspected, no_frame, overflow")
-    latency: dict[str, LatencyStats] = Field(description="per stage: " + ", ".join(STAGES))
-    last_inspection_id: int | None
-    last_result_age_s: float | None = Field(description="seconds since the last result was published")
 
 
 class CameraSnapshot(_Model):
@@ -183,6 +146,26 @@ class OpcuaSnapshot(_Model):
     results_dropped: int = Field(default=0, description="results dropped before the OPC UA writer (handoff full)")
 
 
+class BundleSnapshot(_Model):
+    """The running bundle and its hot swaps (service/reload.py, docs/bundle.md)."""
+
+    store: str | None = Field(default=None, description="engine.bundle_store (null: none)")
+    name: str | None = Field(default=None, description="the running bundle's manifest name")
+    hash: str | None = Field(default=None, description="its manifest digest (sha256)")
+    directory: str | None = Field(default=None, description="its version directory in the store")
+    recipe: int = Field(default=0, description="the recipe running (0: none)")
+    since: str | None = Field(default=None, description="when it became the running one (UTC)")
+    loading: str | None = Field(default=None, description="the bundle being loaded now, if any")
+    loading_recipe: int = Field(default=0, description="the recipe being loaded now (0: none)")
+    last_result: str | None = Field(default=None, description="the last load's outcome: ok, failed or superseded")
+    last_bundle: str | None = Field(default=None, description="what the last load was asked to run")
+    last_source: str | None = Field(default=None, description="who asked: api, pointer, modbus, opcua, ...")
+    last_reason: str | None = Field(default=None, description="why the last load failed")
+    last_seconds: float | None = Field(default=None, description="request to swapped (or failed), seconds")
+    last_at: str | None = Field(default=None, description="when the last load ended (UTC)")
+    reloads: dict[str, int] = Field(default_factory=dict, description="loads per outcome since start")
+
+
 class StatsSnapshot(_Model):
     """The daemon at one instant: what /api/status returns and what /metrics renders."""
 
@@ -199,83 +182,7 @@ class StatsSnapshot(_Model):
     plc: PlcSnapshot = Field(default_factory=PlcSnapshot)
     mqtt: MqttSnapshot = Field(default_factory=MqttSnapshot)
     opcua: OpcuaSnapshot = Field(default_factory=OpcuaSnapshot)
-
-
-class PipelineCounters:
-    """Thread-safe accumulators fed by the pipeline's publishing thread."""
-
-    def __init__(self, mode: str, clock: Callable[[], float] = time.monotonic) -> None:
-        self.mode = mode
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._processed = 0
-        self._errors = 0
-        self._verdicts = dict.fromkeys((v.name for v in Verdict), 0)
-        self._defects: collections.Counter[str] = collections.Counter()
-        self._triggers = {"inspected": 0, "no_frame": 0, "overflow": 0}
-        self._hist = {stage: [0] * (len(LATENCY_BUCKETS) + 1) for stage in STAGES}  # per bucket, +Inf last
-        self._sum = dict.fromkeys(STAGES, 0.0)
-        self._count = dict.fromkeys(STAGES, 0)
-        self._recent: dict[str, collections.deque[float]] = {
-            stage: collections.deque(maxlen=_RECENT) for stage in STAGES
-        }
-        self._done: collections.deque[float] = collections.deque(maxlen=4096)
-        self._last_id: int | None = None
-        self._last_at: float | None = None
-        self.running = False
-
-    def record(self, record: InspectionRecord) -> None:
-        latencies = record.times.latencies()
-        now = self._clock()
-        with self._lock:
-            self._verdicts[record.verdict.name] += 1
-            for defect in record.result.defects:
-                self._defects[defect.class_name] += 1
-            if latencies:
-                self._processed += 1
-                self._done.append(now)
-            for stage, seconds in latencies.items():
-                self._hist[stage][bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-                self._sum[stage] += seconds
-                self._count[stage] += 1
-                self._recent[stage].append(seconds)
-            if record.trigger_id is not None:
-                self._triggers["inspected" if record.frame is not None else "no_frame"] += 1
-            self._last_id = record.inspection_id
-            self._last_at = now
-
-    def error(self) -> None:
-        with self._lock:
-            self._errors += 1
-
-    def overflow(self) -> None:
-        with self._lock:
-            self._triggers["overflow"] += 1
-
-    def snapshot(self) -> PipelineStats:
-        now = self._clock()
-        with self._lock:
-            while self._done and self._done[0] < now - FPS_WINDOW_S:
-                self._done.popleft()
-            fps = (len(self._done) - 1) / max(now - self._done[0], 1e-6) if len(self._done) >= 2 else 0.0
-            latency = {}
-            for stage in STAGES:
-                cumulative, buckets = 0, []
-                for bound, n in zip((*LATENCY_BUCKETS, float("inf")), self._hist[stage], strict=True):
-                    cumulative += n
-                    buckets.append((None if bound == float("inf") else bound, cumulative))  # JSON has no +Inf
-                recent = list(self._recent[stage])
-                latency[stage] = LatencyStats(
-                    count=self._count[stage], sum_s=self._sum[stage], buckets=buckets,
-                    recent_p50_ms=quantile_ms(recent, 0.50), recent_p95_ms=quantile_ms(recent, 0.95),
-                    recent_max_ms=round(max(recent) * 1000, 2) if recent else None,
-                )
-            return PipelineStats(
-                mode=self.mode, running=self.running, frames_processed=self._processed, fps=round(fps, 3),
-                errors=self._errors, verdicts=dict(self._verdicts), defects=dict(self._defects),
-                triggers=dict(self._triggers), latency=latency, last_inspection_id=self._last_id,
-                last_result_age_s=None if self._last_at is None else round(now - self._last_at, 3),
-            )
+    bundle: BundleSnapshot = Field(default_factory=BundleSnapshot)
 
 
 class SnapshotCollector(Collector):
@@ -371,6 +278,23 @@ class SnapshotCollector(Collector):
         yield from _plc_metrics(s.plc)
         yield from mqtt_metrics(s.mqtt, NAMESPACE)
         yield from _opcua_metrics(s.opcua)
+        yield from _bundle_metrics(s.bundle)
+
+
+def _bundle_metrics(b: BundleSnapshot) -> Iterator[Metric]:
+    n = f"{NAMESPACE}_bundle"
+    info = InfoMetricFamily(n, "the running bundle: manifest name, hash, store directory, recipe")
+    info.add_metric([], {"name": b.name or "", "hash": (b.hash or "")[:12], "directory": b.directory or "",
+                         "recipe": str(b.recipe)})
+    yield info
+    reloads = CounterMetricFamily(f"{n}_reload", "bundle loads after start (hot swaps), per result",
+                                  labels=["result"])
+    for result in ("ok", "failed", "superseded"):
+        reloads.add_metric([result], b.reloads.get(result, 0))
+    yield reloads
+    yield _gauge(f"{n}_loading", "1 while a bundle loads to replace the running one", int(b.loading is not None))
+    yield _gauge(f"{n}_reload_last_seconds", "the last load: request to swapped (or failed)", b.last_seconds or 0.0)
+    yield _gauge(f"{NAMESPACE}_recipe_active", "the recipe running (0: none)", b.recipe)
 
 
 def _plc_metrics(plc: PlcSnapshot) -> Iterator[Metric]:

@@ -161,14 +161,16 @@ def test_refused_sessions_bad_writes_and_the_command_word(daemon: Any) -> None:
             station = c.get_node(f"ns={idx};s=line4")
             with pytest.raises(ua.UaStatusCodeError) as bad_part:
                 await station.call_method(f"{idx}:Trigger", ua.Variant("bad\npart", ua.VariantType.String))
+            # no recipes are configured: recipe 7 is unknown, as a PLC's write of it would be (error 5)
             await command.write_value(ua.DataValue(ua.Variant(7, ua.VariantType.UInt16)))
-            await wait_value(c, idx, "State/CommandEcho", 7)
+            await wait_value(c, idx, "State/ErrorCode", 5)
+            echo = await node(c, idx, "State/CommandEcho").read_value()
             after = await trigger_and_wait(c, idx, "PART-43")  # still inspecting
             verdict = await node(c, idx, "LastResult/Verdict").read_value()
             refused_count = await node(c, idx, "Counters/WritesRefused").read_value()
         return {"wrong": wrong.code, "anonymous": anonymous.code, "bad_type": bad_type.value.code,
                 "read_only": read_only.value.code, "bad_part": bad_part.value.code, "after": after,
-                "verdict": verdict, "writes_refused": refused_count}
+                "verdict": verdict, "writes_refused": refused_count, "echo": echo}
 
     got = asyncio.run(scenario())
     assert got["wrong"] == ua.StatusCodes.BadUserAccessDenied  # the user manager said no
@@ -177,13 +179,16 @@ def test_refused_sessions_bad_writes_and_the_command_word(daemon: Any) -> None:
     assert got["read_only"] == ua.StatusCodes.BadUserAccessDenied
     assert got["bad_part"] == ua.StatusCodes.BadOutOfRange
     assert got["after"] > 0 and got["verdict"] == "NG" and got["writes_refused"] >= 2
-    # The command word went through the Modbus write path: the PLC's command echo (input 4) says 7.
+    assert got["echo"] == 0  # no recipe is running
+    # The command word went through the Modbus write path: the PLC's error code (input 2) says 5,
+    # unknown recipe, and its command echo (input 4) still 0.
     from pymodbus.client import ModbusTcpClient
 
     plc = ModbusTcpClient("127.0.0.1", port=daemon.plc.port, timeout=3, retries=0)
     assert plc.connect()
     try:
-        assert plc.read_input_registers(4, count=1, device_id=1).registers == [7]
+        words = plc.read_input_registers(2, count=3, device_id=1).registers
+        assert (words[0], words[2]) == (5, 0)  # inputs 2 (error code) and 4 (command echo)
     finally:
         plc.close()
     _, _, metrics = http("GET", f"{base_url(daemon)}/metrics")

@@ -2,7 +2,8 @@
 
 health (/healthz, /readyz), status (/api/status, /api/config, /metrics), results
 (/api/results...), control (POST /api/trigger, bearer token), live view (/, /api/live.mjpeg,
-/api/events). Request and response schemas live in service/api/schemas.py; every response carries
+/api/events), bundle (/api/bundle, POST /api/bundle/activate: hot swap, bearer token).
+Request and response schemas live in service/api/schemas.py; every response carries
 the security headers of service/api/headers.py. Requests in flight are bounded, with a reserve for the
 probes, /metrics and the trigger (service/api/limits.py).
 """
@@ -13,7 +14,7 @@ from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api import control, health, results, status
+from service.api import bundles, control, health, results, status
 from service.api.context import DaemonContext
 from service.api.docs import DOCS_PATHS, add_docs
 from service.api.errors import BodyLimit, http_error, reject_unknown_query, unhandled_error, validation_error
@@ -43,7 +44,7 @@ def create_fastapi_app(ctx: DaemonContext) -> FastAPI:
         docs_url=None, redoc_url=None,  # add_docs: the same pages, their assets served here, not from a CDN
     )
     add_docs(app)
-    for module in (health, status, results, control, live_routes):
+    for module in (health, status, results, control, live_routes, bundles):
         app.include_router(module.build_router(ctx))
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

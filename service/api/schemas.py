@@ -87,3 +87,22 @@ def result_out(record: dict[str, Any], *, stored: bool) -> ResultOut:
     if record.get("verdict") != "NO_FRAME":
         links.update(frame=f"/api/results/{rid}/frame.jpg", overlay=f"/api/results/{rid}/overlay.jpg")
     return ResultOut.model_validate({**record, "stored": stored, "links": links})
+
+
+class BundleActivateRequest(BaseModel):
+    """POST /api/bundle/activate (docs/bundle.md, "Hot swap")."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    bundle: str = Field(
+        min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+        description="an installed bundle in engine.bundle_store: its name, hash (4+ hex digits) or name-hash",
+    )
+
+
+class BundleVersionOut(BaseModel):
+    directory: str
+    name: str
+    hash: str
+    installed_at: str
+    active: bool = Field(description="the store's 'active' pointer names it")

@@ -1,14 +1,22 @@
 """``defectsam bundle inspect DIR``: what a bundle holds, after verifying every checksum, and whether its
-manifest was edited since it was written; ``defectsam bundle seal DIR`` records the manifest's digest."""
+manifest was edited since it was written; ``defectsam bundle seal DIR`` records the manifest's digest.
+
+The bundle store (service/bundle_store.py, docs/bundle.md): ``bundle install DIR`` (verified, copied in
+read-only; the same bundle twice changes nothing), ``bundle list``, ``bundle activate NAME|HASH``,
+``bundle rollback``. The store is ``--store DIR``, else the config's ``engine.bundle_store`` (``--config``,
+else $DEFECTSAM_CONFIG, with DEFECTSAM__* overrides). A running daemon on that store follows ``active``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from engines.bundle import DEFAULT_BUNDLE_DIR, DIGEST_KEY, Bundle, load_bundle, seal_manifest
+from service.bundle_store import BundleStore, StoreError, Version
 
 
 def add_parser(commands: Any) -> None:
@@ -26,6 +34,24 @@ def add_parser(commands: Any) -> None:
         "carried one, or a hand edit meant to stay)")
     seal.add_argument("bundle", help="bundle directory")
     seal.set_defaults(run=run_seal)
+
+    install = actions.add_parser(
+        "install", help="verify a bundle and copy it into the store as a read-only version (never deletes)")
+    install.add_argument("bundle", nargs="?", default=str(DEFAULT_BUNDLE_DIR),
+                         help="bundle directory (default: the embedded default bundle)")
+    install.add_argument("--activate", action="store_true", help="also make it the active bundle")
+    listing = actions.add_parser("list", help="the store's bundles: name, hash, installed at, the active one")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    activate = actions.add_parser(
+        "activate", help="make an installed bundle the active one (a daemon on the store switches to it)")
+    activate.add_argument("bundle", help="its name, its hash (4+ hex digits) or name-hash, as 'bundle list' shows")
+    rollback = actions.add_parser("rollback", help="activate the bundle that was active before the current one")
+    for sub, run in ((install, run_install), (listing, run_list), (activate, run_activate), (rollback, run_rollback)):
+        sub.add_argument("--store", type=Path, default=None,
+                         help="bundle store directory (default: the config's engine.bundle_store)")
+        sub.add_argument("--config", type=Path, default=None,
+                         help="daemon config naming engine.bundle_store (default: $DEFECTSAM_CONFIG)")
+        sub.set_defaults(run=run)
 
 
 def manifest_line(bundle: Bundle) -> str:
@@ -86,4 +112,71 @@ def run_seal(args: argparse.Namespace) -> int:
     before = load_bundle(args.bundle).manifest_check
     bundle = seal_manifest(args.bundle)
     print(f"{bundle.path}/manifest.json: {DIGEST_KEY} {bundle.manifest.manifest_sha256} recorded (it was {before})")
+    return 0
+
+
+def open_store(args: argparse.Namespace) -> BundleStore:
+    if args.store is not None:
+        return BundleStore(args.store)
+    from service.config import load_config
+
+    store = load_config(args.config).engine.bundle_store
+    if store is None:
+        raise StoreError("no bundle store: pass --store DIR or set engine.bundle_store in the config")
+    return BundleStore(store)
+
+
+def _line(v: Version) -> str:
+    return f"{v.directory} ({v.name}, hash {v.short})"
+
+
+def run_install(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    installed = store.install(args.bundle)
+    v = installed.version
+    if installed.new:
+        print(f"installed {_line(v)} in {store.root}")
+    else:
+        print(f"already installed: {_line(v)} in {store.root} (nothing changed)")
+    if args.activate:
+        if store.active_target() == v.directory:
+            print(f"already active: {v.directory}")
+        else:
+            store.activate(v.directory)
+            print(f"active: {v.directory}")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    versions = store.versions()
+    active = store.active_target()
+    if args.json:
+        print(json.dumps([{"directory": v.directory, "name": v.name, "hash": v.digest, "installed_at": v.installed_at,
+                           "active": v.directory == active} for v in versions], indent=2))
+        return 0
+    if not versions:
+        print(f"no bundles installed in {store.root} ('defectsam bundle install DIR')")
+        return 0
+    width = max(len(v.name) for v in versions)
+    print(f"  {'NAME':<{width}}  {'HASH':<12}  INSTALLED             DIRECTORY")
+    for v in versions:
+        mark = "*" if v.directory == active else " "
+        print(f"{mark} {v.name:<{width}}  {v.short}  {v.installed_at}  {v.directory}")
+    if active is not None and all(v.directory != active for v in versions):
+        print(f"warning: active points at {active!r}, which is not installed", file=sys.stderr)
+    return 0
+
+
+def run_activate(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    v = store.activate(args.bundle)
+    print(f"active: {_line(v)} (a daemon on {store.root} switches to it)")
+    return 0
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    v = store.rollback()
+    print(f"rolled back: active {_line(v)}")
     return 0

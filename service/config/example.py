@@ -105,6 +105,21 @@ def example_yaml() -> str:
     for name, info in DaemonConfig.model_fields.items():
         lines.append("")
         lines.extend(_comment(info, ""))
+        value = getattr(config, name)
+        if not isinstance(value, BaseModel):  # a mapping section (recipes): empty, one entry shown commented
+            lines.append(f"{name}: {{}}")
+            lines.extend(_mapping_example(info))
+            continue
         lines.append(f"{name}:")
-        lines.extend(_section_lines(info, getattr(config, name), "  "))
+        lines.extend(_section_lines(info, value, "  "))
     return "\n".join(lines) + "\n"
+
+
+def _mapping_example(info: FieldInfo) -> list[str]:
+    """A commented entry of a ``dict[int, Model]`` section: '# 1:' then the model's keys."""
+    args = typing.get_args(info.annotation)
+    entry = args[1] if len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel) else None
+    if entry is None:
+        return []
+    block = ["1:", *_model_lines(entry, entry.model_construct(), "  ")]
+    return [f"# {line}" for line in block]

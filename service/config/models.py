@@ -65,6 +65,14 @@ class EngineSection(Section):
         default=None, title="Engine bundle directory",
         description="a bundle directory (manifest.json + graphs); empty or null: the embedded default bundle",
     )
+    bundle_store: Path | None = Field(
+        default=None, title="Bundle store directory",
+        description=(
+            "a bundle store (defectsam bundle install/activate/rollback, docs/bundle.md): the daemon runs its "
+            "active bundle and switches to another, without a restart, when the pointer moves; set either this "
+            "or engine.bundle, not both. null: no store"
+        ),
+    )
     backend: BackendConfig = Field(
         default_factory=OnnxRuntimeConfig, title="Inference backend",
         description="which runtime runs the bundle: 'onnxruntime' (CPU, CUDA or TensorRT EP) or 'tensorrt'",
@@ -83,10 +91,17 @@ class EngineSection(Section):
     def _backend_type(cls, data: Any) -> Any:
         return _default_type(data, "backend", "onnxruntime")
 
-    @field_validator("bundle", mode="before")
+    @field_validator("bundle", "bundle_store", mode="before")
     @classmethod
     def _empty_is_default(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value  # not Path(""), the current directory
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EngineSection:
+        if self.bundle is not None and self.bundle_store is not None:
+            raise key_error("bundle", str(self.bundle), "set either engine.bundle (one directory) or "
+                            "engine.bundle_store (the store's active bundle), not both")
+        return self
 
 
 class PipelineSection(Section):
@@ -589,6 +604,38 @@ class OpcuaSection(Section):
         return self
 
 
+# ---------------------------------------------------------------- recipes (issue 17; service/recipes.py)
+class RecipeEntry(Section):
+    """One recipe: the bundle it runs and the thresholds it runs it with."""
+
+    bundle: str = Field(
+        min_length=1, title="Bundle",
+        description="an installed bundle in engine.bundle_store: its name, its hash (4+ hex digits) or name-hash "
+                    "as 'defectsam bundle list' shows it",
+    )
+    score_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, title="Defect score threshold",
+        description="overrides engine.postprocess.score_threshold for this recipe (unset: that one, else the "
+                    "bundle's calibrated value)",
+    )
+    uncertain_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, title="Uncertain score threshold",
+        description="overrides engine.postprocess.uncertain_threshold for this recipe",
+    )
+    candidate_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, title="Find-pass candidate threshold",
+        description="overrides engine.inspection.candidate_threshold for this recipe",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RecipeEntry:
+        if (self.score_threshold is not None and self.uncertain_threshold is not None
+                and self.uncertain_threshold > self.score_threshold):
+            raise key_error("uncertain_threshold", self.uncertain_threshold,
+                            "must not exceed this recipe's score_threshold")
+        return self
+
+
 class DaemonConfig(Section):
     """Everything ``defectsam serve`` reads at start-up."""
 
@@ -612,6 +659,28 @@ class DaemonConfig(Section):
                               description="results and station state to an MQTT broker for MES/SCADA (docs/mqtt.md)")
     opcua: OpcuaSection = Field(default_factory=OpcuaSection, title="OPC UA server",
                                 description="typed nodes for SCADA/MES, off by default (docs/opcua.md)")
+    recipes: dict[int, RecipeEntry] = Field(
+        default_factory=dict, title="Recipes",
+        description=(
+            "recipe number (1-65535, the PLC's recipe word, holding 4) -> the bundle in engine.bundle_store and "
+            "thresholds it selects (docs/plc.md, Recipes); empty: recipe words are refused with error 5"
+        ),
+    )
+
+    @field_validator("recipes")
+    @classmethod
+    def _recipe_numbers(cls, value: dict[int, RecipeEntry]) -> dict[int, RecipeEntry]:
+        for number in value:
+            if not 1 <= number <= 0xFFFF:
+                raise ValueError(f"recipe number {number} is outside 1-65535 (0 means no recipe)")
+        return value
+
+    @model_validator(mode="after")
+    def _recipes_need_a_store(self) -> DaemonConfig:
+        if self.recipes and self.engine.bundle_store is None:
+            raise key_error("recipes", sorted(self.recipes), "recipes name bundles in a store: set "
+                            "engine.bundle_store (docs/bundle.md)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

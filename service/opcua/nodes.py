@@ -52,11 +52,13 @@ STATE: tuple[NodeSpec, ...] = (
     NodeSpec("State/EngineLoaded", "Boolean", "engine loaded, pipeline running"),
     NodeSpec("State/TriggerReady", "Boolean", "a Trigger call now would be taken"),
     NodeSpec("State/Busy", "Boolean", "a Trigger taken through OPC UA waits for its result"),
-    NodeSpec("State/ErrorCode", "UInt16", "0 none, 1 camera lost, 2 engine not loaded (the Modbus codes)"),
+    NodeSpec("State/ErrorCode", "UInt16", "the Modbus error code (input 2): 0 none, 1 camera lost, 2 engine not "
+             "loaded, 5 unknown recipe, 6 recipe failed to load, ..."),
     NodeSpec("State/Mode", "String", "pipeline.mode: free_run or triggered"),
     NodeSpec("State/Bundle", "String", "the engine bundle's name ('' while none is loaded)"),
     NodeSpec("State/Heartbeat", "UInt32", "+1 every 0.5 s while the server runs"),
-    NodeSpec("State/CommandEcho", "UInt16", "the last command word taken (Modbus input 4)"),
+    NodeSpec("State/CommandEcho", "UInt16", "the recipe running (Modbus input 4): a Command once that recipe "
+             "is loaded"),
 )
 COMMAND = NodeSpec("Command", "UInt16", "recipe/command word: a write is taken as a Modbus write of holding 4 "
                    "(needs plc.enabled); read State/CommandEcho", writable=True)

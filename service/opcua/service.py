@@ -436,9 +436,10 @@ class OpcuaService:
             "State/Ready": not line.not_ready, "State/NotReady": "; ".join(line.not_ready),
             "State/CameraOk": line.camera_ok, "State/EngineLoaded": line.engine_loaded,
             "State/TriggerReady": problem is None, "State/Busy": self._busy is not None,
-            "State/ErrorCode": 1 if not line.camera_ok else 2 if not line.engine_loaded else 0,
+            "State/ErrorCode": line.error_code if line.error_code is not None
+            else 1 if not line.camera_ok else 2 if not line.engine_loaded else 0,
             "State/Mode": self.station.mode, "State/Bundle": line.bundle, "State/Heartbeat": self._beat,
-            "State/CommandEcho": self._command_echo,
+            "State/CommandEcho": line.command_echo if line.command_echo is not None else self._command_echo,
             "Counters/TriggersTaken": self.stats.triggers_taken,
             "Counters/TriggersRefused": self.stats.triggers_refused,
             "Counters/WritesRefused": self.stats.writes_refused,

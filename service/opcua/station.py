@@ -18,6 +18,8 @@ class LineState:
     engine_loaded: bool
     not_ready: tuple[str, ...]
     bundle: str
+    command_echo: int | None = None  # the PLC's input 4 (the recipe running); None without a PLC
+    error_code: int | None = None  # the PLC's input 2 (5 unknown recipe, 6 failed load, ...); None without a PLC
 
 
 @dataclass(frozen=True)
@@ -47,5 +49,13 @@ def plc_command_writer(plc: Any) -> Callable[[int], int]:
         return int(plc.call(in_loop))
 
     return write
+
+
+def plc_words(plc: Any) -> tuple[int, int]:
+    """(command echo, error code): the PLC's inputs 4 and 2 as a PLC reads them now."""
+    from service.plc.registers import BY_NAME, get
+
+    inputs = plc.store.inputs
+    return int(get(inputs, BY_NAME["command_echo"])), int(get(inputs, BY_NAME["error_code"]))
 
 

@@ -43,8 +43,8 @@ from engines.inspector import Inspector, PassOutputs, Prepared
 from engines.results import Verdict
 from service.capture.base import Frame, LatestFrameSlot
 from service.config.models import PipelineSection
-from service.metrics import PipelineCounters
 from service.ops import lower_thread_priority
+from service.pipeline.counters import PipelineCounters
 from service.pipeline.record import InspectionRecord, StageTimes, no_frame_result
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class TriggerTicket:
 class _Job:
     frame: Frame | None
     ticket: TriggerTicket | None
+    inspector: Inspector | None = None  # the one that prepared it runs and finishes it (swap() between frames)
     reason: str | None = None  # for a NO_FRAME job
     prepared: Prepared | None = None
     outputs: PassOutputs | None = None
@@ -167,6 +168,8 @@ class Pipeline:
         self._slot = slot
         self._request_frame = request_frame
         self._bundle_name = self.engine.bundle.manifest.name
+        self._uses: collections.Counter[int] = collections.Counter()  # jobs in flight per inspector (id)
+        self._uses_lock = threading.Lock()
         self.frame_problem: str | None = None  # why the camera's frames cannot be inspected, while they cannot
         self._next_id: Callable[[], int] = next_id if next_id is not None else itertools.count(1).__next__
         self._trigger_ids = itertools.count(1)
@@ -281,9 +284,42 @@ class Pipeline:
             stale = self._to_infer.get(0)  # a frame preprocessed before the hold would be old after it
             if stale is not None and stale.ticket is not None:
                 self._to_infer.put(stale)  # a trigger's frame is still its answer
+            elif stale is not None:
+                self._release(stale)
             yield
         finally:
             self._may_run.set()
+
+    def swap(self, inspector: Inspector) -> Inspector:
+        """Inspect with ``inspector`` from the next frame taken on; returns the one it replaces. Frames
+        already taken finish with the inspector that prepared them, so results are published in order,
+        every old-bundle result before the first new one (service/reload.py). ``released`` says when the
+        old one is no longer used."""
+        with self._uses_lock:
+            old, self.inspector = self.inspector, inspector
+            self.engine = inspector.engine
+            self._bundle_name = inspector.engine.bundle.manifest.name
+        return old
+
+    def released(self, inspector: Inspector) -> bool:
+        """Whether no frame in flight uses ``inspector`` any more (after swap(), before closing its engine)."""
+        with self._uses_lock:
+            return self._uses[id(inspector)] == 0
+
+    def _take_inspector(self) -> Inspector:
+        with self._uses_lock:
+            self._uses[id(self.inspector)] += 1
+            return self.inspector
+
+    def _release(self, job: _Job) -> None:
+        if job.inspector is None:
+            return
+        with self._uses_lock:
+            key = id(job.inspector)
+            self._uses[key] -= 1
+            if self._uses[key] <= 0:
+                del self._uses[key]
+        job.inspector = None
 
     def healthy(self, stall_s: float = 10.0) -> bool:
         """Every stage thread alive and looping (none stuck in a hung engine call for ``stall_s``)."""
@@ -384,8 +420,9 @@ class Pipeline:
             return None
         self._last_acquisition = job.frame.acquisition_id
         job.times["preprocess_start"] = time.monotonic()
+        job.inspector = inspector = self._take_inspector()
         try:
-            job.prepared = self.inspector.prepare(job.frame.image)
+            job.prepared = inspector.prepare(job.frame.image)
         except Exception as exc:
             self._failed(job, "preprocess", exc)
             return None
@@ -443,8 +480,9 @@ class Pipeline:
                 continue
             started = time.monotonic()
             self._infer_started = started
+            assert job.inspector is not None  # _prepare gives every job its inspector
             try:
-                job.outputs = self.inspector.run(job.prepared)
+                job.outputs = job.inspector.run(job.prepared)
             except Exception as exc:
                 self._infer_started = 0.0
                 self._failed(job, "infer", exc)
@@ -464,9 +502,10 @@ class Pipeline:
                 if self._stop.is_set() and not any(t.is_alive() for t in self._threads[:-1]):
                     return
                 continue
+            inspector = job.inspector
             try:
-                assert job.outputs is not None  # the infer stage hands on only jobs it ran
-                result = self.inspector.finish(job.outputs)
+                assert job.outputs is not None and inspector is not None  # the infer stage hands on only jobs it ran
+                result = inspector.finish(job.outputs)
             except Exception as exc:
                 self._failed(job, "postprocess", exc)
                 self._post_finished += 1
@@ -481,10 +520,11 @@ class Pipeline:
             )
             record = InspectionRecord(
                 inspection_id=self._next_id(), acquisition_id=frame.acquisition_id, source=frame.source,
-                result=result, wall_time=frame.wall_time, times=times, bundle=self._bundle_name,
+                result=result, wall_time=frame.wall_time, times=times, bundle=inspector.engine.bundle.manifest.name,
                 part_id=job.ticket.part_id if job.ticket else None,
                 trigger_id=job.ticket.trigger_id if job.ticket else None, frame=frame.image,
             )
+            self._release(job)
             self._publish(record, job.ticket)
             self._post_finished += 1
 
@@ -502,6 +542,7 @@ class Pipeline:
         else:
             log.error("pipeline: %s failed on frame %s: %s: %s", stage,
                       job.frame.acquisition_id if job.frame else "-", type(exc).__name__, exc)
+        self._release(job)
         self.counters.error()
         if job.ticket is not None:
             self._publish_no_frame(job.ticket, f"{stage} failed: {type(exc).__name__}: {exc}")

@@ -85,15 +85,18 @@ REGISTERS: tuple[Register, ...] = (
              "clear error, set offline (bits below)"),
     Register("plc_heartbeat", H, 1, "u16", 1, "", "PLC heartbeat: change it at least every plc.heartbeat_timeout_s"),
     Register("part_id", H, 2, "u32", 1, "", "part id for the next trigger (echoed with its result)"),
-    Register("command", H, 4, "u16", 1, "", "recipe/command word (0: none); echoed in input 4 once taken"),
+    Register("command", H, 4, "u16", 1, "", "recipe number: a new nonzero value loads that recipe (recipe busy "
+             "while it loads, then echoed in input 4; docs/plc.md, Recipes); 0: no request"),
     Register("reserved_control", H, 5, "u16", 1, "", "reserved (writable, ignored)", repeat=11, stride=1),
     # vision -> PLC (input; mirrored at holding 1000 + n)
     Register("status", IN, 0, "bits", 1, "", "status word (bits below)"),
     Register("vision_heartbeat", IN, 1, "u16", 1, "", "vision heartbeat: +1 every 0.5 s (2 Hz), wraps at 65535"),
     Register("error_code", IN, 2, "u16", 1, "", "0 none, 1 camera lost, 2 engine not loaded, 3 PLC heartbeat timeout, "
-             "4 trigger refused by the pipeline"),
+             "4 trigger refused by the pipeline, 5 unknown recipe, 6 recipe or bundle failed to load (the running "
+             "one stays)"),
     Register("results_buffered", IN, 3, "u16", 1, "", "results queued behind the one shown (buffering on)"),
-    Register("command_echo", IN, 4, "u16", 1, "", "the last command word taken"),
+    Register("command_echo", IN, 4, "u16", 1, "", "the recipe running now (its number once it is loaded and "
+             "inspecting; 0: none, the store's active bundle)"),
     Register("reserved_status", IN, 5, "u16", 1, "", "reserved (0)", repeat=11, stride=1),
     Register("inspection_id", IN, 16, "u32", 1, "", "inspection id (unique across restarts; 0: fail-safe NO_FRAME "
              "written on a fault)"),
@@ -145,12 +148,16 @@ STATUS_BITS: tuple[Bit, ...] = (
     Bit("inspection_completed", "status", 7, "toggles with every result written"),
     Bit("results_valid", "status", 8, "the result block holds a result not yet acked"),
     Bit("buffer_overrun", "status", 9, "a result was dropped: the buffer was full (cleared by clear error)"),
-    Bit("error", "status", 10, "camera lost, engine not loaded, or PLC heartbeat timeout (see error code)"),
+    Bit("error", "status", 10, "an error code is set (input 2): camera lost, engine not loaded, PLC heartbeat "
+        "timeout, a refused trigger or a failed recipe load"),
+    Bit("recipe_busy", "status", 11, "a recipe is loading (trigger ready 0); drops when input 4 echoes it or "
+        "error 5/6 is set"),
 )
 CTRL = {b.name: 1 << b.bit for b in CONTROL_BITS}
 STAT = {b.name: 1 << b.bit for b in STATUS_BITS}
 
 ERROR_CAMERA, ERROR_ENGINE, ERROR_HEARTBEAT, ERROR_TRIGGER = 1, 2, 3, 4
+ERROR_RECIPE_UNKNOWN, ERROR_RECIPE_FAILED = 5, 6
 
 
 def put(words: list[int], reg: Register, value: int, *, index: int = 0, base: int = 0,

@@ -5,6 +5,9 @@
     pipeline publishing thread --offer()--> intake (bounded; drops counted) --wake--> writer coroutine
     PLC writes (control block) --on_write(), in the loop--> handshake: trigger -> ack, results ack, ...
     ticker (10 Hz, in the loop) -> vision heartbeat, camera/engine/PLC-heartbeat faults -> fail safe
+    PLC writes a new recipe number (holding 4) -> select_recipe (service.recipes.RecipeBook.select, the one
+        entry point every controller interface calls) -> the reloader's LoadEvents --on_load_event()-->
+        recipe busy, then echo (input 4) or error 5/6 (docs/plc.md, "Recipes")
 
 Everything that touches the registers runs in one asyncio loop and never awaits in the middle of a
 change: a result's fields are all written, then the status word flips (inspection completed
@@ -36,6 +39,8 @@ from service.plc.registers import (
     ERROR_CAMERA,
     ERROR_ENGINE,
     ERROR_HEARTBEAT,
+    ERROR_RECIPE_FAILED,
+    ERROR_RECIPE_UNKNOWN,
     ERROR_TRIGGER,
     INPUT_WORDS,
     RESULT_BASE,
@@ -45,6 +50,7 @@ from service.plc.registers import (
     put,
 )
 from service.plc.server import RegisterStore, ServerStats, serve, stop
+from service.reload import LoadEvent
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +66,17 @@ class Health:
 
 
 Trigger = Callable[[str | None], object]  # returns a ticket with .trigger_id; raises when it cannot trigger
+SelectRecipe = Callable[[int, str], object]  # (recipe number, source); returns at once (service.recipes)
 
 
 class PlcService:
     """Serves the register map; ``offer`` is the pipeline subscriber (returns at once)."""
 
     def __init__(self, config: PlcSection, *, trigger: Trigger | None = None,
-                 health: Callable[[], Health] | None = None) -> None:
+                 health: Callable[[], Health] | None = None, select_recipe: SelectRecipe | None = None) -> None:
         self.config = config
         self._trigger = trigger
+        self._select_recipe = select_recipe
         self._health = health or (lambda: Health(True, True))
         self.store = RegisterStore(config.unit_id, self._on_write)
         self._intake: queue.Queue[InspectionRecord] = queue.Queue(config.intake_queue)
@@ -97,6 +105,9 @@ class PlcService:
         self._pending_trigger: int | None = None
         self._fault = 0  # current fault code (camera, engine, heartbeat), 0: none
         self._latched = 0  # heartbeat timeout / trigger refusal, until clear error
+        self._recipe_error = 0  # unknown recipe / failed load, until clear error or a recipe loads
+        self._recipe_word = 0  # the last value of holding 4 seen: a new nonzero value is a request
+        self.recipe_requests = 0
         self._plc_beat = 0
         self._plc_beat_at = time.monotonic()
         self._beat = 0
@@ -137,6 +148,13 @@ class PlcService:
         if loop is not None and wake is not None:
             with contextlib.suppress(RuntimeError):  # loop closed while stopping
                 loop.call_soon_threadsafe(wake.set)
+
+    def on_load_event(self, event: LoadEvent) -> None:
+        """The reloader's listener (any thread): recipe busy, echo and error code follow in the loop."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed while stopping
+                loop.call_soon_threadsafe(self._apply_load_event, event)
 
     def call(self, fn: Callable[[], object], timeout: float = 5.0) -> object:
         """Run ``fn`` in the server's loop and return its result (tests, the benchmark)."""
@@ -241,13 +259,14 @@ class PlcService:
             self._apply(self._buffer.popleft())
 
     def _error_code(self) -> int:
-        return self._fault or self._latched
+        return self._fault or self._latched or self._recipe_error
 
     def _ready(self) -> bool:
         c, s = self._control, self._status
         full = bool(c & CTRL["buffer_enable"]) and len(self._buffer) >= self.config.buffer_depth
         return (bool(c & CTRL["trigger_enable"]) and not c & CTRL["set_offline"] and bool(s & STAT["camera_ok"])
                 and bool(s & STAT["engine_loaded"]) and not self._error_code() and not s & STAT["busy"]
+                and not s & STAT["recipe_busy"]
                 and not full and self._trigger is not None)
 
     def _publish_status(self) -> None:
@@ -269,14 +288,17 @@ class PlcService:
         if beat != self._plc_beat:
             self._plc_beat = beat
             self._plc_beat_at = time.monotonic()
-        command = get(holding, BY_NAME["command"])
-        if command:
-            put(self.store.inputs, BY_NAME["command_echo"], command)
+        recipe = get(holding, BY_NAME["command"])
+        if recipe != self._recipe_word:
+            self._recipe_word = recipe
+            if recipe:
+                self._request_recipe(recipe)
         old, new = self._control, get(holding, BY_NAME["control"])
         self._control = new
         rose, fell = new & ~old, old & ~new
         if rose & CTRL["clear_error"]:
             self._latched = 0
+            self._recipe_error = 0
             self._status &= ~(STAT["missed_trigger"] | STAT["buffer_overrun"])
             timeout = self.config.heartbeat_timeout_s
             if self._fault == ERROR_HEARTBEAT and time.monotonic() - self._plc_beat_at <= timeout:
@@ -298,6 +320,39 @@ class PlcService:
                 self.triggers_missed += 1
                 self._status |= STAT["missed_trigger"]
         self._release_buffer()
+        self._publish_status()
+
+    def _request_recipe(self, number: int) -> None:
+        """A new recipe word: recipe busy now, then the reloader's events (_apply_load_event)."""
+        self.recipe_requests += 1
+        self._status |= STAT["recipe_busy"]
+        self._recipe_error = 0
+        if self._select_recipe is None:
+            self._status &= ~STAT["recipe_busy"]
+            self._recipe_error = ERROR_RECIPE_UNKNOWN
+            log.warning("plc: recipe %d requested, but this daemon has no recipes (recipes, engine.bundle_store)",
+                        number)
+            return
+        try:
+            self._select_recipe(number, "modbus")
+        except Exception:  # select returns at once; an error here is a bug, answered as a failed load
+            log.exception("plc: recipe %d could not be requested", number)
+            self._status &= ~STAT["recipe_busy"]
+            self._recipe_error = ERROR_RECIPE_FAILED
+
+    def _apply_load_event(self, event: LoadEvent) -> None:
+        """(loop) A load started, finished or failed: recipe busy, echo (input 4) and error code, one step."""
+        recipe = event.target.recipe
+        if event.phase == "loading":
+            if recipe:
+                self._status |= STAT["recipe_busy"]
+        elif event.phase == "active":
+            self._status &= ~STAT["recipe_busy"]
+            self._recipe_error = 0
+            put(self.store.inputs, BY_NAME["command_echo"], recipe)
+        elif event.kind != "superseded":
+            self._status &= ~STAT["recipe_busy"]
+            self._recipe_error = ERROR_RECIPE_UNKNOWN if event.kind == "unknown" else ERROR_RECIPE_FAILED
         self._publish_status()
 
     def _take_trigger(self) -> None:
