@@ -176,6 +176,7 @@ def test_a_bad_bundle_leaves_the_old_one_running_and_says_why(
         client = ModbusTcpClient("127.0.0.1", port=daemon.plc.port, timeout=5, retries=0)
         assert client.connect()
         try:
+            client.write_register(0, CTRL["trigger_enable"], device_id=1)
             status, _, body = http("POST", f"{base_url(daemon)}/api/bundle/activate", {"bundle": ref},
                                    headers=AUTH_HEADER, timeout=120)
             assert status == (404 if fault == "not installed" else 409), body
@@ -190,6 +191,8 @@ def test_a_bad_bundle_leaves_the_old_one_running_and_says_why(
         text = generate_latest(daemon.registry).decode()
     expected_code = ERROR_RECIPE_FAILED if fault != "not installed" else ERROR_RECIPE_UNKNOWN
     assert words[2] == expected_code and words[0] & STAT["error"]
+    # reported, but a load the PLC did not ask for does not stop its line: triggers are still taken
+    assert words[0] & STAT["trigger_ready"]
     assert {r.bundle for r in records} == {OK_NAME}  # the old bundle kept inspecting
     assert snap.bundle.name == OK_NAME and snap.bundle.last_result == "failed" and expect in snap.bundle.last_reason
     assert 'defectsam_bundle_reload_total{result="failed"} 1.0' in text

@@ -93,7 +93,7 @@ REGISTERS: tuple[Register, ...] = (
     Register("vision_heartbeat", IN, 1, "u16", 1, "", "vision heartbeat: +1 every 0.5 s (2 Hz), wraps at 65535"),
     Register("error_code", IN, 2, "u16", 1, "", "0 none, 1 camera lost, 2 engine not loaded, 3 PLC heartbeat timeout, "
              "4 trigger refused by the pipeline, 5 unknown recipe, 6 recipe or bundle failed to load (the running "
-             "one stays)"),
+             "one stays; 5 and 6 hold trigger ready at 0 only when the PLC asked for that recipe)"),
     Register("results_buffered", IN, 3, "u16", 1, "", "results queued behind the one shown (buffering on)"),
     Register("command_echo", IN, 4, "u16", 1, "", "the recipe running now (its number once it is loaded and "
              "inspecting; 0: none, the store's active bundle)"),

@@ -106,6 +106,9 @@ class PlcService:
         self._fault = 0  # current fault code (camera, engine, heartbeat), 0: none
         self._latched = 0  # heartbeat timeout / trigger refusal, until clear error
         self._recipe_error = 0  # unknown recipe / failed load, until clear error or a recipe loads
+        # a failed PLC recipe request blocks triggers (the part in front needs that recipe); a failed load
+        # asked for elsewhere (API, the store's pointer) is reported but the running bundle keeps inspecting
+        self._recipe_error_blocks = False
         self._recipe_word = 0  # the last value of holding 4 seen: a new nonzero value is a request
         self.recipe_requests = 0
         self._plc_beat = 0
@@ -264,8 +267,9 @@ class PlcService:
     def _ready(self) -> bool:
         c, s = self._control, self._status
         full = bool(c & CTRL["buffer_enable"]) and len(self._buffer) >= self.config.buffer_depth
+        blocking = self._fault or self._latched or (self._recipe_error if self._recipe_error_blocks else 0)
         return (bool(c & CTRL["trigger_enable"]) and not c & CTRL["set_offline"] and bool(s & STAT["camera_ok"])
-                and bool(s & STAT["engine_loaded"]) and not self._error_code() and not s & STAT["busy"]
+                and bool(s & STAT["engine_loaded"]) and not blocking and not s & STAT["busy"]
                 and not s & STAT["recipe_busy"]
                 and not full and self._trigger is not None)
 
@@ -326,7 +330,7 @@ class PlcService:
         """A new recipe word: recipe busy now, then the reloader's events (_apply_load_event)."""
         self.recipe_requests += 1
         self._status |= STAT["recipe_busy"]
-        self._recipe_error = 0
+        self._recipe_error, self._recipe_error_blocks = 0, True
         if self._select_recipe is None:
             self._status &= ~STAT["recipe_busy"]
             self._recipe_error = ERROR_RECIPE_UNKNOWN
@@ -353,6 +357,7 @@ class PlcService:
         elif event.kind != "superseded":
             self._status &= ~STAT["recipe_busy"]
             self._recipe_error = ERROR_RECIPE_UNKNOWN if event.kind == "unknown" else ERROR_RECIPE_FAILED
+            self._recipe_error_blocks = bool(recipe)
         self._publish_status()
 
     def _take_trigger(self) -> None:
