@@ -36,7 +36,10 @@ SEED = int(os.environ.get("DEFECTSAM_FUZZ_SEED", "20261122"))
 SCALE = int(os.environ.get("DEFECTSAM_FUZZ_SCALE", "1"))  # more examples for a deeper run than CI's
 EXAMPLES = 400 * SCALE  # per test; load_config takes about a millisecond
 SERVE_CASES = 4  # real 'defectsam serve' processes (about 1 s each: a config error stops it before the heavy imports)
-BLANK_MEANS_NULL = {("engine", "bundle")}  # documented: "empty or null: the embedded default bundle"
+# documented: "empty or null: ..." (engine.bundle, engine.bundle_store); the optional files (OptionalFile)
+BLANK_MEANS_NULL = {("engine", "bundle"), ("engine", "bundle_store"), ("mqtt", "tls", "ca_file"),
+                    ("mqtt", "tls", "cert_file"), ("mqtt", "tls", "key_file"), ("opcua", "certificate"),
+                    ("opcua", "private_key")}
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
@@ -50,7 +53,8 @@ def _tree(node: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ..
 
 DEFAULTS = DaemonConfig().model_dump(mode="json", by_alias=True)
 LEAVES = sorted(path for path, value in _tree(DEFAULTS) if path and not isinstance(value, dict))
-SECTIONS = sorted(path for path, value in _tree(DEFAULTS) if isinstance(value, dict))  # () is the top level
+# () is the top level; an empty dict by default is a map (recipes, opcua.users), whose keys are the user's
+SECTIONS = sorted(path for path, value in _tree(DEFAULTS) if isinstance(value, dict) and (value or not path))
 
 
 def default_at(path: tuple[str, ...]) -> Any:

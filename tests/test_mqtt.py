@@ -206,8 +206,8 @@ def test_the_broker_says_offline_when_the_daemon_vanishes(tmp_path: Path, tiny_b
     ({"topic_prefix": "plant//line"}, "mqtt.topic_prefix", "no empty level"),
     ({"station": "st/1"}, "mqtt.station", "should match pattern"),
     ({"qos": 3}, "mqtt.qos", "less than or equal to 2"),
-    ({"password": "pw-without-user"}, "mqtt.username", "a password needs a username"),
-    ({"tls": {"enabled": True, "cert_file": "/etc/client.pem"}}, "mqtt.tls.key_file", "needs both"),
+    ({"password": "pw-without-user"}, "mqtt.password", "a password needs a username"),
+    ({"tls": {"enabled": True, "cert_file": "/etc/client.pem"}}, "mqtt.tls.cert_file", "set mqtt.tls.key_file"),
 ])
 def test_a_bad_mqtt_key_is_named(tmp_path: Path, changes: dict[str, Any], key: str, why: str) -> None:
     path = tmp_path / "bad.yaml"

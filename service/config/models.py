@@ -10,9 +10,18 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from engines.backends import BackendConfig
@@ -30,6 +39,14 @@ class Section(BaseModel):
 
 _CAMERA = TypeAdapter(CameraConfig)
 KEY_ERROR = "key_conflict"
+
+
+def _blank_is_none(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value  # not Path(""), the current directory
+
+
+#: An optional file: empty (an unset environment variable's usual form) or null is none.
+OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_none)]
 
 
 def key_error(key: str, value: Any, message: str) -> PydanticCustomError:
@@ -70,7 +87,7 @@ class EngineSection(Section):
         description=(
             "a bundle store (defectsam bundle install/activate/rollback, docs/bundle.md): the daemon runs its "
             "active bundle and switches to another, without a restart, when the pointer moves; set either this "
-            "or engine.bundle, not both. null: no store"
+            "or engine.bundle, not both. Empty or null: no store"
         ),
     )
     backend: BackendConfig = Field(
@@ -380,15 +397,15 @@ class MqttTlsSection(Section):
         description="connect to the broker over TLS (its port is then usually 8883); the broker's certificate is "
                     "verified against ca_file, or the system's CAs when ca_file is null",
     )
-    ca_file: Path | None = Field(
+    ca_file: OptionalFile = Field(
         default=None, title="CA certificates (PEM)",
         description="CA bundle the broker's certificate must chain to; null: the system's trusted CAs",
     )
-    cert_file: Path | None = Field(
+    cert_file: OptionalFile = Field(
         default=None, title="Client certificate (PEM)",
         description="for brokers that authenticate clients by certificate; needs key_file",
     )
-    key_file: Path | None = Field(default=None, title="Client key (PEM)", description="the client certificate's key")
+    key_file: OptionalFile = Field(default=None, title="Client key (PEM)", description="the client certificate's key")
     insecure: bool = Field(
         default=False, title="Skip the host name check",
         description="true: accept a broker certificate issued for another name (still signed by the CA); "
@@ -398,8 +415,9 @@ class MqttTlsSection(Section):
     @model_validator(mode="after")
     def _cert_and_key(self) -> MqttTlsSection:
         if (self.cert_file is None) != (self.key_file is None):
-            missing = "key_file" if self.key_file is None else "cert_file"
-            raise key_error(missing, None, "a client certificate needs both cert_file and key_file")
+            given, missing = ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            raise key_error(given, str(getattr(self, given)),
+                            f"a client certificate needs both cert_file and key_file: set mqtt.tls.{missing} too")
         return self
 
 
@@ -484,7 +502,7 @@ class MqttSection(Section):
     @model_validator(mode="after")
     def _user_with_password(self) -> MqttSection:
         if self.password is not None and self.username is None:
-            raise key_error("username", None, "a password needs a username (mqtt.username)")
+            raise key_error("password", "**********", "a password needs a username: set mqtt.username too")
         return self
 
 
@@ -550,11 +568,11 @@ class OpcuaSection(Section):
             "opcua.private_key)"
         ),
     )
-    certificate: Path | None = Field(
+    certificate: OptionalFile = Field(
         default=None, title="Server certificate",
         description="the server's X.509 certificate (DER or PEM) for the Basic256Sha256 policies",
     )
-    private_key: Path | None = Field(
+    private_key: OptionalFile = Field(
         default=None, title="Server private key",
         description="the certificate's private key (PEM), readable by the daemon's user only",
     )
