@@ -9,7 +9,7 @@
     compare           evaluate several bundles on the same data, one table side by side (training.commands.compare)
     calibrate         choose a bundle's score threshold on held-out data (training.commands.calibrate)
     quantize          add a gated INT8 variant to a bundle (training.commands.quantize)
-    export            export a model or a trained checkpoint to an engine bundle
+    export            export a model or a trained checkpoint to an engine bundle (training.commands.export)
     export-reference  export the SAM 2 teacher (random weights) as one ONNX graph for benchmarks
     models            print the model family's parameters
     config            print every key of the training config
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.errors import DefectsamError
+from training.commands.argtypes import positive_multiple_of_16
 from training.model.build import (
     PARTS,
     build_finder,
@@ -41,31 +42,9 @@ from training.model.build import (
     parameter_counts,
 )
 
-DEFAULT_CLASSES = "scratch,dent,pinhole"
-
 
 class UsageError(DefectsamError):
     """A flag whose value cannot be used."""
-
-
-def _positive_multiple_of_16(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0 or value % 16:
-        raise argparse.ArgumentTypeError(f"must be a positive multiple of 16, got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,31 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     models = sub.add_parser("models", help="print every registered model's parameters per part and its cost")
-    models.add_argument("--window", type=_positive_multiple_of_16, default=128,
+    models.add_argument("--window", type=positive_multiple_of_16, default=128,
                         help="window side the segmenters' MACs are counted at (default 128)")
-
-    export = sub.add_parser(
-        "export", help="export a segmenter (and a finder) to an engine bundle (segment.onnx, find.onnx, manifest.json)"
-    )
-    export.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")
-    weights = export.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", type=Path, help="trained segmenter checkpoint {'arch', 'config', 'model'}")
-    weights.add_argument(
-        "--random-init", action="store_true", help="export random weights (marked 'untrained' in the manifest)"
-    )
-    export.add_argument("--finder", type=Path, help="trained finder checkpoint (without it the bundle scans by tiles)")
-    export.add_argument("--random-finder", action="store_true", help="with --random-init: a random finder too")
-    export.add_argument("--arch", choices=list_models(), help="segmenter to build for --random-init")
-    export.add_argument("--seed", type=int, default=0, help="random seed for --random-init (default 0)")
-    export.add_argument("--window", type=_positive_multiple_of_16, default=None,
-                        help="the bundle's default window side in pixels (default 128)")
-    export.add_argument("--max-windows", type=_positive_int, default=None,
-                        help="the bundle's default most windows per frame (default 24)")
-    export.add_argument(
-        "--classes", help=f"comma-separated class names (default: the checkpoint's, else {DEFAULT_CLASSES})"
-    )
-    export.add_argument("--name", help="bundle name in the manifest (default: the architecture name)")
-    export.add_argument("--notes", default="", help="free text added to the manifest's provenance notes")
 
     _add_training_commands(sub)
     for module in _OPTIONAL_COMMANDS:
@@ -119,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Command modules of the data and evaluation half (each has add_parser(subparsers) setting run=).
 _OPTIONAL_COMMANDS = (
-    "training.commands.synth", "training.commands.convert",
+    "training.commands.export", "training.commands.synth", "training.commands.convert",
     "training.commands.eval", "training.commands.calibrate", "training.commands.quantize",
     "training.reference.command",
     "training.commands.compare",
@@ -249,48 +205,11 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    import tempfile
-
-    import torch
-
-    from training.export.bundle import export_checkpoints
-    from training.export.onnx import DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW
-    from training.model.checkpoint import save_checkpoint
-
-    if args.checkpoint is None and not args.random_init:
-        raise UsageError("export: give --checkpoint PATH, or --random-init to export untrained weights")
-    if args.random_init and args.arch is None:
-        raise UsageError("--arch: name the segmenter to export with --random-init")
-    if args.random_finder and not args.random_init:
-        raise UsageError("--random-finder goes with --random-init (a trained bundle takes --finder PATH)")
-    classes = None
-    if args.classes is not None:
-        classes = [c.strip() for c in args.classes.split(",")]
-        if not all(classes) or len(set(classes)) != len(classes):
-            raise UsageError(f"--classes: expected distinct non-empty comma-separated names, got {args.classes!r}")
-    with tempfile.TemporaryDirectory(prefix="defectsam-finder-") as tmp:
-        finder = args.finder
-        if args.random_finder:
-            torch.manual_seed(args.seed)
-            finder = save_checkpoint(Path(tmp) / "finder.pt", "finder", build_finder("finder"))
-        bundle = export_checkpoints(
-            args.checkpoint, args.out, finder=finder, name=args.name, classes=classes, arch=args.arch,
-            window=args.window or DEFAULT_WINDOW, max_windows=args.max_windows or DEFAULT_MAX_WINDOWS,
-            notes=args.notes, seed=args.seed,
-        )
-    sizes = ", ".join(f"{n} {bundle.size_bytes(n) / 1e6:.2f} MB" for n in bundle.manifest.files)
-    print(f"wrote {bundle.path} ({bundle.manifest.segment.arch}, {bundle.manifest.parameters:,} parameters; {sizes})")
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "models":
             return _cmd_models(args)
-        if args.command == "export":
-            return _cmd_export(args)
         return int(args.run(args) or 0)
     except DefectsamError as exc:
         print(f"defectsam-train: error: {exc}", file=sys.stderr)

@@ -18,10 +18,6 @@ from typing import Any
 
 from engines.errors import DefectsamError
 
-# Module groups kept FP32 in every quantization (besides the op types and the heads training.quantize.graph
-# keeps by rule): none for the window segmenter and the finder.
-DEFAULT_KEEP_FP32: tuple[str, ...] = ()
-
 
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
@@ -70,7 +66,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.quantize import QuantizeOptions, quantize_bundle
+    from training.quantize import DEFAULT_KEEP_FP32, QuantizeOptions, quantize_bundle
     from training.quantize.graph import Mode
 
     mode: Mode = "weight_only" if args.mode == "weight-only" else "static"

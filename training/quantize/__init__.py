@@ -5,6 +5,12 @@ to a bundle when the INT8 graphs lose at most ``max_drop`` points against the FP
 frames, after per-layer fallback; otherwise it raises ``QuantizeGateError`` and leaves the bundle as it was.
 """
 
-from training.quantize.bundle import QuantizeGateError, QuantizeOptions, default_held_out, quantize_bundle
+from training.quantize.bundle import (
+    DEFAULT_KEEP_FP32,
+    QuantizeGateError,
+    QuantizeOptions,
+    default_held_out,
+    quantize_bundle,
+)
 
-__all__ = ["QuantizeGateError", "QuantizeOptions", "default_held_out", "quantize_bundle"]
+__all__ = ["DEFAULT_KEEP_FP32", "QuantizeGateError", "QuantizeOptions", "default_held_out", "quantize_bundle"]

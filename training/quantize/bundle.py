@@ -50,6 +50,11 @@ class QuantizeGateError(DefectsamError):
     """The INT8 graphs lost more than the bound allows, after the fallback; the bundle is unchanged."""
 
 
+# Module groups kept FP32 in every quantization (besides the op types and the heads training.quantize.graph
+# keeps by rule): none for the window segmenter and the finder.
+DEFAULT_KEEP_FP32: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class QuantizeOptions:
     calib: str = "synthetic"
@@ -60,7 +65,7 @@ class QuantizeOptions:
     limit: int | None = None
     max_drop: float = 1.0  # points of the gate metric (x100)
     max_fallback: int = 4
-    keep_fp32: tuple[str, ...] = ()
+    keep_fp32: tuple[str, ...] = DEFAULT_KEEP_FP32
     probe_frames: int = 2
     command: str = ""
 

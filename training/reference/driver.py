@@ -387,8 +387,7 @@ class ReferenceRun:
         return target
 
     def _quantize_options(self, **changes: Any) -> Any:
-        from training.commands.quantize import DEFAULT_KEEP_FP32
-        from training.quantize import QuantizeOptions
+        from training.quantize import DEFAULT_KEEP_FP32, QuantizeOptions
 
         q = self.config.int8
         options: dict[str, Any] = {
