@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -28,6 +29,7 @@ from engines.backends import BackendConfig
 from engines.backends.onnxruntime import Config as OnnxRuntimeConfig
 from engines.inspector import InspectionConfig
 from engines.postprocess import PostprocessConfig
+from service.allowlist import check_entries
 from service.capture import CameraConfig
 
 
@@ -44,6 +46,9 @@ KEY_ERROR = "key_conflict"
 def _blank_is_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value  # not Path(""), the current directory
 
+
+#: Client allowlists (plc.allowlist, opcua.allowlist): IP addresses or networks.
+NetworkList = Annotated[list[str], AfterValidator(check_entries)]
 
 #: An optional file: empty (an unset environment variable's usual form) or null is none.
 OptionalFile = Annotated[Path | None, BeforeValidator(_blank_is_none)]
@@ -320,7 +325,7 @@ class PlcSection(Section):
         default=0.0, ge=0.0, le=3600.0, title="PLC heartbeat timeout (s)",
         description="the PLC must change holding 1 this often, else error 3 and fail safe; 0 turns the check off",
     )
-    allowlist: list[str] = Field(
+    allowlist: NetworkList = Field(
         default_factory=list, title="Client allowlist",
         description=(
             "IP addresses or networks (CIDR) allowed to connect, e.g. [10.0.5.20] (the PLC); others are "
@@ -361,16 +366,6 @@ class PlcSection(Section):
     )
     push: PlcPushSection = Field(default_factory=PlcPushSection, title="Push mode",
                                  description="write results to a PLC's registers (Modbus client)")
-
-    @field_validator("allowlist")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or network") from None
-        return value
 
     @model_validator(mode="after")
     def _not_open_to_the_network(self) -> PlcSection:
@@ -538,7 +533,7 @@ class OpcuaSection(Section):
         default="urn:defectsam:vision", min_length=1, title="Namespace URI",
         description="the namespace of the station's nodes (its index is looked up by clients from this URI)",
     )
-    allowlist: list[str] = Field(
+    allowlist: NetworkList = Field(
         default_factory=list, title="Client allowlist",
         description=(
             "IP addresses or networks (CIDR) allowed to connect, e.g. [10.0.5.30] (the SCADA server); others "
@@ -582,16 +577,6 @@ class OpcuaSection(Section):
         default=16, ge=1, le=1024, title="Handoff length",
         description="results waiting for the OPC UA writer; when full the oldest is dropped and counted",
     )
-
-    @field_validator("allowlist")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or network") from None
-        return value
 
     @field_validator("users")
     @classmethod

@@ -18,7 +18,6 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import ipaddress
 import logging
 import socket
 import threading
@@ -37,6 +36,7 @@ from asyncua.server.user_managers import UserManager
 
 from engines.errors import DefectsamError
 from engines.results import Verdict
+from service.allowlist import Allowlist
 from service.config.models import OpcuaSection, is_loopback
 from service.metrics import OpcuaSnapshot
 from service.opcua.nodes import COMMAND, RESULT_SEQ, default, result_values, tree
@@ -98,7 +98,7 @@ class _GuardedProtocol(OPCUAProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
         host = str(peer[0]) if peer else "?"
-        if not self.guard.allowed(host):
+        if not self.guard.allowlist.allows(host):
             self.guard.stats.connections_refused += 1
             self.guard.throttle.log(logging.WARNING, "allowlist", "opcua: refused a connection from %s (not in "
                                     "opcua.allowlist)", host)
@@ -110,20 +110,10 @@ class _GuardedProtocol(OPCUAProtocol):
 
 class _Guard:
     def __init__(self, allowlist: list[str], stats: Stats, throttle: LogThrottle) -> None:
-        self._networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
+        self.allowlist = Allowlist(allowlist)
         self.stats = stats
         self.throttle = throttle
 
-    def allowed(self, host: str) -> bool:
-        if not self._networks:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
 
 
 class _GuardedBinaryServer(BinaryServer):

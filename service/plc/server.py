@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
-import ipaddress
 import logging
 import math
 import struct
 import time
 from collections.abc import Callable, Sequence
 
+from service.allowlist import Allowlist
 from service.plc.registers import CONTROL_WORDS, INPUT_WORDS, MIRROR_BASE
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class _Connection(asyncio.Protocol):
         server, stats = self.server, self.server.stats
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else "?"
-        if not server.allowed(self.peer):
+        if not server.allowlist.allows(self.peer):
             stats.rejected += 1
             server.throttle.log(logging.WARNING, "allowlist", "plc: refused a Modbus connection from %s (not in "
                                 "plc.allowlist)", self.peer)
@@ -424,7 +424,7 @@ class _Server:
         self.idle_timeout = idle_timeout
         self.listener: asyncio.Server | None = None
         self.sweeper: asyncio.Task[None] | None = None
-        self._networks = [ipaddress.ip_network(entry, strict=False) for entry in allowlist]
+        self.allowlist = Allowlist(allowlist)
 
     async def sweep(self) -> None:
         while True:
@@ -433,16 +433,6 @@ class _Server:
             for connection in list(self.connections):
                 connection.check(now, self.idle_timeout)
 
-    def allowed(self, host: str) -> bool:
-        if not self._networks:
-            return True
-        try:
-            address = ipaddress.ip_address(host.split("%")[0])
-        except ValueError:
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
 
 
 async def serve(store: RegisterStore, host: str, port: int, allowlist: Sequence[str], *,
